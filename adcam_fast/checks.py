@@ -1,0 +1,79 @@
+"""Input validation shared by every AD-CAM entry point.
+
+Each check raises ``ValueError`` naming the argument and what was expected; nothing is
+broadcast silently.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _tensor(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+    return x
+
+
+def check_attention(A: object, name: str = "A") -> Tensor:
+    """A is (..., N, N), floating, finite and non-negative."""
+    A = _tensor(A, name)
+    if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape (..., N, N) with N >= 1, got {tuple(A.shape)}")
+    bad = (~torch.isfinite(A)) | (A < 0)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} must be finite and non-negative ({int(bad.sum())} entries are not)"
+        )
+    return A
+
+
+def check_square(A: object, name: str) -> Tensor:
+    """A is (..., N, N), floating and finite (no sign constraint)."""
+    A = _tensor(A, name)
+    if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape (..., N, N) with N >= 1, got {tuple(A.shape)}")
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError(f"{name} must be finite")
+    return A
+
+
+def check_cams(cams: object, A: Tensor, name: str = "cams") -> Tensor:
+    """cams is (..., K, N) with exactly A's leading dims and N, on A's device."""
+    cams = _tensor(cams, name)
+    lead, n = tuple(A.shape[:-2]), A.shape[-1]
+    if cams.ndim != A.ndim or tuple(cams.shape[:-2]) != lead or cams.shape[-1] != n:
+        raise ValueError(
+            f"{name} must have shape {(*lead, 'K', n)} to match A {tuple(A.shape)}, "
+            f"got {tuple(cams.shape)}"
+        )
+    if cams.device != A.device:
+        raise ValueError(f"{name} is on {cams.device} but A is on {A.device}")
+    if not bool(torch.isfinite(cams).all()):
+        raise ValueError(f"{name} must be finite")
+    return cams
+
+
+def check_k(k: object) -> int:
+    """k is an integer >= 1."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    return k
+
+
+def check_steps(steps: object) -> int:
+    """steps is an integer >= 0."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    return steps
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The promoted dtype of the inputs, at least float32 (half inputs are upcast)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype

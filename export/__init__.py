@@ -1,0 +1,1 @@
+"""ONNX / TensorRT export of the extractor and the segmenter."""

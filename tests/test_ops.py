@@ -1,0 +1,128 @@
+"""The torch backend against the float64 reference, dispatch, and input validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import random_attention
+
+import adcam_fast
+from adcam_fast import ops, reference
+
+
+def dense(weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Scatter a sparse Ã (weights, indices) into its dense (..., N, N) form."""
+    n = indices.shape[-2]
+    return weights.new_zeros(*indices.shape[:-1], n).scatter_add_(-1, indices, weights)
+
+
+def block_attention(n: int, block: int) -> torch.Tensor:
+    """Uniform attention inside consecutive blocks: every S entry in a block ties at 1."""
+    A = torch.zeros(n, n, dtype=torch.float64)
+    for s in range(0, n, block):
+        A[s : s + block, s : s + block] = 1.0 / len(range(s, min(s + block, n)))
+    return A
+
+
+@pytest.mark.parametrize(
+    ("lead", "n", "k", "steps"),
+    [((), 16, 4, 2), ((3,), 37, 5, 2), ((2, 2), 64, 50, 1), ((2,), 144, 50, 2), ((1,), 20, 50, 3)],
+)
+def test_torch_equals_reference_float64(gen, lead, n, k, steps):
+    A = random_attention(*lead, n, n, generator=gen)
+    cams = torch.rand(*lead, 3, n, generator=gen, dtype=torch.float64)
+    expected = adcam_fast.adcam(A, cams, k=k, steps=steps, backend="reference")
+    out = adcam_fast.adcam(A, cams, k=k, steps=steps, backend="torch")
+    assert out.shape == expected.shape and out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    w, idx = ops.refine_sparse(A, k)
+    torch.testing.assert_close(
+        dense(w, idx), reference.refine_attention(A, k), rtol=1e-12, atol=1e-15
+    )
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 8])
+def test_torch_tie_break_matches_reference(k):
+    A = block_attention(23, 5)
+    A[7] = 0
+    A[7, [2, 9, 11]] = 1 / 3  # a row with mixed ties
+    w, idx = ops.refine_sparse(A, k)
+    torch.testing.assert_close(dense(w, idx), reference.refine_attention(A, k), rtol=0, atol=1e-15)
+
+
+def test_topk_columns_prefers_smaller_columns_on_ties():
+    S = torch.tensor([[0.2, 0.7, 0.7, 0.9, 0.7, 0.7]])
+    idx = ops.topk_columns(S.clone(), 3)
+    assert sorted(idx[0].tolist()) == [1, 2, 3]
+
+
+def test_sparse_refine_shape_and_self_rows():
+    A = torch.eye(4, dtype=torch.float64)
+    A[1] = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    w, idx = ops.refine_sparse(A, 1)
+    assert w.shape == idx.shape == (4, 1)
+    assert idx[:, 0].tolist() == [0, 1, 2, 3] and w[:, 0].tolist() == [1.0] * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_low_precision_inputs(gen, dtype):
+    A64 = random_attention(2, 48, 48, generator=gen)
+    cams = torch.rand(2, 2, 48, generator=gen)
+    out = adcam_fast.adcam(A64.to(dtype), cams, k=10, backend="torch")
+    assert out.dtype == torch.float32
+    # Mass is conserved whatever the precision of A.
+    torch.testing.assert_close(out.sum(-1), cams.sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_uses_torch_on_cpu(gen):
+    A = random_attention(10, 10, generator=gen)
+    cams = torch.rand(2, 10, generator=gen, dtype=torch.float64)
+    assert ops.resolve_backend("auto", A.device) == "torch"
+    torch.testing.assert_close(
+        adcam_fast.adcam(A, cams, k=3), adcam_fast.adcam(A, cams, k=3, backend="torch")
+    )
+
+
+GOOD_A = torch.full((2, 6, 6), 1 / 6)
+GOOD_CAMS = torch.rand(2, 3, 6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(A=GOOD_A[0, 0]), "A must have shape"),
+        (dict(A=torch.ones(2, 6, 5) / 5), "A must have shape"),
+        (dict(A=GOOD_A.long()), "A must have a floating dtype"),
+        (dict(A=-GOOD_A), "A must be finite and non-negative"),
+        (dict(A=GOOD_A.clone().fill_(math.nan)), "A must be finite and non-negative"),
+        (dict(A=GOOD_A.clone().fill_(math.inf)), "A must be finite and non-negative"),
+        (dict(A=[[1.0]]), "A must be a torch.Tensor"),
+        (dict(cams=GOOD_CAMS[0]), "cams must have shape"),
+        (dict(cams=torch.rand(1, 3, 6)), "cams must have shape"),
+        (dict(cams=torch.rand(2, 3, 7)), "cams must have shape"),
+        (dict(cams=GOOD_CAMS.clone().fill_(math.nan)), "cams must be finite"),
+        (dict(k=0), "k must be an integer >= 1"),
+        (dict(k=2.5), "k must be an integer >= 1"),
+        (dict(k=True), "k must be an integer >= 1"),
+        (dict(steps=-1), "steps must be an integer >= 0"),
+        (dict(backend="cuda"), "backend must be one of"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_bad_input_raises_value_error_naming_argument(kwargs, match, backend):
+    args = dict(A=GOOD_A, cams=GOOD_CAMS, k=2, steps=1, backend=backend) | kwargs
+    with pytest.raises(ValueError, match=match):
+        adcam_fast.adcam(**args)
+
+
+def test_public_reference_functions_validate():
+    with pytest.raises(ValueError, match="A must be finite"):
+        adcam_fast.coneighbor_similarity(-GOOD_A)
+    with pytest.raises(ValueError, match="k must be"):
+        adcam_fast.refine_attention(GOOD_A, 0)
+    with pytest.raises(ValueError, match="cams must have shape"):
+        adcam_fast.diffuse(GOOD_A, GOOD_CAMS[:1], 1)
+    with pytest.raises(ValueError, match="steps must be"):
+        adcam_fast.diffuse(GOOD_A, GOOD_CAMS, -2)

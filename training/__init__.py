@@ -1,0 +1,1 @@
+"""Training of the multi-label classifier and the segmenter."""
