@@ -1,11 +1,14 @@
-"""The ``adcam`` command."""
+"""The ``adcam`` command: label, eval, demo, make-synthetic, train-classifier,
+train-segmenter, export, info."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -24,9 +27,144 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _add_label(sub) -> None:
+    from adcam_fast.pipeline.label import LabelConfig
+    from adcam_fast.pipeline.methods import METHODS
+
+    d = LabelConfig()
+    p = sub.add_parser("label", help="pseudo-label a collection")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="voc:ROOT[:SPLIT] | coco:IMAGES:ANN.json | "
+        "folder:DIR[:LABELS[:CLASSES]] | synthetic:ROOT[:SPLIT]",
+    )
+    p.add_argument("--checkpoint", required=True, help="classifier checkpoint (.pth) or .onnx")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--backend", default="torch", help="extractor: torch | onnx | tensorrt")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--method", default=d.method, choices=METHODS)
+    p.add_argument("--scales", type=_scales, default=d.scales)
+    p.add_argument("--no-flip", dest="flip", action="store_false")
+    p.add_argument("--input-size", type=int, default=d.input_size)
+    p.add_argument("--k", type=int, default=d.k)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--bg-threshold", type=float, default=d.bg_threshold)
+    p.add_argument("--classes-from", choices=("labels", "predictions"), default=d.classes_from)
+    p.add_argument("--pred-threshold", type=float, default=d.pred_threshold)
+    p.add_argument(
+        "--adcam-backend", default=d.adcam_backend, choices=("auto", "reference", "torch", "triton")
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--writers", type=int, default=d.writers)
+    p.add_argument("--max-side", type=int, default=d.max_side)
+    p.add_argument("--save-cams", dest="cams", action="store_true")
+    p.add_argument("--coco-json", dest="coco", action="store_true")
+    p.add_argument("--overlays", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_label)
+
+
+def _label(args: argparse.Namespace) -> int:
+    import torch
+
+    from adcam_fast.data import open_dataset
+    from adcam_fast.export.backends import create_extractor
+    from adcam_fast.pipeline.label import LabelConfig, label_dataset
+
+    cfg = LabelConfig(**{k: getattr(args, k) for k in LabelConfig.__dataclass_fields__})
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = create_extractor(args.backend, args.checkpoint, device=device, amp=args.amp)
+    dataset = open_dataset(args.data, max_side=cfg.max_side)
+    summary = label_dataset(
+        dataset,
+        extractor,
+        args.out,
+        cfg,
+        checkpoint=args.checkpoint,
+        progress=not args.quiet,
+        **_coco_ids(dataset),
+    )
+    print(
+        f"{summary.written} written, {summary.skipped_complete} already complete, "
+        f"{summary.failed} failed of {summary.total} in {summary.seconds:.1f} s "
+        f"({summary.images_per_second:.1f} images/s) -> {args.out}"
+    )
+    if summary.failed:
+        print(f"failures are listed in {args.out / summary.failures_file}", file=sys.stderr)
+    if summary.interrupted:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    return 1 if summary.failed else 0
+
+
+def _coco_ids(dataset) -> dict:
+    """COCO's own image and category ids, when the collection is COCO."""
+    numeric = getattr(dataset, "image_ids", None)
+    cats = getattr(dataset, "category_ids", None)
+    return dict(
+        numeric_ids=dict(zip(dataset.ids, numeric, strict=True)) if numeric else None,
+        category_ids=list(cats) if cats else None,
+    )
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="score masks (mIoU, FP, FN) against ground truth")
+    p.add_argument("--pred", required=True, type=Path, help="output directory of adcam label")
+    p.add_argument("--data", required=True)
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also sweep the background threshold over the saved CAMs",
+    )
+    p.add_argument("--json", type=Path, default=None, help="default: PRED/eval.json")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from adcam_fast.data import open_dataset
+    from adcam_fast.pipeline.evaluate import evaluate_masks, format_table, sweep_cams
+
+    dataset = open_dataset(args.data)
+    names = ["background", *dataset.class_names]
+    scores, missing = evaluate_masks(args.pred, dataset)
+    result = dict(masks=scores.as_dict(names), missing=missing)
+    rows = {"masks": scores}
+    if args.sweep:
+        thr, best, curve = sweep_cams(args.pred, dataset)
+        result["sweep"] = dict(best_threshold=thr, best=best.as_dict(names), curve=curve)
+        rows[f"cams @ {thr:.2f}"] = best
+    print(format_table(rows))
+    if missing:
+        print(f"{len(missing)} images had no mask (scored as background)", file=sys.stderr)
+    out = args.json or args.pred / "eval.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"-> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adcam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_label(sub)
+    _add_eval(sub)
+    from adcam_fast.data.synthetic import add_make_synthetic_arguments, run_make_synthetic
+
+    synth = sub.add_parser("make-synthetic", help="write the synthetic collection (VOC layout)")
+    add_make_synthetic_arguments(synth)
+    synth.set_defaults(func=run_make_synthetic)
     info = sub.add_parser("info", help="versions, devices and available backends")
     info.set_defaults(func=_info)
     return parser
@@ -34,7 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"adcam {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

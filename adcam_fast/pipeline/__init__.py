@@ -1,0 +1,1 @@
+"""The main job: labelling a collection, writing the outputs, scoring them."""
