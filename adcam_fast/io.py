@@ -1,7 +1,9 @@
-"""Atomic file output: a reader never sees a half-written file, a crash never loses the old one."""
+"""File helpers: atomic output (a reader never sees a half-written file, a crash never loses
+the old one) and content hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,3 +29,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -18,7 +18,6 @@ written. Bad images are listed in ``failures.jsonl`` and the rest go on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import signal
@@ -39,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from adcam_fast.cam import normalize_cam, seed_labels
 from adcam_fast.data.base import ImageDataset
 from adcam_fast.export.backends import Extractor
-from adcam_fast.io import atomic_write
+from adcam_fast.io import atomic_write, file_sha256
 from adcam_fast.pipeline.methods import Method, localise
 from adcam_fast.pipeline.writers import LabelResult, Outputs
 
@@ -241,14 +240,6 @@ def _finish_image(
     outputs.write(
         LabelResult(id=image_id, mask=mask, maps=maps.numpy(), class_ids=class_ids, image=image)
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _StopFlag:
