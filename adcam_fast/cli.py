@@ -87,7 +87,7 @@ def _label(args: argparse.Namespace) -> int:
     cfg = LabelConfig(**{k: getattr(args, k) for k in LabelConfig.__dataclass_fields__})
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     extractor = create_extractor(args.backend, args.checkpoint, device=device, amp=args.amp)
-    dataset = open_dataset(args.data, max_side=cfg.max_side)
+    dataset = open_dataset(args.data, strict=False, max_side=cfg.max_side)
     summary = label_dataset(
         dataset,
         extractor,
@@ -165,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     synth = sub.add_parser("make-synthetic", help="write the synthetic collection (VOC layout)")
     add_make_synthetic_arguments(synth)
     synth.set_defaults(func=run_make_synthetic)
+    from adcam_fast import demo
+    from adcam_fast.training import classifier, segmenter
+
+    for name, module, text in (
+        ("train-classifier", classifier, "train the multi-label Conformer classifier"),
+        ("train-segmenter", segmenter, "train the segmenter on pseudo-masks"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        module.add_arguments(cmd)
+        cmd.set_defaults(func=module.run)
+
+    demo_parser = sub.add_parser("demo", help="the whole pipeline on a synthetic set, on CPU")
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(func=demo.run)
     info = sub.add_parser("info", help="versions, devices and available backends")
     info.set_defaults(func=_info)
     return parser

@@ -135,6 +135,8 @@ class ImageDataset(Dataset):
 
     ids: list[str]
     class_names: list[str]
+    has_labels: bool = True
+    """False for a collection without image-level labels (``labels(i)`` is None)."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -181,8 +183,9 @@ _FORMS = {
 }
 
 
-def open_dataset(spec: str, **kw: object) -> ImageDataset:
-    """Open the collection a ``--data SPEC`` string names; ``kw`` go to the reader.
+def open_dataset(spec: str, strict: bool = True, **kw: object) -> ImageDataset:
+    """Open the collection a ``--data SPEC`` string names; ``kw`` go to the reader, and
+    ``strict`` to the folder reader (False: a bad labels row fails its item, not the set).
 
     - ``voc:ROOT[:SPLIT]`` -> :class:`~adcam_fast.data.voc.VOCDataset` (SPLIT defaults to
       ``train_aug`` when ``ROOT/SegmentationClassAug`` exists, else ``train``).
@@ -220,7 +223,7 @@ def open_dataset(spec: str, **kw: object) -> ImageDataset:
     from adcam_fast.data.folder import FolderDataset
 
     images, labels_file, classes_file = _split_spec(spec, kind, rest, 1, 3)
-    return FolderDataset(images, labels_file or None, classes_file or None, **kw)
+    return FolderDataset(images, labels_file or None, classes_file or None, strict=strict, **kw)
 
 
 def check_unique(ids: Sequence[str], source: str | os.PathLike[str]) -> None:

@@ -18,7 +18,9 @@ file's list, or empty.
 
 Bad data raises ValueError at construction naming the labels file and the row (CSV line
 number or JSON key): a missing image, an unknown class name, an empty labels field, a
-malformed row, a repeated image or id.
+malformed row, a repeated image or id. With ``strict=False`` (the label pipeline's mode) a
+bad row of the first three kinds stays an item whose loading raises that ValueError, so
+the pipeline reports it and goes on with the rest.
 """
 
 from __future__ import annotations
@@ -92,12 +94,25 @@ def _item_id(relative: Path) -> str:
     return relative.with_suffix("").as_posix()
 
 
+def _row_error(names: list[str], index: dict[str, int], folder: Path, image: str) -> str | None:
+    """What is wrong with one labels-file row (image relative to folder), or None."""
+    if not names:
+        return f"image {image!r} has no labels"
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        return f"unknown class {unknown[0]!r} (not in the class list)"
+    if not (folder / image).is_file():
+        return f"image {image!r} not found in {folder}"
+    return None
+
+
 class FolderDataset(ImageDataset):
     """Images of a folder, labelled by a CSV/JSON file or unlabeled (see the module doc).
 
     image_dir: the folder; labels_file: CSV or JSON, or None for unlabeled images;
     classes_file: one class name per line, fixing the order; max_side: images are
-    downscaled on load. Items have no masks.
+    downscaled on load; strict: raise on a bad row at construction (else on loading that
+    item). Items have no masks.
     """
 
     def __init__(
@@ -107,8 +122,10 @@ class FolderDataset(ImageDataset):
         classes_file: str | os.PathLike[str] | None = None,
         *,
         max_side: int | None = None,
+        strict: bool = True,
     ) -> None:
         self.image_dir = Path(image_dir)
+        self._errors: dict[int, str] = {}
         self.max_side = max_side
         if not self.image_dir.is_dir():
             raise ValueError(f"{self.image_dir}: image folder not found")
@@ -117,6 +134,7 @@ class FolderDataset(ImageDataset):
             self._files = _list_images(self.image_dir)
             self._labels: list[np.ndarray] | None = None
             self.class_names = given or []
+            self.has_labels = False
             self.ids = [_item_id(p) for p in self._files]
             check_unique(self.ids, self.image_dir)
             return
@@ -132,24 +150,19 @@ class FolderDataset(ImageDataset):
         self._files, self._labels, self.ids = [], [], []
         seen: set[str] = set()
         for where, image, names in entries:
-            if not names:
-                raise ValueError(f"{source}: {where}: image {image!r} has no labels")
-            unknown = [n for n in names if n not in index]
-            if unknown:
-                raise ValueError(
-                    f"{source}: {where}: unknown class {unknown[0]!r} "
-                    f"(not in {classes_file or 'the class list'})"
-                )
-            if not (self.image_dir / image).is_file():
-                raise ValueError(
-                    f"{source}: {where}: image {image!r} not found in {self.image_dir}"
-                )
             item = _item_id(Path(image))
             if item in seen:
                 raise ValueError(f"{source}: {where}: id {item!r} appears twice")
             seen.add(item)
+            error = _row_error(names, index, self.image_dir, image)
+            if error is not None:
+                error = f"{source}: {where}: {error}"
+                if strict:
+                    raise ValueError(error)
+                self._errors[len(self.ids)] = error
             self._files.append(Path(image))
-            self._labels.append(multi_hot((index[n] for n in names), len(self.class_names)))
+            known = (index[n] for n in names if n in index)
+            self._labels.append(multi_hot(known, len(self.class_names)))
             self.ids.append(item)
 
     def path(self, i: int) -> Path:
@@ -166,4 +179,6 @@ class FolderDataset(ImageDataset):
         self._index(i)
 
     def _load(self, i: int) -> Sample:
+        if i in self._errors:
+            raise ValueError(self._errors[i])
         return Sample(self.ids[i], load_image(self.path(i), self.max_side), self.labels(i))

@@ -153,10 +153,14 @@ def _class_index(classes: list[np.ndarray], device: torch.device) -> tuple[Tenso
 
 
 class Labeller:
-    """Runs the method of :class:`LabelConfig` on batches: uint8 images -> merged maps."""
+    """Runs :class:`LabelConfig`'s method (or several methods sharing one extraction) on
+    batches: uint8 images -> merged normalised maps."""
 
-    def __init__(self, extractor: Extractor, config: LabelConfig) -> None:
+    def __init__(
+        self, extractor: Extractor, config: LabelConfig, methods: tuple[Method, ...] = ()
+    ) -> None:
         self.ex, self.cfg = extractor, config
+        self.methods = methods or (config.method,)
         dev = extractor.device
         self.mean = torch.tensor(extractor.mean, device=dev).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(extractor.std, device=dev).view(1, 3, 1, 1) * 255
@@ -188,12 +192,13 @@ class Labeller:
     @torch.inference_mode()
     def __call__(
         self, x: Tensor, labels: list[np.ndarray | None]
-    ) -> tuple[Tensor, list[np.ndarray]]:
-        """uint8 (B, 3, S, S) -> merged normalised maps (B, C, G, G) on the CPU, classes."""
-        cfg, dev = self.cfg, self.ex.device
+    ) -> tuple[dict[str, Tensor], list[np.ndarray]]:
+        """uint8 (B, 3, S, S) -> per method, merged maps (B, C, G, G) on the CPU; classes."""
+        cfg, dev, n = self.cfg, self.ex.device, len(x)
         t = time.perf_counter()
         x = (x.to(dev, non_blocking=True).float() - self.mean) / self.std
-        total, classes, idx, valid = None, None, None, None
+        total: dict[str, Tensor] = {}
+        classes, idx, valid = None, None, None
         for scale in self.scales:
             xs = _scaled(x, scale, self.ex.patch_size)
             if cfg.flip:
@@ -201,22 +206,21 @@ class Labeller:
             out = self.ex(xs)
             t = self._tick("forward", t)
             if classes is None:
-                classes = self.classes(labels, out.logits[: len(x)])
+                classes = self.classes(labels, out.logits[:n])
                 idx, valid = _class_index(classes, dev)
             b2, _, h, w = out.cams.shape
-            sel = out.cams.gather(
-                1, idx.repeat(b2 // len(x), 1)[..., None, None].expand(-1, -1, h, w)
-            )
+            sel = out.cams.gather(1, idx.repeat(b2 // n, 1)[..., None, None].expand(-1, -1, h, w))
             cams = normalize_cam(sel.flatten(-2), spatial_dims=1)
-            maps = localise(cfg.method, out.attention, cams, cfg.k, cfg.steps, cfg.adcam_backend)
-            maps = maps.view(b2, -1, h, w)
-            if cfg.flip:
-                maps = maps[: len(x)] + maps[len(x) :].flip(-1)
-            maps = F.interpolate(maps, size=(self.grid, self.grid), mode="bilinear")
-            total = maps if total is None else total + maps
+            for method in self.methods:
+                maps = localise(method, out.attention, cams, cfg.k, cfg.steps, cfg.adcam_backend)
+                maps = maps.view(b2, -1, h, w)
+                if cfg.flip:
+                    maps = maps[:n] + maps[n:].flip(-1)
+                maps = F.interpolate(maps, size=(self.grid, self.grid), mode="bilinear")
+                total[method] = maps + total[method] if method in total else maps
             t = self._tick("adcam", t)
-        merged = normalize_cam(total) * valid[..., None, None]
-        return merged.float().cpu(), classes
+        merged = {m: (normalize_cam(v) * valid[..., None, None]).cpu() for m, v in total.items()}
+        return merged, classes
 
 
 def _finish_image(
@@ -280,7 +284,7 @@ def label_dataset(
             f"the checkpoint's {len(extractor.class_names)} classes {extractor.class_names[:5]}... "
             f"differ from the dataset's {len(dataset.class_names)} {dataset.class_names[:5]}..."
         )
-    if cfg.classes_from == "labels" and len(dataset) and dataset.labels(0) is None:
+    if cfg.classes_from == "labels" and not dataset.has_labels:
         raise ValueError("the collection has no image labels: use --classes-from predictions")
     outputs = Outputs(
         out, extractor.class_names, cfg.cams, cfg.coco, cfg.overlays, category_ids=category_ids
@@ -334,6 +338,7 @@ def label_dataset(
             if batch["x"] is not None:
                 try:
                     maps, classes = labeller(batch["x"], batch["labels"])
+                    maps = maps[cfg.method]
                 except Exception as e:  # a failed batch is reported, not fatal
                     for image_id in batch["ids"]:
                         fail(image_id, "forward", f"{type(e).__name__}: {e}")

@@ -1,0 +1,223 @@
+"""`adcam label` / `adcam eval` end to end on tiny collections made by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from adcam_fast.cli import main
+from adcam_fast.data import SyntheticDataset, load_mask, make_synthetic, open_dataset
+from adcam_fast.training.checkpoint import CLASSIFIER, VERSION, save_checkpoint
+
+FAST = ["--input-size", "64", "--scales", "1.0,0.5", "--batch-size", "2", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random-weight nano classifier for the synthetic classes, saved as a checkpoint."""
+    torch.manual_seed(0)
+    names = SyntheticDataset(1).class_names
+    config = dict(
+        model="conformer_nano_patch16", num_classes=len(names), drop_last_block=True,
+        detach_branches=True, crop=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
+    )  # fmt: skip
+    model = timm.create_model(config["model"], num_classes=len(names), drop_last_block=True)
+    state = dict(
+        format=CLASSIFIER, version=VERSION, model=model.state_dict(), config=config,
+        class_names=names, epoch=0, iteration=0,
+    )  # fmt: skip
+    return save_checkpoint(state, tmp_path_factory.mktemp("ckpt") / "nano.pth")
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("syn"), 12, seed=3, size=64, val_fraction=0.0)
+
+
+def label(data: str, checkpoint: Path, out: Path, *extra: str) -> int:
+    argv = ["label", "--data", data, "--checkpoint", str(checkpoint), "--out", str(out)]
+    return main([*argv, *FAST, "--quiet", *extra])
+
+
+def test_label_writes_every_output_consistently(checkpoint, collection, tmp_path):
+    out = tmp_path / "out"
+    outputs = ("--save-cams", "--coco-json", "--overlays")
+    assert label(f"synthetic:{collection}", checkpoint, out, *outputs) == 0
+    ds = open_dataset(f"synthetic:{collection}")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["written"] == len(ds) and summary["failed"] == 0
+    assert summary["checkpoint"]["sha256"] and summary["config"]["method"] == "adcam"
+    coco_gt = dict(
+        images=[dict(id=i, width=64, height=64) for i in range(len(ds))],
+        categories=[dict(id=c + 1, name=n) for c, n in enumerate(ds.class_names)],
+        annotations=[],
+    )
+    from pycocotools.coco import COCO
+
+    gt = COCO()
+    gt.dataset = coco_gt
+    gt.createIndex()
+    results = gt.loadRes(str(out / "coco.json"))
+    for i, image_id in enumerate(ds.ids):
+        mask = load_mask(out / "masks" / f"{image_id}.png")
+        classes = np.flatnonzero(ds.labels(i)) + 1
+        assert set(np.unique(mask)) <= {0, *classes.tolist()}
+        z = np.load(out / "cams" / f"{image_id}.npz")
+        assert z["maps"].dtype == np.float16 and z["maps"].shape[0] == len(classes)
+        np.testing.assert_array_equal(z["class_ids"], classes)
+        assert tuple(z["size"]) == mask.shape
+        assert Image.open(out / "overlays" / f"{image_id}.png").size == (64, 64)
+        for ann in results.loadAnns(results.getAnnIds(imgIds=[i])):
+            np.testing.assert_array_equal(results.annToMask(ann), mask == ann["category_id"])
+        present = sorted(a["category_id"] for a in results.loadAnns(results.getAnnIds([i])))
+        assert present == sorted(set(np.unique(mask).tolist()) - {0})
+
+
+def test_rerun_skips_complete_images(checkpoint, collection, tmp_path):
+    out = tmp_path / "out"
+    assert label(f"synthetic:{collection}", checkpoint, out) == 0
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "masks").iterdir()}
+    assert label(f"synthetic:{collection}", checkpoint, out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_complete"] == len(stamp) and summary["written"] == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "masks").iterdir()} == stamp
+
+
+def test_eval_scores_masks_and_sweeps(checkpoint, collection, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert label(f"synthetic:{collection}", checkpoint, out, "--save-cams") == 0
+    assert main(["eval", "--pred", str(out), "--data", f"synthetic:{collection}", "--sweep"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    m = result["masks"]
+    assert m["miou"] + m["fp"] + m["fn"] == pytest.approx(1.0)
+    assert 0.0 <= result["sweep"]["best_threshold"] <= 0.6
+    best = max(result["sweep"]["curve"].values())
+    assert result["sweep"]["best"]["miou"] == pytest.approx(best)
+    assert "mIoU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["cam", "product", "diffusion"])
+def test_ablation_methods_run(checkpoint, collection, tmp_path, method):
+    assert label(f"synthetic:{collection}", checkpoint, tmp_path / method, "--method", method) == 0
+
+
+def _bad_collection(root: Path) -> Path:
+    """A folder of images, good and bad, with a labels file naming them."""
+    d = root / "images"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+
+    def rgb(h: int, w: int) -> np.ndarray:
+        return rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+    Image.fromarray(rgb(40, 50)).save(d / "good.jpg")
+    (d / "empty.jpg").write_bytes(b"")
+    buf = (d / "good.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(buf[: len(buf) // 3])
+    (d / "text.jpg").write_text("not an image")
+    Image.fromarray(rgb(30, 30)[..., 0]).save(d / "gray.png")
+    Image.fromarray(rgb(30, 40)).convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray((rng.integers(0, 65535, (20, 20))).astype(np.uint16)).save(d / "deep.png")
+    Image.fromarray(np.dstack([rgb(25, 25), rgb(25, 25)[..., :1]])).save(d / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    Image.fromarray(rgb(20, 40)).save(d / "rotated.jpg", exif=exif)
+    Image.fromarray(rgb(1, 1)).save(d / "tiny.png")
+    Image.fromarray(rgb(300, 200)).save(d / "huge.png")
+    names = SyntheticDataset(1).class_names
+    rows = [f"{f.name},{names[0]}" for f in sorted(d.iterdir())]
+    rows.append(f"good.jpg_copy.png,{names[1]}")  # missing image
+    Image.fromarray(rgb(10, 10)).save(d / "unknown.png")
+    rows.append(f"unknown.png,{names[0]};zebra")  # a class not in the list
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def test_bad_inputs_are_reported_and_the_rest_goes_on(checkpoint, tmp_path):
+    root = _bad_collection(tmp_path)
+    out = tmp_path / "out"
+    data = f"folder:{root / 'images'}:{root / 'labels.csv'}:{root / 'classes.txt'}"
+    rc = label(data, checkpoint, out, "--max-side", "128")
+    assert rc == 1
+    failed = {json.loads(line)["id"] for line in (out / "failures.jsonl").read_text().splitlines()}
+    assert failed == {"empty", "truncated", "text", "good.jpg_copy", "unknown"}
+    ok = {"good", "gray", "cmyk", "deep", "rgba", "rotated", "tiny", "huge"}
+    assert {p.stem for p in (out / "masks").iterdir()} == ok
+    assert load_mask(out / "masks" / "rotated.png").shape == (40, 20)  # EXIF applied
+    assert load_mask(out / "masks" / "huge.png").shape == (128, 85)  # bounded by --max-side
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == 5 and summary["written"] == 8
+
+
+def test_unlabeled_collection_uses_predictions(checkpoint, tmp_path):
+    d = tmp_path / "plain"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(SyntheticDataset(3, size=64)[i].image).save(d / f"{i}.png")
+    out = tmp_path / "out"
+    names = SyntheticDataset(1).class_names
+    (tmp_path / "classes.txt").write_text("\n".join(names))
+    data = f"folder:{d}::{tmp_path / 'classes.txt'}"
+    assert label(data, checkpoint, out) == 2  # labels needed unless predictions are asked for
+    assert label(data, checkpoint, out, "--classes-from", "predictions") == 0
+    assert len(list((out / "masks").iterdir())) == 3
+
+
+def test_wrong_checkpoint_fails_before_any_work(collection, tmp_path, capsys):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"nope")
+    assert label(f"synthetic:{collection}", junk, tmp_path / "out") == 2
+    assert "junk.pth" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_class_mismatch_fails_before_any_work(checkpoint, tmp_path, capsys):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "a.png")
+    (tmp_path / "l.csv").write_text("a.png,cat\n")
+    assert label(f"folder:{d}:{tmp_path / 'l.csv'}", checkpoint, tmp_path / "out") == 2
+    assert "classes" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "masks").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_without_loss_or_rework(checkpoint, tmp_path, sig):
+    root = make_synthetic(tmp_path / "syn", 40, seed=5, size=64, val_fraction=0.0)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "adcam_fast.cli", "label", "--data", f"synthetic:{root}"]
+    argv += ["--checkpoint", str(checkpoint), "--out", str(out), *FAST, "--quiet"]
+    argv[argv.index("--batch-size") + 1] = "1"
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    masks = out / "masks"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(masks.glob("*.png"))) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=60)
+    done = {p: p.stat().st_mtime_ns for p in masks.glob("*.png")}
+    assert 3 <= len(done) < 40, "the run must be stopped mid-way"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130
+        assert json.loads((out / "summary.json").read_text())["interrupted"]
+    for p in done:
+        load_mask(p)  # every finished file is whole
+    rerun = subprocess.run(argv, capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_complete"] == len(done)
+    assert summary["written"] == 40 - len(done)
+    assert len(list(masks.glob("*.png"))) == 40
+    assert {p: p.stat().st_mtime_ns for p in done} == done
