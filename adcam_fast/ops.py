@@ -88,22 +88,39 @@ def diffuse_sparse(weights: Tensor, indices: Tensor, cams: Tensor, steps: int) -
 
 
 def adcam_torch(A: Tensor, cams: Tensor, k: int, steps: int) -> Tensor:
-    """The portable fast path: sparse refinement then sparse diffusion. Unchecked."""
+    """The portable fast path: sparse refinement then sparse diffusion. Unchecked.
+
+    With k >= N every column is kept, Ã = rownorm(A) is dense, and so is the product: the
+    diffusion is then T dense batched matmuls.
+    """
+    if k >= A.shape[-1]:
+        dtype = compute_dtype(A, cams)
+        A_tilde, M = reference.normalize_rows(A.to(dtype)), cams.to(dtype)
+        for _ in range(steps):
+            M = M @ A_tilde
+        return M
     weights, indices = refine_sparse(A, k)
     return diffuse_sparse(weights, indices, cams, steps)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``auto`` to the fastest backend available for tensors on ``device``."""
+def resolve_backend(backend: str, device: torch.device, k: int = 1, n: int = 2) -> str:
+    """Map ``auto`` to the fastest backend for tensors on ``device`` and this (k, N).
+
+    ``auto`` takes the Triton kernels on CUDA for 1 <= k < N up to their top-k limit, and
+    the torch path otherwise (k >= N makes Ã dense: dense matmuls beat any sparse form).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if device.type == "cuda":
+    if device.type == "cuda" and k < n:
         from adcam_fast.kernels import triton_available
 
         if triton_available():
-            return "triton"
+            from adcam_fast.kernels.coneighbor_topk import MAX_TOPK
+
+            if k <= MAX_TOPK:
+                return "triton"
     return "torch"
 
 
@@ -121,7 +138,7 @@ def adcam(
     cams = check_cams(cams, A)
     check_k(k)
     check_steps(steps)
-    backend = resolve_backend(backend, A.device)
+    backend = resolve_backend(backend, A.device, k, A.shape[-1])
     if backend == "reference":
         return reference.diffuse(reference.refine_attention(A, k), cams, steps)
     if backend == "torch":

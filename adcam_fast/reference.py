@@ -55,9 +55,14 @@ def refine_attention(A: Tensor, k: int, eps: float = EPS) -> Tensor:
     """
     A = check_attention(A)
     check_k(k)
-    kept = A.to(compute_dtype(A)) * topk_mask(similarity(A), k)
+    return normalize_rows(A.to(compute_dtype(A)) * topk_mask(similarity(A), k), eps)
+
+
+def normalize_rows(kept: Tensor, eps: float = EPS) -> Tensor:
+    """``rownorm`` of Eq. 7: each row divided by its sum; a row summing to <= eps becomes
+    the one-hot self row ``e_i``."""
     mass = kept.sum(-1, keepdim=True)
-    eye = torch.eye(A.shape[-1], dtype=kept.dtype, device=A.device).expand_as(kept)
+    eye = torch.eye(kept.shape[-1], dtype=kept.dtype, device=kept.device).expand_as(kept)
     return torch.where(mass > eps, kept / mass.clamp_min(eps), eye)
 
 

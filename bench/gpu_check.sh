@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One prepared GPU check, for a fresh GPU machine (torch, triton, timm installed; no internet):
+#   bench/gpu_check.sh RESULTS_DIR
+# Steps, each under its own time limit (about 8 minutes in all), each logged to
+# RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the GPU
+# tests (pytest -m gpu tests/), the kernel benchmark (RESULTS_DIR/kernels.{json,csv,png}).
+# A failed step does not stop the next; without a CUDA GPU the GPU steps are skipped. Exits
+# non-zero if any step failed or was skipped. PYTHON picks the interpreter (default python3).
+set -u
+out=${1:?usage: bench/gpu_check.sh RESULTS_DIR}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+failed=()
+
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+  rc=$?
+  tail -n 25 "$out/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - t0))s"
+  [ "$rc" -eq 0 ] || failed+=("$name:$rc")
+}
+
+step env 30 bash -c "nvidia-smi; $py -c 'import sys, torch, triton
+print(sys.version); print(\"torch\", torch.__version__, \"triton\", triton.__version__)
+print(\"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"-\")'"
+step install 90 "$py" -m pip install --no-deps --no-build-isolation -e .
+if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  step gpu_tests 210 "$py" -m pytest -m gpu tests/ -q -rs -p no:cacheprovider \
+    --junitxml="$out/gpu_tests.xml"
+  step bench 150 env PYTHONUNBUFFERED=1 "$py" bench/kernels.py --out "$out" --budget-s 90
+else
+  echo "== no CUDA GPU visible: gpu_tests and bench skipped"
+  failed+=("gpu_tests:skipped" "bench:skipped")
+fi
+
+echo "== summary: ${#failed[@]} step(s) failed or skipped${failed[*]:+: ${failed[*]}}"
+[ "${#failed[@]}" -eq 0 ]

@@ -1,0 +1,231 @@
+"""AD-CAM on a GPU: the Triton kernels against the reference and the torch paths.
+
+For each (N, B), with k, T = steps and K = classes fixed: median time (CUDA events, after a
+warm-up, rotating over several input sets so that repeats do not run from L2) of
+
+- ``reference``: the dense float64 spec (skipped when its float64 S would not fit the
+  budget, and said so),
+- ``torch``: ``ops.adcam_torch``, the sparse portable path,
+- ``torch.compile``: the same under ``torch.compile(dynamic=True)``,
+- ``triton``: ``kernels.adcam_triton`` (configs autotuned on first use),
+
+the speed-up of triton over the best torch path, the peak extra device memory of each, and
+for the similarity stage alone (kernels 1+2, ``refine_sparse``): achieved TFLOP/s at
+``2·B·N³`` flops next to a dense ``torch.bmm`` of the same shape and input precision
+measured in the same run. Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png``
+(matplotlib permitting) under ``--out``, with GPU name, versions and date.
+
+    python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
+                            [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
+    python bench/kernels.py --smoke   # CPU: Triton interpreter, N = 64, B = 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--sizes", type=int, nargs="+", default=[576, 1296, 2304, 4096])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--classes", type=int, default=20)
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--budget-s", type=float, default=300.0,
+                   help="after this many seconds, remaining sizes run triton only")  # fmt: skip
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run under the interpreter")
+    return p.parse_args()
+
+
+ARGS = parse_args()
+if ARGS.smoke:  # the interpreter must be chosen before triton is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from adcam_fast import ops, reference  # noqa: E402
+from adcam_fast.kernels import adcam_triton, refine_sparse_triton  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+REFERENCE_BYTES = 8 * 2**30  # float64 S + Ã of the reference must fit in this
+
+
+def attention(b: int, n: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
+    """Row-stochastic attention: softmax of scaled normal noise, (B, N, N)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(b, n, n, generator=g, device=device) * 3).softmax(-1).to(dtype)
+
+
+def time_ms(fn: Callable[[int], object], repeats: int, cuda: bool) -> float:
+    """Median milliseconds of ``fn(i)`` over ``repeats`` calls after two warm-ups."""
+    fn(0), fn(1)
+    times = []
+    for i in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(i)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mib(fn: Callable[[], object], cuda: bool) -> float | None:
+    """Peak device memory added while ``fn()`` runs (CUDA only), MiB."""
+    if not cuda:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: bool) -> dict:
+    """All measurements for one (N, B); prints and returns one result row."""
+    cuda = device == "cuda"
+    dtype = DTYPES[args.dtype]
+    sets = 2 if b * n * n * dtype.itemsize > 2**30 else 4  # rotating input sets
+    As = [attention(b, n, dtype, device, s) for s in range(sets)]
+    cams = [torch.rand(b, args.classes, n, device=device) for _ in range(sets)]
+    k, steps = args.k, args.steps
+    row: dict = {"N": n, "B": b, "k": k, "steps": steps, "K": args.classes, "dtype": args.dtype}
+    notes = []
+
+    paths: dict[str, Callable[[int], object]] = {
+        "triton": lambda i: adcam_triton(As[i % sets], cams[i % sets], k, steps)
+    }
+    if slow_ok:
+        paths["torch"] = lambda i: ops.adcam_torch(As[i % sets], cams[i % sets], k, steps)
+        if cuda and not args.no_compile:
+            compiled = torch.compile(ops.adcam_torch, dynamic=True)
+            paths["torch.compile"] = lambda i: compiled(As[i % sets], cams[i % sets], k, steps)
+        if 3 * b * n * n * 8 <= REFERENCE_BYTES:
+            paths["reference"] = lambda i: reference.adcam(
+                As[i % sets].double(), cams[i % sets].double(), k, steps
+            )
+        else:
+            notes.append("reference skipped: float64 S would exceed 8 GiB")
+    else:
+        notes.append("torch paths skipped: time budget spent")
+
+    for name, fn in paths.items():
+        repeats = args.repeats if name != "reference" else max(3, args.repeats // 4)
+        try:
+            row[f"{name}_ms"] = time_ms(fn, repeats, cuda)
+            row[f"{name}_peak_mib"] = peak_mib(lambda fn=fn: fn(0), cuda)
+        except torch.OutOfMemoryError:
+            notes.append(f"{name}: out of memory")
+            torch.cuda.empty_cache()
+    torch_ms = [row[f"{p}_ms"] for p in ("torch", "torch.compile") if f"{p}_ms" in row]
+    if torch_ms and "triton_ms" in row:
+        row["speedup_vs_best_torch"] = min(torch_ms) / row["triton_ms"]
+
+    # The similarity stage alone (kernels 1+2), against a dense bmm of the same shape.
+    flops = 2 * b * n**3
+    sim_ms = time_ms(lambda i: refine_sparse_triton(As[i % sets], k), args.repeats, cuda)
+    row["similarity_ms"] = sim_ms
+    row["similarity_tflops"] = flops / sim_ms / 1e9
+    if cuda:
+        bmm_dtype = torch.float16 if dtype == torch.float16 else torch.float32
+        R = [a.to(bmm_dtype).sqrt() for a in As]
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True  # the kernel's fp32 dot is tf32 as well
+        try:
+            bmm_ms = time_ms(lambda i: torch.bmm(R[i % sets], R[i % sets].mT), args.repeats, True)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        row["bmm_ms"] = bmm_ms
+        row["bmm_tflops"] = flops / bmm_ms / 1e9
+    row["notes"] = "; ".join(notes)
+    shown = {key: round(v, 3) if isinstance(v, float) else v for key, v in row.items()}
+    print(json.dumps(shown), flush=True)
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not importable: no plot written")
+        return
+    batches = sorted({r["B"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, b in zip(axes[0], batches, strict=True):
+        sub = sorted((r for r in rows if r["B"] == b), key=lambda r: r["N"])
+        for name in ("reference", "torch", "torch.compile", "triton"):
+            pts = [(r["N"], r[f"{name}_ms"]) for r in sub if f"{name}_ms" in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        ax.set(title=f"B = {b}", xlabel="N", ylabel="ms (median)", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    args = ARGS
+    cuda = torch.cuda.is_available()
+    if args.smoke:
+        args.sizes, args.batches, args.repeats = [64], [2], 3
+    elif not cuda:
+        sys.exit("no CUDA GPU: run with --smoke for the CPU (interpreter) smoke configuration")
+    device = "cuda" if cuda else "cpu"
+    meta = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+        "time": "median ms over repeats, CUDA events (CPU: perf_counter)",
+        "similarity_tflops": "2·B·N³ / time of refine_sparse_triton (kernels 1+2)",
+    }
+    print(json.dumps(meta), flush=True)
+    start, rows = time.monotonic(), []
+    for n in args.sizes:
+        for b in args.batches:
+            slow_ok = time.monotonic() - start < args.budget_s
+            try:
+                rows.append(run_size(n, b, args, device, slow_ok))
+            except torch.OutOfMemoryError:
+                print(json.dumps({"N": n, "B": b, "notes": "out of memory"}), flush=True)
+                rows.append({"N": n, "B": b, "notes": "out of memory"})
+                torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    fields = sorted({key for r in rows for key in r}, key=lambda f: (f not in ("N", "B"), f))
+    with open(args.out / "kernels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, args.out / "kernels.png")
+    print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.csv'}")
+
+
+if __name__ == "__main__":
+    main()

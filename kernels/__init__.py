@@ -1,0 +1,118 @@
+"""Fused Triton kernels for AD-CAM (DESIGN.md §4), installed as ``adcam_fast.kernels``.
+
+Thin torch-facing wrappers over the launchers in `coneighbor_topk` (kernels 1+2: similarity,
+streaming top-k, refinement) and `diffusion` (kernel 3). They flatten leading dims to a
+batch B, convert dtypes and check devices; results follow the contracts of the torch path
+in ``adcam_fast.ops`` but are always fp32 (indices int64).
+
+Runs on CUDA GPUs (compute capability >= 8.0), or on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before this package is imported). Importing this package needs
+no triton; `triton_available` says whether the GPU path works here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from adcam_fast.checks import check_attention, check_k, check_steps
+from adcam_fast.kernels.launch import check_runnable, triton_available
+from adcam_fast.reference import EPS
+
+__all__ = ["adcam_triton", "diffuse_sparse_triton", "refine_sparse_triton", "triton_available"]
+
+
+def _batch(A: Tensor) -> Tensor:
+    """A (..., N, N) as a contiguous (B, N, N) tensor of a dtype the kernels read."""
+    n = A.shape[-1]
+    if A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        A = A.to(torch.float32)
+    return A.reshape(-1, n, n).contiguous()
+
+
+def _check_shapes(A: Tensor, cams: Tensor) -> None:
+    """Shape and device agreement of A (..., N, N) and cams (..., K, N), without a host sync."""
+    if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
+        raise ValueError(f"A must have shape (..., N, N) with N >= 1, got {tuple(A.shape)}")
+    n = A.shape[-1]
+    if cams.ndim != A.ndim or cams.shape[:-2] != A.shape[:-2] or cams.shape[-1] != n:
+        raise ValueError(f"cams must have shape (..., K, {n}) to match A, got {tuple(cams.shape)}")
+    check_runnable(A, cams)
+
+
+def refine_sparse_triton(A: Tensor, k: int, eps: float = EPS) -> tuple[Tensor, Tensor]:
+    """Sparse refined attention (Eq. 7) by the fused similarity + top-k kernel.
+
+    A: (..., N, N), validated like ``adcam_fast.refine_attention`` (one host sync). Returns
+    ``(weights, indices)``, each (..., N, min(k, N)), fp32 and int64: row i of Ã is
+    ``Σ_r weights[i, r] · e_{indices[i, r]}`` with places in descending S (ties: smaller
+    column first); rows whose kept mass is <= eps are the self row (weight 1 at place 0
+    with index i). Same contract as ``ops.refine_sparse``.
+    """
+    A = check_attention(A)
+    check_k(k)
+    check_runnable(A)
+    from adcam_fast.kernels.coneighbor_topk import refine_sparse
+
+    w, idx = refine_sparse(_batch(A), k, eps)
+    shape = (*A.shape[:-1], w.shape[-1])
+    return w.reshape(shape), idx.reshape(shape)
+
+
+def diffuse_sparse_triton(weights: Tensor, indices: Tensor, cams: Tensor, steps: int) -> Tensor:
+    """Diffusion (Eq. 8) with a sparse Ã: T = steps times ``M'(j) = Σ_{idx_ir = j} w_ir M(i)``.
+
+    weights, indices: (..., N, k) (e.g. from `refine_sparse_triton` or ``ops.refine_sparse``);
+    cams: (..., K, N) any float. Returns (..., K, N) fp32. Checks shapes, devices and that
+    indices lie in [0, N) (one host sync).
+    """
+    check_steps(steps)
+    n = indices.shape[-2] if indices.ndim >= 2 else 0
+    if weights.shape != indices.shape or indices.ndim < 2 or n == 0:
+        raise ValueError(
+            "weights and indices must share a shape (..., N, k) with N >= 1, got "
+            f"{tuple(weights.shape)} and {tuple(indices.shape)}"
+        )
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
+    lead = indices.shape[:-2]
+    if cams.ndim != indices.ndim or cams.shape[:-2] != lead or cams.shape[-1] != n:
+        raise ValueError(f"cams must have shape {(*lead, 'K', n)}, got {tuple(cams.shape)}")
+    check_runnable(weights, indices, cams)
+    if bool(((indices < 0) | (indices >= n)).any()):
+        raise ValueError(f"indices must lie in [0, {n})")
+    from adcam_fast.kernels.diffusion import diffuse_sparse
+
+    kk = indices.shape[-1]
+    out = diffuse_sparse(
+        weights.reshape(-1, n, kk),
+        indices.reshape(-1, n, kk),
+        cams.reshape(-1, *cams.shape[-2:]),
+        steps,
+    )
+    return out.reshape(cams.shape)
+
+
+def adcam_triton(A: Tensor, cams: Tensor, k: int, steps: int) -> Tensor:
+    """AD-CAM's raw diffused maps (Eq. 6-8) through the fused kernels: (..., K, N) fp32.
+
+    A: (..., N, N) attention (fp32/fp16/bf16 read as is, other floats as fp32); cams:
+    (..., K, N) any float. Values are not validated (``ops.adcam`` does that); shapes and
+    devices are, without a host sync. Two Triton launches and a few torch ops (one sort)
+    per batch, whatever its size; no data-dependent host code: CUDA-graph capturable once
+    the configs for these sizes are cached (after a first call, or ``ADCAM_AUTOTUNE=0``).
+    Raises ValueError for mixed devices, CUDA tensors without a usable Triton, and CPU
+    tensors when the kernels are not interpreted (set TRITON_INTERPRET=1 or use
+    backend="torch").
+    """
+    _check_shapes(A, cams)
+    check_k(k)
+    check_steps(steps)
+    from adcam_fast.kernels.coneighbor_topk import refine_sparse
+    from adcam_fast.kernels.diffusion import diffuse_sparse
+
+    if steps == 0:
+        return cams.to(torch.float32, copy=True)
+    maps = cams.reshape(-1, *cams.shape[-2:])
+    w, idx = refine_sparse(_batch(A), k, EPS, torch.int32)
+    return diffuse_sparse(w, idx, maps, steps).reshape(cams.shape)

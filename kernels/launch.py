@@ -1,0 +1,144 @@
+"""Launch helpers shared by the Triton kernels: device checks, shape buckets, config choice.
+
+Where the kernels may run:
+
+- CUDA tensors: Triton compiles the kernels for the GPU (compute capability >= 8.0, for
+  tensor-core ``tl.dot`` in tf32/fp16/bf16).
+- CPU tensors: only through Triton's interpreter, i.e. with ``TRITON_INTERPRET=1`` set before
+  ``adcam_fast.kernels`` is first imported (the kernels are built in that mode at import).
+
+Config choice: each kernel has a heuristic default and a short list of candidates. On a GPU,
+the first call for a given (kernel, N bucket, k bucket, dtype, device) times the candidates
+with ``triton.testing.do_bench`` (a host sync; do it before CUDA-graph capture) and caches
+the fastest; ``ADCAM_AUTOTUNE=0`` disables timing and always uses the default. Under the
+interpreter the default is used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+HELP = 'use backend="torch" for the portable path'
+
+
+@dataclass(frozen=True)
+class Config:
+    """Block sizes and launch options of one kernel variant (unused fields are 0)."""
+
+    block_m: int = 0
+    block_n: int = 0
+    block_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= max(n, 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def n_bucket(n: int) -> int:
+    """The bucket of a size in the config cache: the next power of two, at least 64."""
+    return max(64, next_pow2(n))
+
+
+def interpreting() -> bool:
+    """Whether the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1``
+    was set when ``adcam_fast.kernels`` was imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from adcam_fast.kernels.coneighbor_topk import coneighbor_topk_kernel
+
+    return isinstance(coneighbor_topk_kernel, InterpretedFunction)
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels compile and run on this machine's CUDA GPU.
+
+    False when triton is not importable, no CUDA device is visible, the device is older
+    than compute capability 8.0, or the kernels were built for the CPU interpreter.
+    """
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        return False
+    return not interpreting()
+
+
+def check_runnable(*tensors: Tensor) -> torch.device:
+    """The common device of ``tensors`` if the kernels can run there, else a ValueError.
+
+    Errors: tensors on different devices; CUDA tensors without a usable Triton; CPU tensors
+    when the kernels were not built for the interpreter; any other device type.
+    """
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        names = ", ".join(sorted(str(d) for d in devices))
+        raise ValueError(f"the triton backend needs all tensors on one device, got {names}")
+    device = devices.pop()
+    if device.type == "cuda":
+        if not triton_available():
+            raise ValueError(
+                "the triton backend needs a working Triton and a CUDA GPU of compute "
+                f"capability >= 8.0 (and TRITON_INTERPRET unset); {HELP}"
+            )
+    elif device.type == "cpu":
+        try:
+            on_cpu = interpreting()
+        except ImportError as e:
+            raise ValueError(f"the triton backend needs triton ({e}); {HELP}") from e
+        if not on_cpu:
+            raise ValueError(
+                "the triton backend runs CPU tensors only under Triton's interpreter: set "
+                f"TRITON_INTERPRET=1 before importing adcam_fast.kernels, or {HELP}"
+            )
+    else:
+        raise ValueError(
+            f"the triton backend runs on CUDA (or CPU when interpreted), got {device}; {HELP}"
+        )
+    return device
+
+
+_CACHE: dict[tuple, Config] = {}
+
+
+def autotune_enabled() -> bool:
+    """Timing of candidate configs is on unless ``ADCAM_AUTOTUNE=0``."""
+    return os.environ.get("ADCAM_AUTOTUNE", "1") != "0"
+
+
+def choose_config(
+    key: tuple,
+    default: Config,
+    candidates: Sequence[Config],
+    run: Callable[[Config], None],
+    device: torch.device,
+) -> Config:
+    """The config for ``key``: cached, else the fastest of ``candidates`` (GPU, autotune on),
+    else ``default``. ``run(cfg)`` launches the kernel with ``cfg`` on the real arguments; it
+    must be idempotent (the kernels only write their outputs). A candidate that fails to
+    compile (e.g. out of shared memory) is skipped."""
+    if device.type != "cuda" or not autotune_enabled():
+        return default
+    full_key = (*key, device.index, torch.cuda.get_device_name(device))
+    if full_key not in _CACHE:
+        from triton.runtime.errors import OutOfResources
+        from triton.testing import do_bench
+
+        best, best_ms = default, float("inf")
+        for cfg in candidates:
+            try:
+                ms = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median")
+            except OutOfResources:
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        _CACHE[full_key] = best
+    return _CACHE[full_key]

@@ -1,0 +1,373 @@
+"""The Triton kernels (``adcam_fast.kernels``) against the float64 reference and the torch path.
+
+Without CUDA the kernels run on CPU tensors under Triton's interpreter (``conftest`` sets
+``TRITON_INTERPRET=1`` before triton is imported), at small N. Tests marked ``gpu`` run the
+real sizes on a CUDA GPU and are skipped without one.
+
+Near-tie rule. The kernel computes S with sqrt(A) rounded to fp16 (fp16 attention) or to
+tf32 (fp32 and bf16 attention, on a GPU), fp32 accumulation, so at the k-th place of a row
+it may legitimately keep a different column than the float64 reference when their S values
+are within its arithmetic error. A kept column j of row i is valid when
+``S_ij >= S_(k) - tie_tol``, ``S_(k)`` the reference k-th largest S of row i, and every
+column with ``S_ij > S_(k) + tie_tol`` must be kept. ``tie_tol`` bounds the error on two S
+values (S <= 1 for row-stochastic A): sqrt(A) rounded to fp16 / tf32 has a relative error
+<= 2**-11, so each product and hence S (non-negative terms) is within 2**-10 relative,
+plus fp32 accumulation, N·2**-24 <= 2.5e-4 for N <= 4096: 2 · 1.23e-3 < 2.5e-3. The
+interpreter's fp32 dot is not rounded to tf32, so there fp32/bf16 attention gets 2.5e-5
+(accumulation only, N <= 200). Rows whose reference top-k is unambiguous at that
+tolerance (no other column within tie_tol of S_(k)) are compared with the reference
+elementwise; on every row the weights must be ``rownorm(A ⊙ kept)`` of the kernel's own
+choice.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_attention
+
+import adcam_fast
+from adcam_fast import ops, reference
+
+pytest.importorskip("triton")
+
+from adcam_fast import kernels
+from adcam_fast.kernels import coneighbor_topk, launch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+W_TOL = {"rtol": 1e-5, "atol": 1e-6}  # fp32 normalisation and diffusion sums
+
+
+@pytest.fixture(autouse=True)
+def _fixed_configs(monkeypatch):
+    """Default kernel configs: no autotuning (compile time, and its host syncs)."""
+    monkeypatch.setenv("ADCAM_AUTOTUNE", "0")
+
+
+def dense(weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Scatter a sparse Ã (weights, indices) into its dense (..., N, N) form, float64."""
+    n = indices.shape[-2]
+    w = weights.double()
+    return w.new_zeros(*indices.shape[:-1], n).scatter_add_(-1, indices.long(), w)
+
+
+def tie_tol(dtype: torch.dtype) -> float:
+    """The near-tie tolerance on S for attention of ``dtype`` (see the module docstring)."""
+    return 2.5e-3 if dtype == torch.float16 or DEVICE == "cuda" else 2.5e-5
+
+
+def check_refinement(A: torch.Tensor, k: int, w: torch.Tensor, idx: torch.Tensor) -> float:
+    """Assert the near-tie rule and the weights of a sparse Ã from the kernel (no self rows).
+
+    A: the kernel's input (any dtype); the reference runs on its float64 values, on the
+    device of the inputs (float64 on a GPU keeps the full-size checks fast).
+    Returns the fraction of rows compared elementwise with the reference.
+    """
+    n, keep = A.shape[-1], min(k, A.shape[-1])
+    assert w.shape == idx.shape == (*A.shape[:-1], keep)
+    assert w.dtype == torch.float32 and torch.isfinite(w).all()
+    A64 = A.double()
+    kept = dense(torch.ones_like(w), idx)
+    assert (kept.sum(-1) == keep).all(), "indices of a row must be distinct"
+    expected = A64 * kept
+    torch.testing.assert_close(dense(w, idx), expected / expected.sum(-1, keepdim=True), **W_TOL)
+    ref = reference.refine_attention(A64, k)
+    if k >= n:
+        torch.testing.assert_close(dense(w, idx), ref, **W_TOL)
+        return 1.0
+    S = reference.coneighbor_similarity(A64)
+    kth = S.topk(k, dim=-1).values[..., -1:]
+    tol = tie_tol(A.dtype)
+    kept = kept.bool()
+    assert not (kept & (S < kth - tol)).any(), "kept a column far below the k-th largest S"
+    assert not (~kept & (S > kth + tol)).any(), "dropped a column far above the k-th largest S"
+    clear = ((S >= kth - tol).sum(-1) == k).unsqueeze(-1).expand_as(S)
+    torch.testing.assert_close(
+        torch.where(clear, dense(w, idx), 0.0), torch.where(clear, ref, 0.0), **W_TOL
+    )
+    return clear[..., 0].double().mean().item()
+
+
+def to_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(DEVICE) for t in tensors]
+
+
+# ---------------------------------------------------------------- refinement (kernels 1+2)
+
+
+@pytest.mark.parametrize(
+    ("lead", "n", "k", "dtype"),
+    [
+        ((2,), 37, 5, torch.float32),
+        ((1,), 100, 50, torch.float32),
+        ((2,), 144, 50, torch.float32),
+        ((2, 2), 40, 16, torch.float32),
+        ((3,), 64, 1, torch.float32),
+        ((1,), 197, 20, torch.float16),
+        ((1,), 197, 50, torch.bfloat16),
+        ((1,), 160, 100, torch.float16),  # k not a power of two, 128-wide running list
+    ],
+)
+def test_refine_random_attention(gen, lead, n, k, dtype):
+    (A,) = to_device(random_attention(*lead, n, n, generator=gen, dtype=dtype))
+    w, idx = kernels.refine_sparse_triton(A, k)
+    assert idx.dtype == torch.int64
+    assert check_refinement(A, k, w, idx) > 0  # some rows elementwise
+
+
+@pytest.mark.parametrize(("n", "k"), [(20, 50), (37, 37), (1, 1)])
+def test_refine_keeps_whole_rows_when_k_reaches_n(gen, n, k):
+    A = random_attention(2, n, n, generator=gen)
+    A[1, n // 2] = 0  # an all-zero row becomes the self row
+    w, idx = kernels.refine_sparse_triton(*to_device(A), k)
+    torch.testing.assert_close(dense(w.cpu(), idx.cpu()), reference.refine_attention(A, k), **W_TOL)
+    w_ref, idx_ref = ops.refine_sparse(A, k)
+    assert torch.equal(idx.cpu(), idx_ref)
+    torch.testing.assert_close(w.cpu().double(), w_ref, **W_TOL)
+
+
+def dyadic_blocks(n: int, sizes: list[int]) -> torch.Tensor:
+    """Uniform attention in consecutive blocks of power-of-two sizes (cycled): sqrt and
+    products are exact, so all S entries inside a block tie exactly (at 1)."""
+    A = torch.zeros(n, n, dtype=torch.float64)
+    start, i = 0, 0
+    while start < n:
+        end = min(start + sizes[i % len(sizes)], n)
+        while (end - start) & (end - start - 1):  # trim to a power of two
+            end -= 1
+        A[start:end, start:end] = 1.0 / (end - start)
+        start, i = end, i + 1
+    return A
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 8])
+def test_refine_exact_ties_go_to_the_smaller_column(k):
+    A = dyadic_blocks(37, [4, 8, 2])
+    A[7] = 0
+    A[7, [2, 9, 11, 20]] = 0.25  # a row whose S ties across several blocks
+    A[30] = A[3]  # a duplicated row: equal columns of S
+    w, idx = kernels.refine_sparse_triton(*to_device(A.float()), k)
+    torch.testing.assert_close(dense(w.cpu(), idx.cpu()), reference.refine_attention(A, k), **W_TOL)
+    w_ref, idx_ref = ops.refine_sparse(A, k)
+    torch.testing.assert_close(dense(w.cpu(), idx.cpu()), dense(w_ref, idx_ref), **W_TOL)
+
+
+def test_refine_one_hot_rows_become_self_rows():
+    """One-hot rows: S is 1 where two rows share their hot column, else 0 (ties at 0 go to the
+    smallest columns); a row whose hot column is not kept has zero mass -> self row."""
+    n, k = 48, 6
+    hot = torch.randperm(n, generator=torch.Generator().manual_seed(3)) % 20
+    A = torch.zeros(2, n, n, dtype=torch.float64)
+    A[0, torch.arange(n), hot] = 1.0
+    A[1] = dyadic_blocks(n, [16, 4])
+    A[1, 5] = 0  # zero row
+    w, idx = kernels.refine_sparse_triton(*to_device(A.to(torch.float16)), k)
+    ref = reference.refine_attention(A, k)
+    assert (ref.diagonal(dim1=-2, dim2=-1) == 1).sum() > 10  # many self rows exercised
+    torch.testing.assert_close(dense(w.cpu(), idx.cpu()), ref, **W_TOL)
+
+
+@pytest.mark.parametrize("kind", ["near_uniform", "block_diagonal"])
+def test_refine_structured_attention(gen, kind):
+    n, k = 96, 12
+    if kind == "near_uniform":  # every S close to 1: near-ties everywhere
+        A = 1 + 1e-3 * torch.rand(2, n, n, generator=gen, dtype=torch.float64)
+    else:  # random attention inside blocks of 24, nothing outside
+        A = torch.block_diag(*random_attention(4, 24, 24, generator=gen)).expand(2, n, n).clone()
+    A = A / A.sum(-1, keepdim=True)
+    (Ad,) = to_device(A.float())
+    w, idx = kernels.refine_sparse_triton(Ad, k)
+    check_refinement(Ad, k, w, idx)
+
+
+# ---------------------------------------------------------------- diffusion (kernel 3)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("steps", [0, 1, 2, 3])
+def test_diffuse_sparse_matches_torch(gen, steps, index_dtype):
+    b, n, r, n_cls = 3, 50, 7, 5
+    idx = torch.randint(0, n, (b, n, r), generator=gen)
+    idx[1] = torch.arange(r)  # every row picks columns 0..r-1: in-degree n for those
+    idx[2, :, 0] = torch.arange(n)  # a self edge in each row
+    w = torch.rand(b, n, r, generator=gen, dtype=torch.float64)
+    w[2, 3] = 0  # a row with zero weights
+    cams = torch.rand(b, n_cls, n, generator=gen, dtype=torch.float64)
+    out = kernels.diffuse_sparse_triton(*to_device(w.float(), idx.to(index_dtype), cams), steps)
+    assert out.dtype == torch.float32 and out.shape == cams.shape
+    torch.testing.assert_close(out.cpu().double(), ops.diffuse_sparse(w, idx, cams, steps), **W_TOL)
+
+
+def test_diffuse_sparse_many_classes_and_no_alias(gen):
+    """More classes than one program's block, and steps = 0 copies rather than aliases."""
+    n, r, n_cls = 30, 4, 40
+    w = torch.rand(n, r, generator=gen)
+    idx = torch.randint(0, n, (n, r), generator=gen)
+    cams = torch.rand(n_cls, n, generator=gen)
+    w_d, idx_d, cams_d = to_device(w, idx, cams)
+    out = kernels.diffuse_sparse_triton(w_d, idx_d, cams_d, 2)
+    torch.testing.assert_close(
+        out.cpu().double(), ops.diffuse_sparse(w.double(), idx, cams.double(), 2), **W_TOL
+    )
+    same = kernels.diffuse_sparse_triton(w_d, idx_d, cams_d, 0)
+    assert torch.equal(same, cams_d) and same.data_ptr() != cams_d.data_ptr()
+
+
+# ---------------------------------------------------------------- the fused op
+
+
+@pytest.mark.parametrize(
+    ("lead", "n", "k", "steps", "n_cls", "cams_dtype"),
+    [
+        ((2,), 64, 10, 2, 3, torch.float64),
+        ((2, 2), 37, 5, 1, 4, torch.float32),
+        ((1,), 100, 50, 0, 2, torch.float16),
+        ((3,), 20, 50, 2, 5, torch.bfloat16),  # k >= N
+        ((1,), 144, 50, 2, 20, torch.float32),
+    ],
+)
+def test_adcam_triton_matches_reference(gen, lead, n, k, steps, n_cls, cams_dtype):
+    A = random_attention(*lead, n, n, generator=gen, dtype=torch.float32)
+    cams = torch.rand(*lead, n_cls, n, generator=gen, dtype=torch.float64).to(cams_dtype)
+    A_d, cams_d = to_device(A, cams)
+    out = kernels.adcam_triton(A_d, cams_d, k, steps)
+    assert out.dtype == torch.float32 and out.shape == cams.shape
+    w, idx = kernels.refine_sparse_triton(A_d, k)
+    clear = check_refinement(A, k, w.cpu(), idx.cpu())
+    expected = reference.diffuse(dense(w.cpu(), idx.cpu()), cams.double(), steps)
+    torch.testing.assert_close(out.cpu().double(), expected, **W_TOL)
+    if clear == 1.0:
+        torch.testing.assert_close(
+            out.cpu().double(), reference.adcam(A.double(), cams.double(), k, steps), **W_TOL
+        )
+
+
+def test_public_dispatch_reaches_the_kernels(gen):
+    A = random_attention(2, 30, 30, generator=gen, dtype=torch.float32)
+    cams = torch.rand(2, 3, 30, generator=gen)
+    A_d, cams_d = to_device(A, cams)
+    out = adcam_fast.adcam(A_d, cams_d, k=7, steps=2, backend="triton")
+    assert torch.equal(out, kernels.adcam_triton(A_d, cams_d, 7, 2))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_errors_name_the_problem(gen, monkeypatch):
+    A, cams = to_device(
+        random_attention(2, 16, 16, generator=gen, dtype=torch.float32),
+        torch.rand(2, 3, 16, generator=gen),
+    )
+    with pytest.raises(ValueError, match="one device"):
+        kernels.adcam_triton(A, cams.to("meta"), 4, 2)
+    with pytest.raises(ValueError, match="runs on CUDA"):
+        kernels.adcam_triton(A.to("meta"), cams.to("meta"), 4, 2)
+    with pytest.raises(ValueError, match="cams must have shape"):
+        kernels.adcam_triton(A, cams[..., :-1], 4, 2)
+    with pytest.raises(ValueError, match="k must be"):
+        kernels.adcam_triton(A, cams, 0, 2)
+    ones, zeros = torch.ones(16, 2, device=DEVICE), torch.zeros(16, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="indices must lie"):
+        kernels.diffuse_sparse_triton(ones, torch.full_like(ones, 16, dtype=torch.long), cams[0], 1)
+    with pytest.raises(ValueError, match="share a shape"):
+        kernels.diffuse_sparse_triton(ones, zeros.to(DEVICE), cams[0], 1)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        kernels.diffuse_sparse_triton(ones, ones, cams[0], 1)
+    monkeypatch.setattr(coneighbor_topk, "MAX_TOPK", 4)
+    with pytest.raises(ValueError, match="k <= 4"):
+        kernels.refine_sparse_triton(A, 5)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(launch, "interpreting", lambda: False)
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            kernels.adcam_triton(A, cams, 4, 2)
+    else:
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            kernels.adcam_triton(A.cpu(), cams.cpu(), 4, 2)
+        monkeypatch.setattr(launch, "triton_available", lambda: False)
+        with pytest.raises(ValueError, match="working Triton"):
+            kernels.adcam_triton(A, cams, 4, 2)
+
+
+def test_triton_available_is_false_without_cuda():
+    if not torch.cuda.is_available():
+        assert kernels.triton_available() is False
+
+
+# ---------------------------------------------------------------- GPU: real sizes
+
+GPU_SIZES = [(576, 16), (1024, 8), (1296, 4), (2304, 2), (4096, 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("n", "b"), GPU_SIZES)
+def test_gpu_refine_full_size(n, b, dtype):
+    gen = torch.Generator().manual_seed(n)
+    A = random_attention(b, n, n, generator=gen, dtype=dtype).cuda()
+    w, idx = kernels.refine_sparse_triton(A, 50)
+    assert check_refinement(A, 50, w, idx) > 0
+
+
+@pytest.mark.gpu
+def test_gpu_adcam_large_batch():
+    gen = torch.Generator().manual_seed(1)
+    b, n, k, n_cls = 128, 576, 50, 20
+    A = random_attention(b, n, n, generator=gen, dtype=torch.float16).cuda()
+    cams = torch.rand(b, n_cls, n, generator=gen).cuda()
+    out = kernels.adcam_triton(A, cams, k, 2)
+    w, idx = kernels.refine_sparse_triton(A, k)
+    expected = reference.diffuse(dense(w, idx), cams.double(), 2)
+    torch.testing.assert_close(out.double(), expected, **W_TOL)
+    auto = adcam_fast.adcam(A, cams, k=k, steps=2, backend="auto")
+    assert torch.equal(auto, out)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    gen = torch.Generator().manual_seed(2)
+    A = random_attention(16, 1296, 1296, generator=gen, dtype=torch.float32).cuda()
+    cams = torch.rand(16, 20, 1296, generator=gen).cuda()
+    first = kernels.refine_sparse_triton(A, 50), kernels.adcam_triton(A, cams, 50, 2)
+    second = kernels.refine_sparse_triton(A, 50), kernels.adcam_triton(A, cams, 50, 2)
+    assert torch.equal(first[0][0], second[0][0]) and torch.equal(first[0][1], second[0][1])
+    assert torch.equal(first[1], second[1])
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_o_of_bnk():
+    b, n, k, n_cls = 32, 2304, 50, 20
+    gen = torch.Generator().manual_seed(3)
+    A = random_attention(b, n, n, generator=gen, dtype=torch.float16).cuda()
+    cams = torch.rand(b, n_cls, n, generator=gen).cuda()
+    kernels.adcam_triton(A, cams, k, 2)  # compile outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    kernels.adcam_triton(A, cams, k, 2)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    dense_s = b * n * n * 4
+    assert extra < dense_s / 2, (
+        f"{extra / 2**20:.0f} MiB extra vs dense S {dense_s / 2**20:.0f} MiB"
+    )
+    assert extra < 96 * b * n * (k + 1) + 16 * b * n_cls * n
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    """No host syncs or data-dependent host code: the whole op replays from a CUDA graph."""
+    gen = torch.Generator().manual_seed(4)
+    A = random_attention(8, 576, 576, generator=gen, dtype=torch.bfloat16).cuda()
+    cams = torch.rand(8, 20, 576, generator=gen).cuda()
+    eager = kernels.adcam_triton(A, cams, 50, 2)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        kernels.adcam_triton(A, cams, 50, 2)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernels.adcam_triton(A, cams, 50, 2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
