@@ -9,6 +9,10 @@ import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adcam_fast.pipeline.label import LabelConfig, Summary
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -36,6 +40,19 @@ def _scales(text: str) -> tuple[float, ...]:
         ) from None
 
 
+def _min_max(text: str) -> tuple[int, int]:
+    """``MIN,MAX`` (or ``N`` for N,N) as two integers."""
+    try:
+        parts = [int(s) for s in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX or N, got {text!r}")
+    return parts[0], parts[1]
+
+
 def _add_label(sub) -> None:
     from adcam_fast.pipeline.label import LabelConfig
     from adcam_fast.pipeline.methods import METHODS
@@ -51,7 +68,9 @@ def _add_label(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="classifier checkpoint (.pth) or .onnx")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--backend", default="torch", help="extractor: torch | onnx | tensorrt")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--device", default=None, help="local engine; default: cuda if available, else cpu"
+    )
     p.add_argument("--method", default=d.method, choices=METHODS)
     p.add_argument("--scales", type=_scales, default=d.scales)
     p.add_argument("--no-flip", dest="flip", action="store_false")
@@ -65,8 +84,10 @@ def _add_label(sub) -> None:
         "--adcam-backend", default=d.adcam_backend, choices=("auto", "reference", "torch", "triton")
     )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--workers", type=int, default=d.workers)
-    p.add_argument("--writers", type=int, default=d.writers)
+    p.add_argument(
+        "--workers", type=int, default=d.workers, help="local engine: DataLoader decode workers"
+    )
+    p.add_argument("--writers", type=int, default=d.writers, help="writer threads (per actor)")
     p.add_argument("--max-side", type=int, default=d.max_side)
     p.add_argument("--save-cams", dest="cams", action="store_true")
     p.add_argument("--coco-json", dest="coco", action="store_true")
@@ -74,29 +95,60 @@ def _add_label(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-amp", dest="amp", action="store_false")
     p.add_argument("--quiet", action="store_true")
+    ray = p.add_argument_group(
+        "Ray engine",
+        "--engine ray: decode in Ray CPU tasks, label and write in an autoscaling pool of "
+        "actors (one model each). The collection, the checkpoint and --out must be at the "
+        "same paths on every node (a shared filesystem).",
+    )
+    ray.add_argument("--engine", choices=("local", "ray"), default="local")
+    ray.add_argument(
+        "--address",
+        default=None,
+        help="auto | ray://HOST:PORT (default: $RAY_ADDRESS, else a local Ray instance)",
+    )
+    ray.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per actor, 0 for CPU actors (default: 1 if the cluster has GPUs, else 0)",
+    )
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor")
+    ray.add_argument(
+        "--ray-workers",
+        type=_min_max,
+        default=None,
+        metavar="MIN,MAX",
+        help="actor pool size (default: 1 to one per GPU, or to half the CPUs for CPU actors)",
+    )
     p.set_defaults(func=_label)
 
 
 def _label(args: argparse.Namespace) -> int:
-    import torch
-
     from adcam_fast.data import open_dataset
-    from adcam_fast.export.backends import create_extractor
-    from adcam_fast.pipeline.label import LabelConfig, label_dataset
+    from adcam_fast.pipeline.label import LabelConfig
 
     cfg = LabelConfig(**{k: getattr(args, k) for k in LabelConfig.__dataclass_fields__})
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    extractor = create_extractor(args.backend, args.checkpoint, device=device, amp=args.amp)
-    dataset = open_dataset(args.data, strict=False, max_side=cfg.max_side)
-    summary = label_dataset(
-        dataset,
-        extractor,
-        args.out,
-        cfg,
-        checkpoint=args.checkpoint,
-        progress=not args.quiet,
-        **_coco_ids(dataset),
-    )
+    if args.engine == "ray":
+        summary = _label_ray(args, cfg)
+    else:
+        import torch
+
+        from adcam_fast.export.backends import create_extractor
+        from adcam_fast.pipeline.label import label_dataset
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        extractor = create_extractor(args.backend, args.checkpoint, device=device, amp=args.amp)
+        dataset = open_dataset(args.data, strict=False, max_side=cfg.max_side)
+        summary = label_dataset(
+            dataset,
+            extractor,
+            args.out,
+            cfg,
+            checkpoint=args.checkpoint,
+            progress=not args.quiet,
+            **_coco_ids(dataset),
+        )
     print(
         f"{summary.written} written, {summary.skipped_complete} already complete, "
         f"{summary.failed} failed of {summary.total} in {summary.seconds:.1f} s "
@@ -108,6 +160,31 @@ def _label(args: argparse.Namespace) -> int:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
     return 1 if summary.failed else 0
+
+
+def _label_ray(args: argparse.Namespace, cfg: LabelConfig) -> Summary:
+    """``adcam label --engine ray``: the actors' device follows ``--gpus-per-worker``."""
+    from adcam_fast.data import open_dataset
+    from adcam_fast.pipeline.ray_engine import ExtractorSpec, RayOptions, label_dataset_ray
+
+    if args.device is not None:
+        raise ValueError("--device is for --engine local; Ray actors use --gpus-per-worker")
+    options = RayOptions(
+        address=args.address,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        workers=args.ray_workers,
+    )
+    dataset = open_dataset(args.data, strict=False, max_side=cfg.max_side)
+    return label_dataset_ray(
+        dataset,
+        ExtractorSpec(args.backend, str(args.checkpoint), args.amp),
+        args.out,
+        cfg,
+        options,
+        progress=not args.quiet,
+        **_coco_ids(dataset),
+    )
 
 
 def _coco_ids(dataset) -> dict:
@@ -166,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_make_synthetic_arguments(synth)
     synth.set_defaults(func=run_make_synthetic)
     from adcam_fast import demo
+    from adcam_fast.export import command as export_command
     from adcam_fast.training import classifier, segmenter
 
     for name, module, text in (
@@ -179,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = sub.add_parser("demo", help="the whole pipeline on a synthetic set, on CPU")
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(func=demo.run)
+    export_parser = sub.add_parser(
+        "export", help="export the extractor or the segmenter to ONNX / TensorRT"
+    )
+    export_command.add_arguments(export_parser)
+    export_parser.set_defaults(func=export_command.run)
     info = sub.add_parser("info", help="versions, devices and available backends")
     info.set_defaults(func=_info)
     return parser

@@ -24,7 +24,7 @@ from PIL import Image
 from adcam_fast.cam import seed_labels
 from adcam_fast.data import make_synthetic, open_dataset, voc_palette
 from adcam_fast.pipeline.evaluate import Scores, best_of_sweep, format_table
-from adcam_fast.pipeline.label import LabelConfig, Labeller, label_dataset
+from adcam_fast.pipeline.label import LabelConfig, Labeller, collate, decode_item, label_dataset
 from adcam_fast.pipeline.methods import METHODS
 
 FULL = dict(images=1500, size=128, epochs=8, batch_size=16, scales=(1.0, 0.5, 1.5))
@@ -60,17 +60,16 @@ def _ablation(labeller: Labeller, dataset, batch: int) -> tuple[dict[str, Scores
     """Best-threshold scores per method, the thresholds, and seeds of the first images."""
     n_cls = len(dataset.class_names) + 1
     items: dict[str, list] = {m: [] for m in METHODS}
+    size = labeller.cfg.input_size
     for start in range(0, len(dataset), batch):
-        samples = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
-        size = labeller.cfg.input_size
-        x = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in samples])
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
-        maps, classes = labeller(x.round().to(torch.uint8), [s.labels for s in samples])
+        indices = range(start, min(start + batch, len(dataset)))
+        b = collate([decode_item(dataset, i, size, keep_image=False) for i in indices])
+        maps, classes = labeller(b["x"], b["labels"])
         for m in METHODS:
-            for b, s in enumerate(samples):
-                c = len(classes[b])
-                full = F.interpolate(maps[m][b : b + 1, :c], size=s.mask.shape, mode="bilinear")
-                items[m].append((full[0].numpy(), classes[b] + 1, s.mask))
+            for j, i in enumerate(indices):
+                gt, c = dataset.mask(i), len(classes[j])
+                full = F.interpolate(maps[m][j : j + 1, :c], size=gt.shape, mode="bilinear")
+                items[m].append((full[0].numpy(), classes[j] + 1, gt))
     scores, thresholds = {}, {}
     for m in METHODS:
         thresholds[m], scores[m], _ = best_of_sweep(items[m], n_cls)

@@ -30,6 +30,20 @@ from adcam_fast.pipeline.label import LabelConfig, label_dataset
 from adcam_fast.training.checkpoint import CLASSIFIER, VERSION, save_checkpoint
 
 
+def random_checkpoint(model: str, class_names: list[str], crop: int, path: Path) -> Path:
+    """A classifier checkpoint of timm ``model`` with random weights, saved at ``path``."""
+    net = timm.create_model(model, num_classes=len(class_names), drop_last_block=True)
+    config = dict(
+        model=model, num_classes=len(class_names), drop_last_block=True, detach_branches=True,
+        crop=crop, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
+    )  # fmt: skip
+    state = dict(
+        format=CLASSIFIER, version=VERSION, model=net.state_dict(), config=config,
+        class_names=class_names, epoch=0, iteration=0,
+    )  # fmt: skip
+    return save_checkpoint(state, path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="conformer_nano_patch16")
@@ -48,19 +62,8 @@ def main() -> None:
         tmp = Path(tmp)
         data = make_synthetic(tmp / "data", args.images, seed=0, size=args.size, val_fraction=0)
         dataset = open_dataset(f"synthetic:{data}")
-        model = timm.create_model(
-            args.model, num_classes=len(dataset.class_names), drop_last_block=True
-        )
-        config = dict(
-            model=args.model, num_classes=len(dataset.class_names), drop_last_block=True,
-            detach_branches=True, crop=args.input_size,
-            mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-        )  # fmt: skip
-        ckpt = save_checkpoint(
-            dict(format=CLASSIFIER, version=VERSION, model=model.state_dict(), config=config,
-                 class_names=dataset.class_names, epoch=0, iteration=0),
-            tmp / "model.pth",
-        )  # fmt: skip
+        names = dataset.class_names
+        ckpt = random_checkpoint(args.model, names, args.input_size, tmp / "model.pth")
         extractor = create_extractor("torch", str(ckpt), device=args.device)
         cfg = LabelConfig(
             scales=tuple(float(s) for s in args.scales.split(",")),

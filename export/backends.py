@@ -2,15 +2,40 @@
 
 Every backend takes a normalised float image batch (B, 3, H, W) on its device and returns an
 :class:`Extraction` in float32; the label pipeline is written against this contract only.
+
+=============  ==========================  =================================================
+backend        ``checkpoint``              runs
+=============  ==========================  =================================================
+``torch``      classifier ``.pth``         :class:`TorchExtractor` (eager, bf16 autocast on
+                                           CUDA when ``amp``)
+``onnx``       ``.onnx`` of                :class:`OnnxExtractor` (ONNX Runtime: CPU, or
+               ``adcam export``            CUDA with outputs kept on the GPU)
+``tensorrt``   ``.engine`` (+ ``.json``)   :class:`~adcam_fast.export.tensorrt.TensorRTExtractor`
+               or ``.onnx``                (not run on the dev machines: see that module)
+=============  ==========================  =================================================
+
+The ONNX and TensorRT backends read the class names, mean, std and patch size from the
+metadata :func:`~adcam_fast.export.onnx.export_checkpoint` writes into the file.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from adcam_fast.export.onnx import ExportInfo
+
+#: Input and output names of an exported extractor (ONNX graph and TensorRT engine).
+INPUT = "images"
+OUTPUTS = ("logits", "cams", "attention")
+BACKENDS = ("torch", "onnx", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -33,8 +58,35 @@ class Extractor(Protocol):
     def __call__(self, images: Tensor) -> Extraction: ...
 
 
+class ExtractorGraph(nn.Module):
+    """The extractor as one module: ``images (B, 3, H, W) -> (logits, cams, attention)``.
+
+    ``cams, attention = model.extract(images)`` (all transformer blocks) and
+    ``logits = cams.mean((h, w)) + conv_cls_head.bias``: the CNN head's logits, since the head is
+    linear and the CAM maps are its weights applied at every position. This module is what
+    :class:`TorchExtractor` runs and what the ONNX export traces, so both compute the same.
+
+    ``dtype``: the images are cast to it first (float16 for a half-precision export whose
+    parameters were converted by the caller); the outputs are float32 whatever it is.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cams, attention = self.model.extract(images.to(self.dtype))
+        bias = self.model.conv_cls_head.bias
+        logits = cams.mean((-2, -1))
+        if bias is not None:
+            logits = logits + bias.float()
+        return logits, cams, attention
+
+
 class TorchExtractor:
-    """Eager PyTorch: ``model.extract`` under inference mode, bf16 autocast on CUDA if asked."""
+    """Eager PyTorch: :class:`ExtractorGraph` under inference mode, bf16 autocast on CUDA if
+    asked."""
 
     def __init__(
         self,
@@ -47,6 +99,7 @@ class TorchExtractor:
     ) -> None:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
+        self.graph = ExtractorGraph(self.model)
         self.class_names = class_names
         self.mean, self.std = tuple(mean), tuple(std)
         self.patch_size = model.patch_size
@@ -55,24 +108,117 @@ class TorchExtractor:
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Extraction:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            F, A = self.model.extract(images)
-        bias = self.model.conv_cls_head.bias
-        logits = F.mean((-2, -1)) + (bias.float() if bias is not None else 0.0)
+            logits, F, A = self.graph(images)
         return Extraction(logits=logits, cams=F, attention=A)
 
 
-BACKENDS = ("torch", "onnx", "tensorrt")
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` with the current CUDA device's index filled in (``"cuda"`` -> ``cuda:N``), so
+    it equals the ``device`` of the tensors moved to it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def check_images(images: Tensor, device: torch.device, info: ExportInfo) -> Tensor:
+    """``images`` as a contiguous float32 batch, after checking what an exported extractor
+    accepts: 4-D with 3 channels, on ``device``, sides multiples of the patch size, and the
+    export's fixed size when it has one. Raises ValueError naming what is wrong."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    if images.device != device:
+        raise ValueError(f"images are on {images.device}, the extractor on {device}")
+    h, w = images.shape[-2:]
+    if h % info.stride or w % info.stride:
+        raise ValueError(f"image sides must be multiples of {info.stride}, got {h}x{w}")
+    if not info.dynamic_size and (h, w) != (info.input_size, info.input_size):
+        raise ValueError(
+            f"this export has the fixed size {info.input_size}x{info.input_size}, got {h}x{w}"
+        )
+    return images.detach().float().contiguous()
+
+
+def output_shapes(images: Tensor, info: ExportInfo) -> dict[str, tuple[int, ...]]:
+    """The shapes of an extractor's outputs for ``images`` (B, 3, H, W)."""
+    b, _, h, w = images.shape
+    k, gh, gw = len(info.class_names), h // info.stride, w // info.stride
+    return dict(logits=(b, k), cams=(b, k, gh, gw), attention=(b, gh * gw, gh * gw))
+
+
+class OnnxExtractor:
+    """ONNX Runtime over an extractor exported by ``adcam export --what extractor``.
+
+    Class names, mean, std and patch size come from the file's metadata. On a CPU ``device``
+    the CPU provider runs it (outputs are tensors sharing the arrays ONNX Runtime returns). On
+    a CUDA ``device`` (needs ``onnxruntime-gpu``: ``pip install "adcam_fast[gpu]"``) the CUDA
+    provider runs it with IO binding: the input is read from the torch tensor's memory and
+    the outputs are written into torch-allocated CUDA tensors, so nothing crosses to the host
+    (the current torch stream is synchronised first, and ONNX Runtime's ``run`` returns when
+    its own stream is done). ``providers`` overrides the provider list, e.g.
+    ``["TensorrtExecutionProvider", "CUDAExecutionProvider"]``; entries may be
+    ``(name, options)`` pairs; ``threads`` sets the CPU provider's intra-op threads (None:
+    one per physical core). The GPU paths have not been run on the dev machines, which
+    have the CPU build of ONNX Runtime only.
+
+    Raises ValueError naming the file when it is missing, not ONNX, not an extractor, or
+    lacks the metadata; and when a requested provider is not in this ONNX Runtime.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        from adcam_fast.export.onnx import open_session
+
+        self.device = resolve_device(device)
+        self.path = Path(path)
+        self.session, self.info = open_session(path, "extractor", self.device, providers, threads)
+        self.class_names = self.info.class_names
+        self.mean, self.std = self.info.mean, self.info.std
+        self.patch_size = self.info.stride
+
+    def __call__(self, images: Tensor) -> Extraction:
+        images = check_images(images, self.device, self.info)
+        if self.device.type == "cpu":
+            outs = self.session.run(list(OUTPUTS), {INPUT: images.numpy()})
+            return Extraction(*(torch.from_numpy(o) for o in outs))
+        return self._run_bound(images)
+
+    def _run_bound(self, images: Tensor) -> Extraction:
+        index = self.device.index
+        binding = self.session.io_binding()
+        binding.bind_input(INPUT, "cuda", index, np.float32, tuple(images.shape), images.data_ptr())
+        outs = {}
+        for name, shape in output_shapes(images, self.info).items():
+            outs[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
+            binding.bind_output(name, "cuda", index, np.float32, shape, outs[name].data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)
+        return Extraction(**{k: outs[k] for k in ("logits", "cams", "attention")})
 
 
 def create_extractor(
     backend: str, checkpoint: str, device: str | torch.device = "cpu", amp: bool = True
 ) -> Extractor:
-    """The extractor ``backend`` builds from ``checkpoint`` (a classifier checkpoint for
-    ``torch``). Raises ValueError naming the backend or the file when either is unusable."""
+    """The extractor ``backend`` builds from ``checkpoint``: a classifier checkpoint for
+    ``torch``, an exported ``.onnx`` for ``onnx``, an engine (or an ``.onnx`` to build one
+    from, fp16 when ``amp``) for ``tensorrt``. ``amp`` only picks the torch autocast and the
+    TensorRT build precision; an ONNX file runs in the precision it was exported in. Raises
+    ValueError naming the backend or the file when either is unusable."""
     if backend == "torch":
         from adcam_fast.training.checkpoint import load_classifier
 
         model, meta = load_classifier(checkpoint, device="cpu")
         cfg = meta["config"]
         return TorchExtractor(model, meta["class_names"], cfg["mean"], cfg["std"], device, amp)
+    if backend == "onnx":
+        return OnnxExtractor(checkpoint, device)
+    if backend == "tensorrt":
+        from adcam_fast.export.tensorrt import TensorRTExtractor
+
+        return TensorRTExtractor(checkpoint, device, fp16=amp)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -1,10 +1,12 @@
-"""Shared fixtures. Without a CUDA GPU, Triton kernels run on CPU tensors through Triton's
-interpreter, which must be switched on before anything imports triton."""
+"""Shared fixtures: the label tests' nano checkpoint and synthetic collection. Without a CUDA
+GPU, Triton kernels run on CPU tensors through Triton's interpreter, which must be switched
+on before anything imports triton."""
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,36 @@ def random_attention(*shape: int, scale: float = 3.0, generator=None, dtype=torc
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random-weight nano classifier for the synthetic classes, saved as a checkpoint."""
+    import timm
+
+    from adcam_fast.data import SyntheticDataset
+    from adcam_fast.training.checkpoint import CLASSIFIER, VERSION, save_checkpoint
+
+    torch.manual_seed(0)
+    names = SyntheticDataset(1).class_names
+    config = dict(
+        model="conformer_nano_patch16", num_classes=len(names), drop_last_block=True,
+        detach_branches=True, crop=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
+    )  # fmt: skip
+    model = timm.create_model(config["model"], num_classes=len(names), drop_last_block=True)
+    state = dict(
+        format=CLASSIFIER, version=VERSION, model=model.state_dict(), config=config,
+        class_names=names, epoch=0, iteration=0,
+    )  # fmt: skip
+    return save_checkpoint(state, tmp_path_factory.mktemp("ckpt") / "nano.pth")
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    """A synthetic collection of 12 images of 64 px (VOC layout, train split only)."""
+    from adcam_fast.data import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("syn"), 12, seed=3, size=64, val_fraction=0.0)
 
 
 def pytest_collection_modifyitems(config, items):

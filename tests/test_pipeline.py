@@ -12,37 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
-import torch
 from PIL import Image
 
 from adcam_fast.cli import main
 from adcam_fast.data import SyntheticDataset, load_mask, make_synthetic, open_dataset
-from adcam_fast.training.checkpoint import CLASSIFIER, VERSION, save_checkpoint
 
 FAST = ["--input-size", "64", "--scales", "1.0,0.5", "--batch-size", "2", "--workers", "0"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A random-weight nano classifier for the synthetic classes, saved as a checkpoint."""
-    torch.manual_seed(0)
-    names = SyntheticDataset(1).class_names
-    config = dict(
-        model="conformer_nano_patch16", num_classes=len(names), drop_last_block=True,
-        detach_branches=True, crop=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-    )  # fmt: skip
-    model = timm.create_model(config["model"], num_classes=len(names), drop_last_block=True)
-    state = dict(
-        format=CLASSIFIER, version=VERSION, model=model.state_dict(), config=config,
-        class_names=names, epoch=0, iteration=0,
-    )  # fmt: skip
-    return save_checkpoint(state, tmp_path_factory.mktemp("ckpt") / "nano.pth")
-
-
-@pytest.fixture(scope="module")
-def collection(tmp_path_factory) -> Path:
-    return make_synthetic(tmp_path_factory.mktemp("syn"), 12, seed=3, size=64, val_fraction=0.0)
 
 
 def label(data: str, checkpoint: Path, out: Path, *extra: str) -> int:

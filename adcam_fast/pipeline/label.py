@@ -14,6 +14,14 @@ size to ``s · input_size``), so every batch has one shape per scale and scale 1
 input has N = 576 tokens. Outputs are written to temporary names and renamed; a rerun skips
 images whose outputs are complete; SIGINT / SIGTERM stop after the batches in flight are
 written. Bad images are listed in ``failures.jsonl`` and the rest go on.
+
+The per-batch work is shared with the Ray engine (:mod:`adcam_fast.pipeline.ray_engine`):
+:func:`decode_item` and :func:`collate` make a batch, :func:`forward_batch` runs the
+:class:`Labeller` on it, :func:`write_record` finishes one image (:func:`label_batch` does
+both, writing in the caller's thread or pool); :func:`begin_run` and :func:`end_run` check,
+plan and close a run, :class:`FailureLog` keeps ``failures.jsonl``. Every function that
+handles images returns per-image records: ``{"id", "status": "written"}`` or
+``{"id", "status": "failed", "stage", "error"}``.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -77,24 +86,57 @@ class LabelConfig:
 
 @dataclass
 class Summary:
-    """The run's counts, timings and provenance, written to summary.json."""
+    """The run's counts, timings and provenance, written to summary.json.
 
+    ``startup_seconds``: from the start (extractor loaded; on Ray, after the checkpoint probe)
+    to the first finished batch: loader or actor start, model load on Ray, first batch.
+    ``workers``: per Ray actor id, its node, the images it reported, its busy seconds and
+    images/s; empty for the local engine.
+    """
+
+    engine: str = "local"
     total: int = 0
     skipped_complete: int = 0
     written: int = 0
     failed: int = 0
     interrupted: bool = False
     seconds: float = 0.0
+    startup_seconds: float = 0.0
     images_per_second: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     failures_file: str = "failures.jsonl"
     config: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     checkpoint: dict = field(default_factory=dict)
+    workers: dict[str, dict] = field(default_factory=dict)
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def decode_item(dataset: ImageDataset, index: int, size: int, keep_image: bool) -> dict:
+    """Item ``index`` of ``dataset`` decoded and resized to ``size``² uint8: ``{id, x (3, size,
+    size) uint8 tensor, labels, shape (H, W), image (H, W, 3) or None}``; or, when anything
+    about the item fails, ``{id, error}`` (never raises for a bad item)."""
+    image_id = dataset.ids[index]
+    try:
+        s = dataset[index]
+        x = torch.from_numpy(s.image).permute(2, 0, 1)
+        x = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
+        return dict(
+            id=image_id,
+            x=x.round().clamp(0, 255).to(torch.uint8),
+            labels=s.labels,
+            shape=s.image.shape[:2],
+            image=s.image if keep_image else None,
+        )
+    except Exception as e:  # any bad item is reported, never fatal
+        return dict(id=image_id, error=_error(e))
 
 
 class _Decoded(Dataset):
-    """Items of the images still to do, decoded in DataLoader workers; errors become records."""
+    """Items of the images still to do, decoded in DataLoader workers (:func:`decode_item`)."""
 
     def __init__(self, dataset: ImageDataset, indices: list[int], size: int, keep: bool):
         self.dataset, self.indices, self.size, self.keep = dataset, indices, size, keep
@@ -103,26 +145,12 @@ class _Decoded(Dataset):
         return len(self.indices)
 
     def __getitem__(self, j: int) -> dict:
-        i = self.indices[j]
-        image_id = self.dataset.ids[i]
-        try:
-            s = self.dataset[i]
-            x = torch.from_numpy(s.image).permute(2, 0, 1)
-            x = F.interpolate(
-                x[None].float(), size=(self.size, self.size), mode="bilinear", antialias=True
-            )[0]
-            return dict(
-                id=image_id,
-                x=x.round().clamp(0, 255).to(torch.uint8),
-                labels=s.labels,
-                shape=s.image.shape[:2],
-                image=s.image if self.keep else None,
-            )
-        except Exception as e:  # any bad item is reported, never fatal
-            return dict(id=image_id, error=f"{type(e).__name__}: {e}")
+        return decode_item(self.dataset, self.indices[j], self.size, self.keep)
 
 
-def _collate(items: list[dict]) -> dict:
+def collate(items: list[dict]) -> dict:
+    """A batch of :func:`decode_item` results: the failed items, and the ids, stacked ``x``
+    (None when every item failed), labels, shapes and images of the others."""
     ok = [it for it in items if "error" not in it]
     return dict(
         failed=[it for it in items if "error" in it],
@@ -132,6 +160,16 @@ def _collate(items: list[dict]) -> dict:
         shapes=[it["shape"] for it in ok],
         images=[it["image"] for it in ok],
     )
+
+
+def written(image_id: str) -> dict:
+    """The record of an image whose outputs are complete."""
+    return dict(id=image_id, status="written")
+
+
+def failed(image_id: str, stage: str, error: str) -> dict:
+    """The record of an image that failed at ``stage`` (decode, forward, write, lost)."""
+    return dict(id=image_id, status="failed", stage=stage, error=error)
 
 
 def _scaled(x: Tensor, scale: float, patch: int) -> Tensor:
@@ -223,37 +261,164 @@ class Labeller:
         return merged, classes
 
 
-def _finish_image(
-    outputs: Outputs,
-    cfg: LabelConfig,
-    image_id: str,
-    maps: Tensor,
-    classes: np.ndarray,
-    shape: tuple[int, int],
-    image: np.ndarray | None,
-) -> None:
-    c = len(classes)
-    maps = maps[:c]
+@dataclass(frozen=True, eq=False)
+class ImageMaps:
+    """One image's merged maps (C', G, G) on the CPU (C' >= its class count, padded), its
+    class indices (C,), its size (H, W), and the decoded image when overlays need it."""
+
+    id: str
+    maps: Tensor
+    classes: np.ndarray
+    shape: tuple[int, int]
+    image: np.ndarray | None
+
+
+def forward_batch(
+    labeller: Labeller, cfg: LabelConfig, batch: dict
+) -> tuple[list[dict], list[ImageMaps]]:
+    """Run ``labeller`` on a :func:`collate` batch: the failure records (decode failures, and
+    every image of the batch when the forward raises) and the maps of the other images."""
+    records = [failed(it["id"], "decode", it["error"]) for it in batch["failed"]]
+    if batch["x"] is None:
+        return records, []
+    try:
+        maps, classes = labeller(batch["x"], batch["labels"])
+    except Exception as e:  # a failed batch is reported, not fatal
+        return records + [failed(i, "forward", _error(e)) for i in batch["ids"]], []
+    maps = maps[cfg.method]
+    images = [
+        ImageMaps(image_id, maps[b], classes[b], batch["shapes"][b], batch["images"][b])
+        for b, image_id in enumerate(batch["ids"])
+    ]
+    return records, images
+
+
+def write_image(outputs: Outputs, cfg: LabelConfig, item: ImageMaps) -> None:
+    """Resize ``item``'s maps to the image, threshold them into seeds and write every output
+    atomically (raises on a failed write)."""
+    c = len(item.classes)
+    maps = item.maps[:c]
     full = (
-        F.interpolate(maps[None], size=shape, mode="bilinear")[0]
+        F.interpolate(maps[None], size=item.shape, mode="bilinear")[0]
         if c
-        else maps.new_zeros(0, *shape)
+        else maps.new_zeros(0, *item.shape)
     )
-    class_ids = classes + 1
+    class_ids = item.classes + 1
     mask = seed_labels(full, class_ids, cfg.bg_threshold).numpy().astype(np.uint8)
     outputs.write(
-        LabelResult(id=image_id, mask=mask, maps=maps.numpy(), class_ids=class_ids, image=image)
+        LabelResult(id=item.id, mask=mask, maps=maps.numpy(), class_ids=class_ids, image=item.image)
     )
 
 
-class _StopFlag:
+def write_record(outputs: Outputs, cfg: LabelConfig, item: ImageMaps) -> dict:
+    """:func:`write_image`, as a record (a failed write is reported, not raised)."""
+    try:
+        write_image(outputs, cfg, item)
+    except Exception as e:
+        return failed(item.id, "write", _error(e))
+    return written(item.id)
+
+
+def label_batch(
+    labeller: Labeller,
+    outputs: Outputs,
+    cfg: LabelConfig,
+    batch: dict,
+    pool: Executor | None = None,
+) -> list[dict]:
+    """Label and write a :func:`collate` batch; one record per item, in no particular order.
+
+    Writes run in ``pool`` when given (returning once all are done), else in this thread;
+    their time is added to ``labeller.timer["write"]``.
+    """
+    records, images = forward_batch(labeller, cfg, batch)
+    t = time.perf_counter()
+    write = partial(write_record, outputs, cfg)
+    records += pool.map(write, images) if pool is not None else map(write, images)
+    labeller.timer["write"] += time.perf_counter() - t
+    return records
+
+
+class FailureLog:
+    """The run's ``failures.jsonl``, opened for appending: one flushed line ``{id, stage,
+    error}`` per failed image; ``count`` is the number added by this run."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "a")
+        self.count = 0
+
+    def add(self, record: dict) -> None:
+        line = dict(id=record["id"], stage=record["stage"], error=record["error"])
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def checkpoint_info(path: str | Path) -> dict:
+    """``{path, sha256}`` of the checkpoint, for the summary."""
+    return dict(path=str(path), sha256=file_sha256(path))
+
+
+def begin_run(
+    dataset: ImageDataset,
+    class_names: list[str],
+    out_dir: Path,
+    cfg: LabelConfig,
+    checkpoint: dict | None = None,
+    category_ids: list[int] | None = None,
+) -> tuple[Outputs, Summary, list[int]]:
+    """Check the run, create ``out_dir``; return its outputs, a summary to fill, and the indices
+    of the images still to do (all with ``cfg.overwrite``, else those not complete).
+
+    Raises ValueError before creating anything when the extractor's ``class_names`` do not fit
+    the dataset, or the collection has no labels and ``cfg`` needs them.
+    """
+    if dataset.class_names != class_names and cfg.classes_from == "labels":
+        raise ValueError(
+            f"the checkpoint's {len(class_names)} classes {class_names[:5]}... "
+            f"differ from the dataset's {len(dataset.class_names)} {dataset.class_names[:5]}..."
+        )
+    if cfg.classes_from == "labels" and not dataset.has_labels:
+        raise ValueError("the collection has no image labels: use --classes-from predictions")
+    outputs = Outputs(out_dir, class_names, cfg.cams, cfg.coco, cfg.overlays, category_ids)
+    summary = Summary(total=len(dataset), config=asdict(cfg), checkpoint=checkpoint or {})
+    summary.versions = dict(python=platform.python_version(), torch=torch.__version__)
+    todo = [
+        i for i, image_id in enumerate(dataset.ids) if cfg.overwrite or not outputs.done(image_id)
+    ]
+    summary.skipped_complete = len(dataset) - len(todo)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return outputs, summary, todo
+
+
+def end_run(
+    summary: Summary,
+    outputs: Outputs,
+    ids: list[str],
+    seconds: float,
+    numeric_ids: dict[str, int] | None = None,
+) -> Summary:
+    """Join the COCO fragments of ``ids``, set the timings and write ``summary.json``."""
+    outputs.finish(ids, numeric_ids)
+    summary.seconds = seconds
+    done = summary.written + summary.failed
+    summary.images_per_second = done / seconds if seconds else 0.0
+    payload = json.dumps(asdict(summary), indent=2, default=str).encode()
+    atomic_write(outputs.root / "summary.json", lambda f: f.write(payload))
+    return summary
+
+
+class StopFlag:
     """Set by SIGINT / SIGTERM while installed; the run stops after the batches in flight."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self._old: dict[int, object] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, lambda *_: self.event.set())
@@ -279,99 +444,58 @@ def label_dataset(
     Raises ValueError before any work when the extractor's classes do not fit the dataset.
     """
     cfg, out = config, Path(out_dir)
-    if dataset.class_names != extractor.class_names and cfg.classes_from == "labels":
-        raise ValueError(
-            f"the checkpoint's {len(extractor.class_names)} classes {extractor.class_names[:5]}... "
-            f"differ from the dataset's {len(dataset.class_names)} {dataset.class_names[:5]}..."
-        )
-    if cfg.classes_from == "labels" and not dataset.has_labels:
-        raise ValueError("the collection has no image labels: use --classes-from predictions")
-    outputs = Outputs(
-        out, extractor.class_names, cfg.cams, cfg.coco, cfg.overlays, category_ids=category_ids
+    outputs, summary, todo = begin_run(
+        dataset,
+        extractor.class_names,
+        out,
+        cfg,
+        checkpoint_info(checkpoint) if checkpoint is not None else None,
+        category_ids,
     )
-    summary = Summary(total=len(dataset), config=asdict(cfg))
-    summary.versions = dict(
-        python=platform.python_version(), torch=torch.__version__, device=str(extractor.device)
-    )
-    if checkpoint is not None:
-        summary.checkpoint = dict(path=str(checkpoint), sha256=file_sha256(checkpoint))
-    todo = [
-        i for i, image_id in enumerate(dataset.ids) if cfg.overwrite or not outputs.done(image_id)
-    ]
-    summary.skipped_complete = len(dataset) - len(todo)
-    out.mkdir(parents=True, exist_ok=True)
-    failures = open(out / summary.failures_file, "a")
-
-    def fail(image_id: str, stage: str, error: str) -> None:
-        summary.failed += 1
-        failures.write(json.dumps(dict(id=image_id, stage=stage, error=error)) + "\n")
-        failures.flush()
-
+    summary.versions["device"] = str(extractor.device)
+    failures = FailureLog(out / summary.failures_file)
     labeller = Labeller(extractor, cfg)
     loader = DataLoader(
         _Decoded(dataset, todo, cfg.input_size, cfg.overlays),
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
-        collate_fn=_collate,
+        collate_fn=collate,
         pin_memory=extractor.device.type == "cuda",
         persistent_workers=False,
     )
-    pending: deque[tuple[str, Future]] = deque()
+    pending: deque[Future] = deque()
 
     def drain(limit: int) -> None:
         while len(pending) > limit:
-            image_id, fut = pending.popleft()
-            try:
-                fut.result()
+            record = pending.popleft().result()
+            if record["status"] == "written":
                 summary.written += 1
-            except Exception as e:
-                fail(image_id, "write", f"{type(e).__name__}: {e}")
+            else:
+                failures.add(record)
 
     start = time.perf_counter()
-    bar = _progress(len(todo), progress)
-    with _StopFlag() as stop, ThreadPoolExecutor(cfg.writers) as pool:
+    bar = progress_bar(len(todo), progress)
+    with StopFlag() as stop, ThreadPoolExecutor(cfg.writers) as pool:
         t = time.perf_counter()
         for batch in _iterate(loader, stop.event):
             labeller.timer["decode_wait"] += time.perf_counter() - t
-            for it in batch["failed"]:
-                fail(it["id"], "decode", it["error"])
-            if batch["x"] is not None:
-                try:
-                    maps, classes = labeller(batch["x"], batch["labels"])
-                    maps = maps[cfg.method]
-                except Exception as e:  # a failed batch is reported, not fatal
-                    for image_id in batch["ids"]:
-                        fail(image_id, "forward", f"{type(e).__name__}: {e}")
-                else:
-                    for b, image_id in enumerate(batch["ids"]):
-                        fut = pool.submit(
-                            _finish_image,
-                            outputs,
-                            cfg,
-                            image_id,
-                            maps[b],
-                            classes[b],
-                            batch["shapes"][b],
-                            batch["images"][b],
-                        )
-                        pending.append((image_id, fut))
+            records, images = forward_batch(labeller, cfg, batch)
+            for record in records:
+                failures.add(record)
+            pending.extend(pool.submit(write_record, outputs, cfg, item) for item in images)
             t_w = time.perf_counter()
             drain(4 * cfg.batch_size)
             labeller.timer["write_wait"] += time.perf_counter() - t_w
             bar.update(len(batch["ids"]) + len(batch["failed"]))
             t = time.perf_counter()
+            summary.startup_seconds = summary.startup_seconds or t - start
         drain(0)
         summary.interrupted = stop.event.is_set()
     bar.close()
     failures.close()
-    outputs.finish(dataset.ids, numeric_ids)
-    summary.seconds = time.perf_counter() - start
-    done = summary.written + summary.failed
-    summary.images_per_second = done / summary.seconds if summary.seconds else 0.0
+    summary.failed = failures.count
     summary.stage_seconds = dict(labeller.timer)
-    payload = json.dumps(asdict(summary), indent=2, default=str).encode()
-    atomic_write(out / "summary.json", lambda f: f.write(payload))
-    return summary
+    return end_run(summary, outputs, dataset.ids, time.perf_counter() - start, numeric_ids)
 
 
 def _iterate(loader: DataLoader, stop: threading.Event) -> Iterator[dict]:
@@ -381,7 +505,8 @@ def _iterate(loader: DataLoader, stop: threading.Event) -> Iterator[dict]:
             return
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool):
+    """A tqdm bar over ``total`` images (hidden when not ``enabled``)."""
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True)
