@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One prepared GPU check, for a fresh GPU machine (torch, triton, timm installed; no internet):
 #   bench/gpu_check.sh RESULTS_DIR
-# Steps, each under its own time limit (about 8 minutes in all), each logged to
+# Steps, each under its own time limit (8 minutes in all), each logged to
 # RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the GPU
-# tests (pytest -m gpu tests/), the kernel benchmark (RESULTS_DIR/kernels.{json,csv,png}).
+# tests (pytest -m gpu tests/), the kernel benchmark (RESULTS_DIR/kernels.{json,csv,png}),
+# the end-to-end labelling benchmark (pipeline_cuda.json), training throughput
+# (train_cuda.json) and the extractor backends (backends_cuda.json). STEPS="gpu_tests
+# kernels" (say) runs a subset of the GPU steps.
 # A failed step does not stop the next; without a CUDA GPU the GPU steps are skipped. Exits
 # non-zero if any step failed or was skipped. PYTHON picks the interpreter (default python3).
 set -u
@@ -24,17 +27,25 @@ step() {  # step NAME LIMIT_S COMMAND...
   [ "$rc" -eq 0 ] || failed+=("$name:$rc")
 }
 
-step env 30 bash -c "nvidia-smi; $py -c 'import sys, torch, triton
+step env 20 bash -c "nvidia-smi; $py -c 'import sys, torch, triton
 print(sys.version); print(\"torch\", torch.__version__, \"triton\", triton.__version__)
 print(\"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"-\")'"
-step install 90 "$py" -m pip install --no-deps --no-build-isolation -e .
+step install 60 "$py" -m pip install --no-deps --no-build-isolation -e .
 if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
-  step gpu_tests 210 "$py" -m pytest -m gpu tests/ -q -rs -p no:cacheprovider \
-    --junitxml="$out/gpu_tests.xml"
-  step bench 150 env PYTHONUNBUFFERED=1 "$py" bench/kernels.py --out "$out" --budget-s 90
+  want() { [[ " ${STEPS:-gpu_tests kernels pipeline train backends} " == *" $1 "* ]]; }
+  export PYTHONUNBUFFERED=1
+  want gpu_tests && step gpu_tests 150 "$py" -m pytest -m gpu tests/ -q -rs \
+    -p no:cacheprovider --junitxml="$out/gpu_tests.xml"
+  want kernels && step kernels 120 "$py" bench/kernels.py --out "$out" --budget-s 80
+  want pipeline && step pipeline 60 "$py" bench/pipeline.py --out "$out" \
+    --model conformer_small_patch16 --images 256 --size 448 --input-size 384 \
+    --batch-size 16 --workers 8
+  want train && step train 45 "$py" bench/train.py --device cuda --out "$out"
+  want backends && step backends 45 "$py" bench/backends.py --out "$out" \
+    --model conformer_small_patch16 --sizes 384 --batch 16
 else
   echo "== no CUDA GPU visible: gpu_tests and bench skipped"
-  failed+=("gpu_tests:skipped" "bench:skipped")
+  failed+=("gpu:skipped")
 fi
 
 echo "== summary: ${#failed[@]} step(s) failed or skipped${failed[*]:+: ${failed[*]}}"

@@ -10,7 +10,7 @@ out: this measures the model, loss, backward and AdamW step):
 Each runs ``--warmup`` untimed steps, then times ``--steps`` steps one by one (CUDA
 synchronised after each); ``images_per_s`` is batch / median step time (robust to other load
 on a shared machine; the mean is kept as ``images_per_s_mean``, and the 1-minute load
-average is recorded). Writes ``bench/results/train_<device>.json`` per device measured.
+average is recorded). Writes ``<out>/train_<device>.json`` (default bench/results) per device measured.
 
     python bench/train.py [--steps 30] [--warmup 5] [--device cpu|cuda|all] [--threads N]
 """
@@ -110,6 +110,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,7 +120,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for device in devices:
         record = measure(device, args.steps, args.warmup)
-        out = RESULTS / f"train_{device}.json"
+        args.out.mkdir(parents=True, exist_ok=True)
+        out = args.out / f"train_{device}.json"
         out.write_text(json.dumps(record, indent=2) + "\n")
         print(
             f"{device} ({record['device_name']}): {record['model']} {record['crop']}px "
