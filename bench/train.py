@@ -10,7 +10,8 @@ out: this measures the model, loss, backward and AdamW step):
 Each runs ``--warmup`` untimed steps, then times ``--steps`` steps one by one (CUDA
 synchronised after each); ``images_per_s`` is batch / median step time (robust to other load
 on a shared machine; the mean is kept as ``images_per_s_mean``, and the 1-minute load
-average is recorded). Writes ``<out>/train_<device>.json`` (default bench/results) per device measured.
+average is recorded). Writes ``<out>/train_<device>.json`` (default bench/results) per
+device measured.
 
     python bench/train.py [--steps 30] [--warmup 5] [--device cpu|cuda|all] [--threads N]
 """
