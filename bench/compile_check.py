@@ -1,0 +1,127 @@
+"""Compile the Triton kernels for Hopper (sm_90a) without a GPU and report their resources.
+
+Each kernel configuration is compiled by ``triton.compile`` for a CUDA target, and the PTX is
+assembled by the ``ptxas`` that ships with Triton: registers, spill stores, shared memory, and
+whether the S tile uses wgmma or mma. This is the evidence a CPU-only machine can give that
+the kernels build for the GPU (the interpreter tests run them, but never compile them).
+
+    python bench/compile_check.py            # every default and autotune candidate (minutes)
+    python bench/compile_check.py --quick    # the default configurations at k = 50 (seconds)
+
+Must run without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled). Prints one
+line per configuration and exits non-zero if any fails to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from adcam_fast.kernels.coneighbor_topk import coneighbor_topk_kernel, topk_configs
+from adcam_fast.kernels.diffusion import diffusion_configs, diffusion_kernel
+from adcam_fast.kernels.launch import Config
+
+HOPPER = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def resources(ptx: str) -> dict[str, int]:
+    """Registers and spill-store bytes per thread, as ptxas reports them for sm_90a."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run(
+            [PTXAS, "--gpu-name", "sm_90a", "-v", f.name, "-o", os.devnull],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return dict(
+        registers=int(regs.group(1)) if regs else -1, spill=int(spill.group(1)) if spill else 0
+    )
+
+
+def compile_one(label: str, fn, signature: dict, constants: dict, cfg: Config) -> bool:
+    try:
+        kernel = triton.compile(
+            ASTSource(fn, signature, constants),
+            target=HOPPER,
+            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        )
+    except Exception as e:  # report every failure, then go on with the next configuration
+        print(f"FAIL {label}: {type(e).__name__}: {str(e)[:500]}")
+        return False
+    ptx = kernel.asm["ptx"]
+    r = resources(ptx)
+    mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
+    print(
+        f"OK   {label}: warps={cfg.num_warps} stages={cfg.num_stages} "
+        f"shared={kernel.metadata.shared} registers={r['registers']} spill={r['spill']} mma={mma}"
+    )
+    return True
+
+
+def topk_jobs(quick: bool):
+    dtypes = {"fp16": ("*fp16", tl.float16), "fp32": ("*fp32", tl.float32)}
+    if not quick:
+        dtypes["bf16"] = ("*bf16", tl.float32)
+    for name, (pointer, dot) in dtypes.items():
+        for kp in (64,) if quick else (1, 64, 128, 256, 1024):
+            default, candidates = topk_configs(kp)
+            for cfg in [default] if quick else [default, *candidates]:
+                signature = dict(
+                    A=pointer, W="*fp32", IDX="*i32", N="i32", K_KEEP="i32", eps="fp32",
+                    LOG_KP="constexpr", BLOCK_M="constexpr", LOG_BN="constexpr",
+                    BLOCK_K="constexpr", DOT_DTYPE="constexpr",
+                )  # fmt: skip
+                constants = dict(
+                    LOG_KP=kp.bit_length() - 1, BLOCK_M=cfg.block_m,
+                    LOG_BN=cfg.block_n.bit_length() - 1, BLOCK_K=cfg.block_k, DOT_DTYPE=dot,
+                )  # fmt: skip
+                yield (
+                    f"topk {name} kp={kp} {cfg}",
+                    coneighbor_topk_kernel,
+                    signature,
+                    constants,
+                    cfg,
+                )
+
+
+def diffusion_jobs(quick: bool):
+    default, candidates = diffusion_configs(20, torch.device("cuda"))
+    for cfg in [default] if quick else [default, *candidates]:
+        signature = dict(
+            SCR="*fp32", OUT="*fp32", POS="*i32", DST="*i32", WGT="*fp32", N="i32", K="i32",
+            R="i32", slot="i32", steps="i32", BLOCK_C="constexpr", LOG_E="constexpr",
+        )  # fmt: skip
+        constants = dict(BLOCK_C=cfg.block_m, LOG_E=cfg.block_n.bit_length() - 1)
+        yield f"diffusion {cfg}", diffusion_kernel, signature, constants, cfg
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="default configurations only")
+    args = p.parse_args()
+    jobs = [*topk_jobs(args.quick), *diffusion_jobs(args.quick)]
+    ok = [compile_one(*job) for job in jobs]
+    print(
+        f"{sum(ok)} of {len(ok)} configurations compiled for sm_90a (triton {triton.__version__})"
+    )
+    return 0 if all(ok) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
