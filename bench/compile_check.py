@@ -74,6 +74,10 @@ def compile_one(label: str, fn, signature: dict, constants: dict, cfg: Config) -
     return True
 
 
+def _unique(default: Config, candidates: list[Config]) -> list[Config]:
+    return [default, *(c for c in candidates if c != default)]
+
+
 def topk_jobs(quick: bool):
     dtypes = {"fp16": ("*fp16", tl.float16), "fp32": ("*fp32", tl.float32)}
     if not quick:
@@ -81,7 +85,7 @@ def topk_jobs(quick: bool):
     for name, (pointer, dot) in dtypes.items():
         for kp in (64,) if quick else (1, 64, 128, 256, 1024):
             default, candidates = topk_configs(kp)
-            for cfg in [default] if quick else [default, *candidates]:
+            for cfg in [default] if quick else _unique(default, candidates):
                 signature = dict(
                     A=pointer, W="*fp32", IDX="*i32", N="i32", K_KEEP="i32", eps="fp32",
                     LOG_KP="constexpr", BLOCK_M="constexpr", LOG_BN="constexpr",
@@ -102,7 +106,7 @@ def topk_jobs(quick: bool):
 
 def diffusion_jobs(quick: bool):
     default, candidates = diffusion_configs(20, torch.device("cuda"))
-    for cfg in [default] if quick else [default, *candidates]:
+    for cfg in [default] if quick else _unique(default, candidates):
         signature = dict(
             SCR="*fp32", OUT="*fp32", POS="*i32", DST="*i32", WGT="*fp32", N="i32", K="i32",
             R="i32", slot="i32", steps="i32", BLOCK_C="constexpr", LOG_E="constexpr",
