@@ -18,11 +18,14 @@ def _tensor(x: object, name: str) -> Tensor:
     return x
 
 
-def check_attention(A: object, name: str = "A") -> Tensor:
-    """A is (..., N, N), floating, finite and non-negative."""
+def check_attention(A: object, name: str = "A", values: bool = True) -> Tensor:
+    """A is (..., N, N), floating and, when ``values`` (one host sync), finite and
+    non-negative."""
     A = _tensor(A, name)
     if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
         raise ValueError(f"{name} must have shape (..., N, N) with N >= 1, got {tuple(A.shape)}")
+    if not values:
+        return A
     bad = (~torch.isfinite(A)) | (A < 0)
     if bool(bad.any()):
         raise ValueError(
@@ -41,8 +44,9 @@ def check_square(A: object, name: str) -> Tensor:
     return A
 
 
-def check_cams(cams: object, A: Tensor, name: str = "cams") -> Tensor:
-    """cams is (..., K, N) with exactly A's leading dims and N, on A's device."""
+def check_cams(cams: object, A: Tensor, name: str = "cams", values: bool = True) -> Tensor:
+    """cams is (..., K, N) with exactly A's leading dims and N, on A's device, and, when
+    ``values`` (one host sync), finite."""
     cams = _tensor(cams, name)
     lead, n = tuple(A.shape[:-2]), A.shape[-1]
     if cams.ndim != A.ndim or tuple(cams.shape[:-2]) != lead or cams.shape[-1] != n:
@@ -51,8 +55,10 @@ def check_cams(cams: object, A: Tensor, name: str = "cams") -> Tensor:
             f"got {tuple(cams.shape)}"
         )
     if cams.device != A.device:
-        raise ValueError(f"{name} is on {cams.device} but A is on {A.device}")
-    if not bool(torch.isfinite(cams).all()):
+        raise ValueError(
+            f"{name} is on {cams.device} but A is on {A.device}: use one device for both"
+        )
+    if values and not bool(torch.isfinite(cams).all()):
         raise ValueError(f"{name} must be finite")
     return cams
 

@@ -140,7 +140,7 @@ def adcam(
     check_steps(steps)
     backend = resolve_backend(backend, A.device, k, A.shape[-1])
     if backend == "reference":
-        return reference.diffuse(reference.refine_attention(A, k), cams, steps)
+        return reference.adcam(A, cams, k, steps)
     if backend == "torch":
         return adcam_torch(A, cams, k, steps)
     from adcam_fast.kernels import adcam_triton

@@ -41,24 +41,17 @@ import torch
 import adcam_fast
 from adcam_fast.export.backends import Extraction, OnnxExtractor, TorchExtractor
 from adcam_fast.export.onnx import export_checkpoint
-from adcam_fast.training.checkpoint import CLASSIFIER, VERSION, save_checkpoint
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from adcam_fast.training.augment import IMAGENET_MEAN as MEAN
+from adcam_fast.training.augment import IMAGENET_STD as STD
+from adcam_fast.training.checkpoint import classifier_config, save_classifier
 
 
 def _checkpoint(path: Path, model_name: str, classes: int, crop: int) -> tuple[Path, list[str]]:
     torch.manual_seed(0)
     names = [f"class{i}" for i in range(classes)]
-    config = dict(
-        model=model_name, num_classes=classes, drop_last_block=True, detach_branches=True,
-        crop=crop, mean=list(MEAN), std=list(STD),
-    )  # fmt: skip
     model = timm.create_model(model_name, num_classes=classes, drop_last_block=True)
-    state = dict(
-        format=CLASSIFIER, version=VERSION, model=model.state_dict(), config=config,
-        class_names=names, epoch=0, iteration=0,
-    )  # fmt: skip
-    return save_checkpoint(state, path), names
+    config = classifier_config(model_name, classes, crop)
+    return save_classifier(model, config, names, path), names
 
 
 def _block_seconds(

@@ -27,21 +27,13 @@ import torch
 from adcam_fast.data import make_synthetic, open_dataset
 from adcam_fast.export.backends import create_extractor
 from adcam_fast.pipeline.label import LabelConfig, label_dataset
-from adcam_fast.training.checkpoint import CLASSIFIER, VERSION, save_checkpoint
+from adcam_fast.training.checkpoint import classifier_config, save_classifier
 
 
 def random_checkpoint(model: str, class_names: list[str], crop: int, path: Path) -> Path:
     """A classifier checkpoint of timm ``model`` with random weights, saved at ``path``."""
     net = timm.create_model(model, num_classes=len(class_names), drop_last_block=True)
-    config = dict(
-        model=model, num_classes=len(class_names), drop_last_block=True, detach_branches=True,
-        crop=crop, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-    )  # fmt: skip
-    state = dict(
-        format=CLASSIFIER, version=VERSION, model=net.state_dict(), config=config,
-        class_names=class_names, epoch=0, iteration=0,
-    )  # fmt: skip
-    return save_checkpoint(state, path)
+    return save_classifier(net, classifier_config(model, len(class_names), crop), class_names, path)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from adcam_fast.checks import check_attention, check_k, check_steps
+from adcam_fast.checks import check_attention, check_cams, check_k, check_steps
 from adcam_fast.kernels.launch import check_runnable, triton_available
 from adcam_fast.reference import EPS
 
@@ -28,16 +28,6 @@ def _batch(A: Tensor) -> Tensor:
     if A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         A = A.to(torch.float32)
     return A.reshape(-1, n, n).contiguous()
-
-
-def _check_shapes(A: Tensor, cams: Tensor) -> None:
-    """Shape and device agreement of A (..., N, N) and cams (..., K, N), without a host sync."""
-    if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
-        raise ValueError(f"A must have shape (..., N, N) with N >= 1, got {tuple(A.shape)}")
-    n = A.shape[-1]
-    if cams.ndim != A.ndim or cams.shape[:-2] != A.shape[:-2] or cams.shape[-1] != n:
-        raise ValueError(f"cams must have shape (..., K, {n}) to match A, got {tuple(cams.shape)}")
-    check_runnable(A, cams)
 
 
 def refine_sparse_triton(A: Tensor, k: int, eps: float = EPS) -> tuple[Tensor, Tensor]:
@@ -105,7 +95,8 @@ def adcam_triton(A: Tensor, cams: Tensor, k: int, steps: int) -> Tensor:
     tensors when the kernels are not interpreted (set TRITON_INTERPRET=1 or use
     backend="torch").
     """
-    _check_shapes(A, cams)
+    check_cams(cams, check_attention(A, values=False), values=False)
+    check_runnable(A, cams)
     check_k(k)
     check_steps(steps)
     from adcam_fast.kernels.coneighbor_topk import refine_sparse

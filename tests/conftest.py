@@ -33,20 +33,13 @@ def checkpoint(tmp_path_factory) -> Path:
     import timm
 
     from adcam_fast.data import SyntheticDataset
-    from adcam_fast.training.checkpoint import CLASSIFIER, VERSION, save_checkpoint
+    from adcam_fast.training.checkpoint import classifier_config, save_classifier
 
     torch.manual_seed(0)
     names = SyntheticDataset(1).class_names
-    config = dict(
-        model="conformer_nano_patch16", num_classes=len(names), drop_last_block=True,
-        detach_branches=True, crop=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-    )  # fmt: skip
+    config = classifier_config("conformer_nano_patch16", len(names), crop=64)
     model = timm.create_model(config["model"], num_classes=len(names), drop_last_block=True)
-    state = dict(
-        format=CLASSIFIER, version=VERSION, model=model.state_dict(), config=config,
-        class_names=names, epoch=0, iteration=0,
-    )  # fmt: skip
-    return save_checkpoint(state, tmp_path_factory.mktemp("ckpt") / "nano.pth")
+    return save_classifier(model, config, names, tmp_path_factory.mktemp("ckpt") / "nano.pth")
 
 
 @pytest.fixture(scope="module")

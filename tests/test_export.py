@@ -31,11 +31,12 @@ from adcam_fast.io import file_sha256
 from adcam_fast.models.segmenter import Segmenter
 from adcam_fast.pipeline.label import LabelConfig, label_dataset
 from adcam_fast.training.checkpoint import (
-    CLASSIFIER,
     SEGMENTER,
     VERSION,
+    classifier_config,
     load_classifier,
     save_checkpoint,
+    save_classifier,
 )
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -45,10 +46,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 def _classifier(path: Path, drop_last_block: bool = True) -> Path:
     torch.manual_seed(0)
-    config = dict(
-        model="conformer_nano_patch16", num_classes=len(NAMES), drop_last_block=drop_last_block,
-        detach_branches=True, crop=64, mean=MEAN, std=STD,
-    )  # fmt: skip
+    config = classifier_config("conformer_nano_patch16", len(NAMES), 64, drop_last_block)
     model = timm.create_model(
         config["model"], num_classes=len(NAMES), drop_last_block=drop_last_block
     )
@@ -60,11 +58,7 @@ def _classifier(path: Path, drop_last_block: bool = True) -> Path:
         for module in model.modules():
             if hasattr(module, "qkv"):
                 module.qkv.weight[: 2 * module.qkv.in_features] *= 8
-    state = dict(
-        format=CLASSIFIER, version=VERSION, model=model.state_dict(), config=config,
-        class_names=NAMES, epoch=0, iteration=0,
-    )  # fmt: skip
-    return save_checkpoint(state, path)
+    return save_classifier(model, config, NAMES, path)
 
 
 @pytest.fixture(scope="module")

@@ -38,11 +38,13 @@ from torch import nn
 from adcam_fast.io import atomic_write
 from adcam_fast.models.conformer import Conformer
 from adcam_fast.models.segmenter import Segmenter
+from adcam_fast.training.augment import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "CLASSIFIER",
     "SEGMENTER",
     "VERSION",
+    "classifier_config",
     "classifier_from_config",
     "load_checkpoint",
     "load_classifier",
@@ -50,6 +52,7 @@ __all__ = [
     "read_weights",
     "rng_state",
     "save_checkpoint",
+    "save_classifier",
     "segmenter_from_config",
     "set_rng_state",
 ]
@@ -104,6 +107,39 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         return timm.models.load_state_dict(str(path))
     except Exception as e:  # torch.load / safetensors raise many types for bad files
         raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+
+
+def classifier_config(
+    model: str, num_classes: int, crop: int, drop_last_block: bool = True
+) -> dict[str, Any]:
+    """The ``config`` of a classifier checkpoint: timm ``model`` with the paper's
+    stop-gradient (``detach_branches``), trained on ``crop``² crops with ImageNet mean/std."""
+    return {
+        "model": model,
+        "num_classes": num_classes,
+        "drop_last_block": drop_last_block,
+        "detach_branches": True,
+        "crop": crop,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
+
+
+def save_classifier(
+    model: nn.Module, config: dict[str, Any], class_names: list[str], path: str | os.PathLike[str]
+) -> Path:
+    """Save ``model`` as an untrained (epoch 0) classifier checkpoint that
+    :func:`load_classifier` reads: what tests and benchmarks label with."""
+    state = {
+        "format": CLASSIFIER,
+        "version": VERSION,
+        "model": model.state_dict(),
+        "config": config,
+        "class_names": list(class_names),
+        "epoch": 0,
+        "iteration": 0,
+    }
+    return save_checkpoint(state, path)
 
 
 def classifier_from_config(config: dict[str, Any]) -> Conformer:

@@ -42,8 +42,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from adcam_fast.models.conformer import Conformer, checkpoint_filter_fn
-from adcam_fast.training.augment import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, ValTransform
-from adcam_fast.training.checkpoint import CLASSIFIER, classifier_from_config, read_weights
+from adcam_fast.training.augment import TrainTransform, ValTransform
+from adcam_fast.training.checkpoint import (
+    CLASSIFIER,
+    classifier_config,
+    classifier_from_config,
+    read_weights,
+)
 from adcam_fast.training.engine import (
     DistInfo,
     Task,
@@ -157,15 +162,7 @@ def _build_task(args: argparse.Namespace, dist_info: DistInfo) -> Task:
         raise ValueError(f"--crop must be a multiple of 16 (the patch size), got {args.crop}")
     train_base, val_base = open_collections(args, dist_info)
     class_names = list(train_base.class_names)
-    config = {
-        "model": args.model,
-        "num_classes": len(class_names),
-        "drop_last_block": True,
-        "detach_branches": True,
-        "crop": args.crop,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-    }
+    config = classifier_config(args.model, len(class_names), args.crop)
     model = classifier_from_config(config)
     if args.init is not None:
         try:

@@ -11,7 +11,6 @@ An image is complete when every requested file exists; a rerun skips complete im
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,5 +145,5 @@ class Outputs:
                 num = int(image_id) if image_id.isdigit() else pos
             for ann in json.loads(frag.read_text()):
                 results.append(ann | dict(image_id=num))
-        buf = io.BytesIO(json.dumps(results).encode())
-        atomic_write(self.root / "coco.json", lambda f: f.write(buf.getvalue()))
+        payload = json.dumps(results).encode()
+        atomic_write(self.root / "coco.json", lambda f: f.write(payload))
