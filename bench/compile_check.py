@@ -26,7 +26,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -79,21 +78,22 @@ def _unique(default: Config, candidates: list[Config]) -> list[Config]:
 
 
 def topk_jobs(quick: bool):
-    dtypes = {"fp16": ("*fp16", tl.float16), "fp32": ("*fp32", tl.float32)}
+    dtypes = ["fp16", "fp32"]
     if not quick:
-        dtypes["bf16"] = ("*bf16", tl.float32)
-    for name, (pointer, dot) in dtypes.items():
+        dtypes.append("bf16")
+    for name in dtypes:
         for kp in (64,) if quick else (1, 64, 128, 256, 1024):
             default, candidates = topk_configs(kp)
             for cfg in [default] if quick else _unique(default, candidates):
                 signature = dict(
-                    A=pointer, W="*fp32", IDX="*i32", N="i32", K_KEEP="i32", eps="fp32",
-                    LOG_KP="constexpr", BLOCK_M="constexpr", LOG_BN="constexpr",
-                    BLOCK_K="constexpr", DOT_DTYPE="constexpr",
+                    R="*fp16", A=f"*{name}", BUF="*i64", W="*fp32", IDX="*i32", N="i32",
+                    K_KEEP="i32", eps="fp32", LOG_KP="constexpr", BLOCK_M="constexpr",
+                    LOG_BN="constexpr", BLOCK_K="constexpr", LOG_CB="constexpr",
                 )  # fmt: skip
                 constants = dict(
                     LOG_KP=kp.bit_length() - 1, BLOCK_M=cfg.block_m,
-                    LOG_BN=cfg.block_n.bit_length() - 1, BLOCK_K=cfg.block_k, DOT_DTYPE=dot,
+                    LOG_BN=cfg.block_n.bit_length() - 1, BLOCK_K=cfg.block_k,
+                    LOG_CB=max(cfg.slots, 1).bit_length() - 1,
                 )  # fmt: skip
                 yield (
                     f"topk {name} kp={kp} {cfg}",

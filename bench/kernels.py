@@ -10,10 +10,12 @@ warm-up, rotating over several input sets so that repeats do not run from L2) of
 - ``triton``: ``kernels.adcam_triton`` (configs autotuned on first use),
 
 the speed-up of triton over the best torch path, the peak extra device memory of each, and
-for the similarity stage alone (kernels 1+2, ``refine_sparse``): achieved TFLOP/s at
-``2·B·N³`` flops next to a dense ``torch.bmm`` of the same shape and input precision
-measured in the same run. Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png``
-(matplotlib permitting) under ``--out``, with GPU name, versions and date.
+for the similarity stage alone (kernels 1+2 with their sqrt(A) pass, ``refine_sparse``):
+achieved TFLOP/s at ``2·B·N³`` flops next to a dense ``torch.bmm`` of the same shape and
+input precision (fp16 sqrt(A)) measured in the same run, and the time of every autotune
+candidate of kernels 1+2 (tiling and merge schedule). Writes ``kernels.json``,
+``kernels.csv`` and ``kernels.png`` (matplotlib permitting) under ``--out``, with GPU
+name, versions and date.
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
                             [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
@@ -60,6 +62,9 @@ import triton  # noqa: E402
 
 from adcam_fast import ops, reference  # noqa: E402
 from adcam_fast.kernels import adcam_triton, refine_sparse_triton  # noqa: E402
+from adcam_fast.kernels.coneighbor_topk import refine_sparse, topk_configs  # noqa: E402
+from adcam_fast.kernels.launch import next_pow2  # noqa: E402
+from adcam_fast.reference import EPS  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_BYTES = 8 * 2**30  # float64 S + Ã of the reference must fit in this
@@ -148,16 +153,19 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     row["similarity_ms"] = sim_ms
     row["similarity_tflops"] = flops / sim_ms / 1e9
     if cuda:
-        bmm_dtype = torch.float16 if dtype == torch.float16 else torch.float32
-        R = [a.to(bmm_dtype).sqrt() for a in As]
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True  # the kernel's fp32 dot is tf32 as well
-        try:
-            bmm_ms = time_ms(lambda i: torch.bmm(R[i % sets], R[i % sets].mT), args.repeats, True)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
+        R = [a.sqrt().half() for a in As]  # the kernel's dot reads sqrt(A) in fp16
+        bmm_ms = time_ms(lambda i: torch.bmm(R[i % sets], R[i % sets].mT), args.repeats, True)
         row["bmm_ms"] = bmm_ms
         row["bmm_tflops"] = flops / bmm_ms / 1e9
+    # Every autotune candidate, so that a run shows which tiling and merge schedule wins.
+    for cfg in topk_configs(next_pow2(k))[1]:
+        label = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}_w{cfg.num_warps}"
+                 f"_s{cfg.num_stages}_slots{cfg.slots}")  # fmt: skip
+        row[f"similarity_{label}_ms"] = time_ms(
+            lambda i, cfg=cfg: refine_sparse(As[i % sets], k, EPS, config=cfg),
+            args.repeats,
+            cuda,
+        )
     row["notes"] = "; ".join(notes)
     shown = {key: round(v, 3) if isinstance(v, float) else v for key, v in row.items()}
     print(json.dumps(shown), flush=True)

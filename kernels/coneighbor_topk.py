@@ -10,22 +10,31 @@ turns the kept columns into the sparse refined attention of Eq. 7, exactly as
     mass <= eps  ->  idx[i, 0] = i, w[i, :] = (1, 0, ..., 0)   (the self row)
 
 Tiling: a program owns ``BLOCK_M`` rows of one image and sweeps the column tiles of width
-``BLOCK_N``, starting at the tile that holds its diagonal (the largest entries, ``S_ii = 1``,
+``BLOCK_N``, starting at the tile that holds its diagonal (the largest entries, S_ii,
 and for real attention the spatial neighbours) so the running threshold rises early. Each
-S tile is a ``tl.dot`` over ``BLOCK_K`` slices, sqrt applied on load (in fp32): fp16
-attention takes sqrt(A) in fp16, fp32 and bf16 attention run the dot in tf32 (bf16's 8-bit
-significand would cost S accuracy, and Triton's interpreter has no bf16 dot); fp32
-accumulation. Either way sqrt(A) carries a relative rounding error <= 2**-11.
+S tile is a ``tl.dot`` over ``BLOCK_K`` slices of R in fp16, fp32 accumulation. R is taken
+once per image by `root_kernel` (not on every load: the (BLOCK_M + BLOCK_N)·N square roots
+per tile would cost more than its dot), in chunks of whole images of at most
+``ROOT_CHUNK`` entries, as ``fp16(sqrt(A · 2**-e))`` with a per-image power of two that
+keeps R < 1: the same relative rounding (2**-11) as the tf32 a fp32 dot would use, for
+fp32, fp16 and bf16 attention alike, at half the bytes and twice the tensor-core rate.
+The scale multiplies a whole image's S by one constant, so no row's order changes.
 
 Top-k keys: S >= 0, so the bits of an fp32 value read as an integer order like the value.
 A key is the int64 ``bits(S_ij) << 32 | (N - j)``: distinct per column, larger S wins, and
 at equal S the smaller column wins. Padding (rows or columns >= N) is -1. The running top
-``KP = next_pow2(k)`` keys per row are kept sorted ascending; a tile is merged by the
-bitonic rule ``acc <- bitonic_merge(max(acc, topk(tile, KP)))`` (an ascending and a
+``KP = next_pow2(k)`` keys per row are kept sorted ascending; keys are merged in by the
+bitonic rule ``acc <- bitonic_merge(max(acc, topk(x, KP)))`` (an ascending and a
 descending sorted list, compared place by place, keep the KP largest of both as a bitonic
-list, which the merge sorts). Tiles with no key above a row's current k-th best are skipped.
-The first k of the final list (read from the top) are the chosen columns. Keys are exact
-and unique, so the result does not depend on the tile order or sizes: deterministic.
+list, which the merge sorts). Only keys above a row's current k-th best can enter. With
+``LOG_CB = 0`` a tile holding any such key is merged whole. Otherwise those candidates are
+parked, compacted by a prefix sum, in ``2**LOG_CB`` scratch slots per row (global memory
+that stays in L1/L2, ordered by CTA barriers), and merged before a tile that could
+overflow a row's slots, and at the end: the bitonic work then scales with the number of
+candidates, which falls like k/t over the tiles t of a row, not with N. The first k of
+the final list (read from the top) are the chosen columns. Keys are exact and unique, so
+for given S values the result depends on neither the tile order nor the merge schedule:
+deterministic.
 
 ``k >= N`` keeps every column: `rownorm_kernel` only normalises rows (no similarity).
 """
@@ -41,6 +50,9 @@ from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2
 
 MAX_TOPK = 1024
 """The largest k < N supported (the running top-k of a row block is held on chip)."""
+
+ROOT_CHUNK = 2**26
+"""Entries of sqrt(A) held at a time (128 MiB of fp16), in whole images (at least one)."""
 
 
 @triton.jit
@@ -89,8 +101,39 @@ def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr):
 
 
 @triton.jit
+def _merge(acc, x, LOG_KP: tl.constexpr, LOG_W: tl.constexpr):
+    """The KP largest keys of ``acc ∪ x`` per row, sorted ascending (acc: (M, KP) ascending;
+    x: (M, 2**LOG_W), any order, W >= KP)."""
+    return _bitonic_merge(tl.maximum(acc, _topk_desc(x, LOG_KP, LOG_W)), LOG_KP, 0, False)
+
+
+@triton.jit
+def _kth(acc, K_KEEP, KP: tl.constexpr):
+    """The K_KEEP-th largest key of each row of the ascending list acc (-1 while unfilled)."""
+    pick = tl.arange(0, KP) == KP - K_KEEP
+    return tl.max(tl.where(pick[None, :], acc, -1), axis=1)
+
+
+@triton.jit
+def _merge_parked(acc, buf, held, LOG_KP: tl.constexpr, LOG_CW: tl.constexpr):
+    """`_merge` of the keys each row has parked in its slots ``[0, held)`` of the scratch
+    ``buf`` (a (M, 1) block of row pointers), ``2**LOG_CW`` slots at a time (the tile width
+    or KP: the least registers, and no more sorting per key than a merged tile)."""
+    CW: tl.constexpr = 1 << LOG_CW
+    slot = tl.arange(0, CW)
+    tl.debug_barrier()  # every thread's parked keys are stored before any is read
+    for h in range(0, tl.max(held), CW):
+        x = tl.load(buf + h + slot[None, :], mask=(h + slot)[None, :] < held[:, None], other=-1)
+        acc = _merge(acc, x, LOG_KP, LOG_CW)
+    tl.debug_barrier()  # and read before the slots are reused
+    return acc
+
+
+@triton.jit
 def coneighbor_topk_kernel(
-    A,  # (B, N, N) attention, fp32 / fp16 / bf16, contiguous
+    R,  # (B, N, N) fp16 root of A (`root_kernel`): S up to a per-image constant
+    A,  # (B, N, N) attention, fp32 / fp16 / bf16: the refinement reads it at the kept columns
+    BUF,  # (B, grid_m * BLOCK_M, 2**LOG_CB) int64 scratch: parked candidate keys
     W,  # (B, N, K_KEEP) fp32 out: refined weights
     IDX,  # (B, N, K_KEEP) int32 / int64 out: column indices
     N,
@@ -100,50 +143,59 @@ def coneighbor_topk_kernel(
     BLOCK_M: tl.constexpr,
     LOG_BN: tl.constexpr,  # BLOCK_N = 2**LOG_BN >= KP
     BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,  # tl.float16 for fp16 attention, else tl.float32 (tf32 dot)
+    LOG_CB: tl.constexpr,  # 0: merge tiles directly; else park candidates in 2**LOG_CB slots
 ):
     KP: tl.constexpr = 1 << LOG_KP
     BLOCK_N: tl.constexpr = 1 << LOG_BN
+    LOG_CW: tl.constexpr = LOG_KP if LOG_KP > LOG_BN else LOG_BN  # parked keys merged at once
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
-    a_img = A + pid_b.to(tl.int64) * N * N
+    img = pid_b.to(tl.int64) * N * N
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
+    buf = BUF + (((pid_b * tl.num_programs(0)).to(tl.int64) * BLOCK_M + rows[:, None]) << LOG_CB)
+    held = tl.zeros((BLOCK_M,), tl.int32)  # keys parked per row
 
     acc = tl.full((BLOCK_M, KP), -1, tl.int64)  # running top-KP keys, ascending
+    kth = tl.full((BLOCK_M,), -1, tl.int64)  # k-th largest key so far: the bar to enter
     n_tiles = (N + BLOCK_N - 1) // BLOCK_N
     first = (pid_m * BLOCK_M) // BLOCK_N
-    for t in range(n_tiles):
-        cols = ((first + t) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, N, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < N
-            r = tl.load(
-                a_img + rows[:, None] * N + kk[None, :],
-                mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            c = tl.load(
-                a_img + cols[:, None] * N + kk[None, :],
-                mask=col_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            r = tl.sqrt(r.to(tl.float32)).to(DOT_DTYPE)
-            c = tl.sqrt(c.to(tl.float32)).to(DOT_DTYPE)
-            s = tl.dot(r, tl.trans(c), s)
-        key = (s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (N - cols).to(tl.int64)[None, :]
-        key = tl.where(row_ok[:, None] & col_ok[None, :], key, -1)
-        kth = tl.min(acc, axis=1)
-        if tl.max((key > kth[:, None]).to(tl.int32)) > 0:
-            acc = _bitonic_merge(tl.maximum(acc, _topk_desc(key, LOG_KP, LOG_BN)), LOG_KP, 0, False)
+    for t in range(n_tiles + 1):  # the last pass only merges what is still parked
+        if LOG_CB > 0:
+            if (tl.max(held) > (1 << LOG_CB) - BLOCK_N) | (t == n_tiles):
+                acc = _merge_parked(acc, buf, held, LOG_KP, LOG_CW)
+                kth = _kth(acc, K_KEEP, KP)
+                held = tl.zeros((BLOCK_M,), tl.int32)
+        if t < n_tiles:
+            cols = ((first + t) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for k0 in range(0, N, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = kk < N
+                r = tl.load(R + img + rows[:, None] * N + kk[None, :],
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                c = tl.load(R + img + cols[:, None] * N + kk[None, :],
+                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                s = tl.dot(r, tl.trans(c), s)
+            key = s.to(tl.int32, bitcast=True).to(tl.int64) << 32
+            key = key | (N - cols).to(tl.int64)[None, :]
+            key = tl.where(row_ok[:, None] & col_ok[None, :], key, -1)
+            new = (key > kth[:, None]).to(tl.int32)  # could still enter the top k
+            if LOG_CB == 0:
+                if tl.max(new) > 0:
+                    acc = _merge(acc, key, LOG_KP, LOG_BN)
+                    kth = _kth(acc, K_KEEP, KP)
+            else:
+                spot = held[:, None] + tl.cumsum(new, axis=1) - 1
+                tl.store(buf + spot, key, mask=new > 0)
+                held += tl.sum(new, axis=1)
 
     # Epilogue: acc[:, KP-1-p] holds place p of the descending order.
     place = KP - 1 - tl.arange(0, KP)
     cols = N - acc.to(tl.int32)  # low 32 bits hold N - j
     keep = row_ok[:, None] & (place < K_KEEP)[None, :]
-    a = tl.load(a_img + rows[:, None] * N + cols, mask=keep, other=0.0).to(tl.float32)
+    a = tl.load(A + img + rows[:, None] * N + cols, mask=keep, other=0.0).to(tl.float32)
     mass = tl.sum(a, axis=1)
     empty = (mass <= eps)[:, None]
     lead = (place == 0)[None, :]
@@ -191,36 +243,62 @@ def rownorm_kernel(
         tl.store(IDX + offs, idx, mask=ok)
 
 
+@triton.jit
+def root_kernel(A, TOP, R, NN, BLOCK: tl.constexpr):
+    """``R = fp16(sqrt(A · 2**-e))`` over images (B, N, N), ``2**e > TOP[b]`` >= image b's
+    largest entry (e >= -126): R < 1 never overflows fp16, the power-of-two scale is exact
+    (one rounding, relative error <= 2**-11 for R >= 2**-14), and S computed from R is the
+    true S times a per-image constant, which leaves every row's order unchanged."""
+    pid = tl.program_id(0)
+    img = tl.program_id(1).to(tl.int64) * NN
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NN
+    top = tl.load(TOP + tl.program_id(1)).to(tl.float32)
+    e = tl.maximum(((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126, -126)  # frexp
+    scale = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
+    a = tl.load(A + img + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(R + img + offs, tl.sqrt_rn(a * scale).to(tl.float16), mask=ok)
+
+
 def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     """Default and candidate tilings for a running top-``kp`` (``BLOCK_N >= kp``).
 
-    The row block shrinks as kp grows so that the (BLOCK_M, kp) int64 running list and the
-    (BLOCK_M, BLOCK_N) tile stay in registers (ptxas, sm_90, Triton 3.6: 190-250 registers
-    per thread at 8 warps for kp <= 128, spills from kp = 256). BLOCK_K is the same in every
-    candidate: it fixes the order in which S is accumulated, so that autotuning does not
-    move S by a rounding (the MMA instruction shape may still differ between candidates;
+    ``slots`` (kernel argument ``LOG_CB``) chooses the merge: 0 merges every tile that holds
+    a candidate; otherwise candidates are parked in that many slots per row (a multiple of
+    max(BLOCK_N, kp), so that a tile fits after a merge), merged before a tile that might
+    overflow them. The row block shrinks as kp grows so that the (BLOCK_M, kp) int64
+    running list and the tiles stay in registers. BLOCK_K is the same in every candidate:
+    it fixes the order in which S is accumulated, so that autotuning does not move S by a
+    rounding (the MMA instruction shape may still differ between candidates;
     ``ADCAM_AUTOTUNE=0`` pins the default for bitwise reproducibility across processes).
+    The top-k itself, exact on unique keys, is the same for every candidate.
     """
     bn = max(64, kp)
     bm = max(16, min(64, 4096 // kp))
-    default = Config(bm, bn, 32, num_warps=8, num_stages=2)
+    default = Config(bm, bn, 16, num_warps=8, num_stages=2, slots=2 * bn)
     others = [
-        Config(bm, bn, 32, num_warps=8, num_stages=3),
-        Config(bm, bn, 32, num_warps=4, num_stages=2),
-        Config(max(16, bm // 2), bn, 32, num_warps=4, num_stages=2),
+        Config(bm, bn, 16, num_warps=8, num_stages=2, slots=4 * bn),
+        Config(max(16, bm // 2), bn, 16, num_warps=4, num_stages=2, slots=2 * bn),
+        Config(bm, bn, 16, num_warps=8, num_stages=2),
     ]
     return default, [default, *others]
 
 
 def refine_sparse(
-    A: Tensor, k: int, eps: float, index_dtype: torch.dtype = torch.int64
+    A: Tensor,
+    k: int,
+    eps: float,
+    index_dtype: torch.dtype = torch.int64,
+    config: Config | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch kernels 1+2 on a batch: A (B, N, N), contiguous, fp32/fp16/bf16.
 
     Returns ``(weights, indices)``, (B, N, min(k, N)) fp32 and ``index_dtype`` (int64 as in
-    ``ops.refine_sparse``, or int32), with the contract of ``ops.refine_sparse``. One launch
-    for the whole batch; no host sync once the config of this (N bucket, k bucket, dtype)
-    is cached. Raises ValueError for MAX_TOPK < k < N.
+    ``ops.refine_sparse``, or int32), with the contract of ``ops.refine_sparse``. sqrt(A) is
+    taken by torch, in chunks of at most ``ROOT_CHUNK`` entries (one chunk, one launch, for
+    B·N² <= ROOT_CHUNK); no host sync once the config of this (N bucket, k bucket, dtype)
+    is cached; ``config`` fixes one instead (it must satisfy `topk_configs`' constraints).
+    Raises ValueError for MAX_TOPK < k < N.
     """
     b, n = A.shape[0], A.shape[-1]
     keep = min(k, n)
@@ -237,16 +315,26 @@ def refine_sparse(
         raise ValueError(f"the triton backend supports k <= {MAX_TOPK} (or k >= N), got k={k}")
     kp = next_pow2(k)
     default, candidates = topk_configs(kp)
-    dot_dtype = tl.float16 if A.dtype == torch.float16 else tl.float32
+    chunk = max(1, min(b, ROOT_CHUNK // (n * n)))
+    root = torch.empty(chunk, n, n, dtype=torch.float16, device=A.device)
+    for lo in range(0, b, chunk):
+        hi = min(b, lo + chunk)
+        r = root[: hi - lo]
+        top = A[lo:hi].amax(dim=(-2, -1))
+        root_kernel[(triton.cdiv(n * n, 1024), hi - lo)](A[lo:hi], top, r, n * n, BLOCK=1024)
 
-    def run(cfg: Config) -> None:
-        grid = (triton.cdiv(n, cfg.block_m), b)
-        coneighbor_topk_kernel[grid](
-            A, w, idx, n, keep, eps, LOG_KP=kp.bit_length() - 1,
-            BLOCK_M=cfg.block_m, LOG_BN=cfg.block_n.bit_length() - 1, BLOCK_K=cfg.block_k,
-            DOT_DTYPE=dot_dtype, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
+        def run(cfg: Config, lo: int = lo, hi: int = hi, r: Tensor = r) -> None:
+            grid = (triton.cdiv(n, cfg.block_m), hi - lo)
+            parked = grid[0] * cfg.block_m * max(cfg.slots, 1) * grid[1]
+            buf = torch.empty(parked, dtype=torch.int64, device=A.device)
+            coneighbor_topk_kernel[grid](
+                r, A[lo:hi], buf, w[lo:hi], idx[lo:hi], n, keep, eps,
+                LOG_KP=kp.bit_length() - 1, BLOCK_M=cfg.block_m,
+                LOG_BN=cfg.block_n.bit_length() - 1, BLOCK_K=cfg.block_k,
+                LOG_CB=max(cfg.slots, 1).bit_length() - 1,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
 
-    cfg = choose_config(("topk", n_bucket(n), kp, A.dtype), default, candidates, run, A.device)
-    run(cfg)
+        key = ("topk", n_bucket(n), kp, A.dtype)
+        run(config or choose_config(key, default, candidates, run, A.device))
     return w, idx

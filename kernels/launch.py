@@ -3,7 +3,7 @@
 Where the kernels may run:
 
 - CUDA tensors: Triton compiles the kernels for the GPU (compute capability >= 8.0, for
-  tensor-core ``tl.dot`` in tf32/fp16/bf16).
+  tensor-core ``tl.dot`` in fp16).
 - CPU tensors: only through Triton's interpreter, i.e. with ``TRITON_INTERPRET=1`` set before
   ``adcam_fast.kernels`` is first imported (the kernels are built in that mode at import).
 
@@ -35,6 +35,7 @@ class Config:
     block_k: int = 0
     num_warps: int = 4
     num_stages: int = 2
+    slots: int = 0
 
 
 def next_pow2(n: int) -> int:
