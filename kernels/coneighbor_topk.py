@@ -261,27 +261,31 @@ def root_kernel(A, TOP, R, NN, BLOCK: tl.constexpr):
 
 
 def topk_configs(kp: int) -> tuple[Config, list[Config]]:
-    """Default and candidate tilings for a running top-``kp`` (``BLOCK_N >= kp``).
+    """Default and candidate configs for a running top-``kp``.
 
-    ``slots`` (kernel argument ``LOG_CB``) chooses the merge: 0 merges every tile that holds
-    a candidate; otherwise candidates are parked in that many slots per row (a multiple of
-    max(BLOCK_N, kp), so that a tile fits after a merge), merged before a tile that might
-    overflow them. The row block shrinks as kp grows so that the (BLOCK_M, kp) int64
-    running list and the tiles stay in registers. BLOCK_K is the same in every candidate:
-    it fixes the order in which S is accumulated, so that autotuning does not move S by a
-    rounding (the MMA instruction shape may still differ between candidates;
-    ``ADCAM_AUTOTUNE=0`` pins the default for bitwise reproducibility across processes).
-    The top-k itself, exact on unique keys, is the same for every candidate.
+    ``slots`` (kernel argument ``LOG_CB``) chooses the merge schedule: 0 merges every tile
+    that holds a candidate (needs ``BLOCK_N >= kp``); otherwise candidates are parked in that
+    many slots per row (a multiple of the merge width ``max(BLOCK_N, kp)``, so that a tile
+    fits after a merge). The default parks from kp = 16 on; below that a whole-tile merge
+    is a few max passes. The row block shrinks as kp grows so that the (BLOCK_M, kp) int64
+    running list and the merged block stay in registers: ptxas for sm_90a (Triton 3.8)
+    spills in no default for kp <= 256; kp = 1024 spills (4 KB). BLOCK_K is the same in
+    every candidate: it fixes the order in which S is accumulated, so that autotuning does
+    not move S by a rounding (the MMA instruction shape may still differ with BLOCK_M or
+    the warps; ``ADCAM_AUTOTUNE=0`` pins the default for bitwise reproducibility across
+    processes). For given S, every schedule keeps the same columns.
     """
-    bn = max(64, kp)
-    bm = max(16, min(64, 4096 // kp))
-    default = Config(bm, bn, 16, num_warps=8, num_stages=2, slots=2 * bn)
-    others = [
-        Config(bm, bn, 16, num_warps=8, num_stages=2, slots=4 * bn),
-        Config(max(16, bm // 2), bn, 16, num_warps=4, num_stages=2, slots=2 * bn),
-        Config(bm, bn, 16, num_warps=8, num_stages=2),
+    width = max(64, kp)
+    bm = 64 if kp <= 64 else 32 if kp == 128 else 16
+    default = Config(bm, 64, 16, num_warps=8, num_stages=2, slots=2 * width if kp >= 16 else 0)
+    candidates = [
+        default,
+        Config(bm, 64, 16, num_warps=8, num_stages=2, slots=2 * width),
+        Config(bm, 64, 16, num_warps=8, num_stages=2, slots=4 * width),
+        Config(max(16, bm // 2), 64, 16, num_warps=4, num_stages=2, slots=2 * width),
+        Config(bm, width, 16, num_warps=8, num_stages=2),
     ]
-    return default, [default, *others]
+    return default, list(dict.fromkeys(candidates))
 
 
 def refine_sparse(
