@@ -29,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from adcam_fast.kernels.coneighbor_topk import coneighbor_topk_kernel, topk_configs
+from adcam_fast.kernels.coneighbor_topk import coneighbor_topk_kernel, root_kernel, topk_configs
 from adcam_fast.kernels.diffusion import diffusion_configs, diffusion_kernel
 from adcam_fast.kernels.launch import Config
 
@@ -115,11 +115,20 @@ def diffusion_jobs(quick: bool):
         yield f"diffusion {cfg}", diffusion_kernel, signature, constants, cfg
 
 
+def root_jobs():
+    for name, top in (("fp32", "*fp32"), ("fp16", None)):
+        signature = dict(
+            A=f"*{name}", TOP=top or "constexpr", R="*fp16", NN="i32", BLOCK="constexpr"
+        )
+        constants = dict(BLOCK=1024) if top else dict(BLOCK=1024, TOP=None)
+        yield f"root {name}", root_kernel, signature, constants, Config()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="default configurations only")
     args = p.parse_args()
-    jobs = [*topk_jobs(args.quick), *diffusion_jobs(args.quick)]
+    jobs = [*root_jobs(), *topk_jobs(args.quick), *diffusion_jobs(args.quick)]
     ok = [compile_one(*job) for job in jobs]
     print(
         f"{sum(ok)} of {len(ok)} configurations compiled for sm_90a (triton {triton.__version__})"

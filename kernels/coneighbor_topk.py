@@ -246,18 +246,21 @@ def rownorm_kernel(
 @triton.jit
 def root_kernel(A, TOP, R, NN, BLOCK: tl.constexpr):
     """``R = fp16(sqrt(A · 2**-e))`` over images (B, N, N), ``2**e > TOP[b]`` >= image b's
-    largest entry (e >= -126): R < 1 never overflows fp16, the power-of-two scale is exact
-    (one rounding, relative error <= 2**-11 for R >= 2**-14), and S computed from R is the
-    true S times a per-image constant, which leaves every row's order unchanged."""
+    largest entry (-126 <= e <= 126): R < 2 never overflows fp16, the power-of-two scale
+    is exact (one rounding, relative error <= 2**-11 for R >= 2**-14), and S computed from
+    R is the true S times a per-image constant, which leaves every row's order unchanged.
+    TOP = None (fp16 attention, whose square roots all fit fp16's normal range): e = 0."""
     pid = tl.program_id(0)
     img = tl.program_id(1).to(tl.int64) * NN
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < NN
-    top = tl.load(TOP + tl.program_id(1)).to(tl.float32)
-    e = tl.maximum(((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126, -126)  # frexp
-    scale = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
     a = tl.load(A + img + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(R + img + offs, tl.sqrt_rn(a * scale).to(tl.float16), mask=ok)
+    if TOP is not None:
+        top = tl.load(TOP + tl.program_id(1)).to(tl.float32)
+        e = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126  # frexp's exponent
+        e = tl.minimum(tl.maximum(e, -126), 126)
+        a *= ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
+    tl.store(R + img + offs, tl.sqrt_rn(a).to(tl.float16), mask=ok)
 
 
 def topk_configs(kp: int) -> tuple[Config, list[Config]]:
@@ -324,7 +327,7 @@ def refine_sparse(
     for lo in range(0, b, chunk):
         hi = min(b, lo + chunk)
         r = root[: hi - lo]
-        top = A[lo:hi].amax(dim=(-2, -1))
+        top = A[lo:hi].amax(dim=(-2, -1)) if A.dtype != torch.float16 else None
         root_kernel[(triton.cdiv(n * n, 1024), hi - lo)](A[lo:hi], top, r, n * n, BLOCK=1024)
 
         def run(cfg: Config, lo: int = lo, hi: int = hi, r: Tensor = r) -> None:
