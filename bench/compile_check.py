@@ -1,9 +1,11 @@
 """Compile the Triton kernels for Hopper (sm_90a) without a GPU and report their resources.
 
 Each kernel configuration is compiled by ``triton.compile`` for a CUDA target, and the PTX is
-assembled by the ``ptxas`` that ships with Triton: registers, spill stores, shared memory, and
-whether the S tile uses wgmma or mma. This is the evidence a CPU-only machine can give that
-the kernels build for the GPU (the interpreter tests run them, but never compile them).
+assembled by the ``ptxas`` that ships with Triton: registers, spill stores, shared memory,
+whether the S tile uses wgmma or mma, and the number of SASS instructions (nvdisasm, also
+shipped with Triton), a static size of the code. This is the evidence a CPU-only machine
+can give that the kernels build for the GPU (the interpreter tests run them, but never
+compile them).
 
     python bench/compile_check.py            # every default and autotune candidate (minutes)
     python bench/compile_check.py --quick    # the default configurations at k = 50 (seconds)
@@ -34,7 +36,8 @@ from adcam_fast.kernels.diffusion import diffusion_configs, diffusion_kernel
 from adcam_fast.kernels.launch import Config
 
 HOPPER = GPUTarget("cuda", 90, 32)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+PTXAS = os.path.join(BIN, "ptxas")
 
 
 def resources(ptx: str) -> dict[str, int]:
@@ -53,6 +56,19 @@ def resources(ptx: str) -> dict[str, int]:
     )
 
 
+def sass_instructions(cubin: bytes) -> int:
+    """Instructions in the SASS of a cubin (Triton's nvdisasm; -1 without it): a static size
+    of the code, which the unrolled top-k networks dominate."""
+    nvdisasm = os.path.join(BIN, "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        return -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+    return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
+
+
 def compile_one(label: str, fn, signature: dict, constants: dict, cfg: Config) -> bool:
     try:
         kernel = triton.compile(
@@ -68,7 +84,8 @@ def compile_one(label: str, fn, signature: dict, constants: dict, cfg: Config) -
     mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
     print(
         f"OK   {label}: warps={cfg.num_warps} stages={cfg.num_stages} "
-        f"shared={kernel.metadata.shared} registers={r['registers']} spill={r['spill']} mma={mma}"
+        f"shared={kernel.metadata.shared} registers={r['registers']} spill={r['spill']} mma={mma} "
+        f"sass={sass_instructions(kernel.asm['cubin'])}"
     )
     return True
 

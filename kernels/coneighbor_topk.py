@@ -269,26 +269,27 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     ``slots`` (kernel argument ``LOG_CB``) chooses the merge schedule: 0 merges every tile
     that holds a candidate (needs ``BLOCK_N >= kp``); otherwise candidates are parked in that
     many slots per row (a multiple of the merge width ``max(BLOCK_N, kp)``, so that a tile
-    fits after a merge). The default parks from kp = 16 on; below that a whole-tile merge
-    is a few max passes. The row block shrinks as kp grows so that the (BLOCK_M, kp) int64
-    running list and the merged block stay in registers: ptxas for sm_90a (Triton 3.8)
-    spills in no default for kp <= 256; kp = 1024 spills (4 KB). BLOCK_K is the same in
-    every candidate: it fixes the order in which S is accumulated, so that autotuning does
-    not move S by a rounding (the MMA instruction shape may still differ with BLOCK_M or
-    the warps; ``ADCAM_AUTOTUNE=0`` pins the default for bitwise reproducibility across
-    processes). For given S, every schedule keeps the same columns.
+    fits after a merge). Parking saves merges (bench/merge_model.py: 36 -> 10 per program
+    at N = 2304, 9 -> 6 at N = 576, on random attention) but adds a prefix sum and a
+    scattered store to every tile; by instruction counts of the sm_90a builds it only pays
+    at large N, so the default merges whole tiles and the autotuner weighs the two on the
+    GPU. The row block shrinks as kp grows so that the (BLOCK_M, kp) int64 running list and
+    the merged block stay in registers: ptxas for sm_90a (Triton 3.8) spills in no default
+    for kp <= 256. BLOCK_K is the same in every candidate: it fixes the order in which S is
+    accumulated, so that autotuning does not move S by a rounding (the MMA instruction
+    shape may still differ with BLOCK_M or the warps; ``ADCAM_AUTOTUNE=0`` pins the
+    default for bitwise reproducibility across processes). For given S, every schedule
+    keeps the same columns.
     """
     width = max(64, kp)
     bm = 64 if kp <= 64 else 32 if kp == 128 else 16
-    default = Config(bm, 64, 16, num_warps=8, num_stages=2, slots=2 * width if kp >= 16 else 0)
-    candidates = [
+    default = Config(bm, width, 16, num_warps=8, num_stages=2)
+    return default, [
         default,
         Config(bm, 64, 16, num_warps=8, num_stages=2, slots=2 * width),
         Config(bm, 64, 16, num_warps=8, num_stages=2, slots=4 * width),
-        Config(max(16, bm // 2), 64, 16, num_warps=4, num_stages=2, slots=2 * width),
-        Config(bm, width, 16, num_warps=8, num_stages=2),
+        Config(max(16, bm // 2), width, 16, num_warps=4, num_stages=2),
     ]
-    return default, list(dict.fromkeys(candidates))
 
 
 def refine_sparse(
