@@ -103,7 +103,7 @@ def topk_jobs(quick: bool):
             default, candidates = topk_configs(kp)
             for cfg in [default] if quick else _unique(default, candidates):
                 signature = dict(
-                    R="*fp16", A=f"*{name}", BUF="*i64", W="*fp32", IDX="*i32", N="i32",
+                    R="*fp16", A=f"*{name}", BUF="*i32", W="*fp32", IDX="*i32", N="i32", C="i32",
                     K_KEEP="i32", eps="fp32", LOG_KP="constexpr", BLOCK_M="constexpr",
                     LOG_BN="constexpr", BLOCK_K="constexpr", LOG_CB="constexpr",
                 )  # fmt: skip

@@ -21,20 +21,24 @@ fp32, fp16 and bf16 attention alike, at half the bytes and twice the tensor-core
 The scale multiplies a whole image's S by one constant, so no row's order changes.
 
 Top-k keys: S >= 0, so the bits of an fp32 value read as an integer order like the value.
-A key is the int64 ``bits(S_ij) << 32 | (N - j)``: distinct per column, larger S wins, and
-at equal S the smaller column wins. Padding (rows or columns >= N) is -1. The running top
-``KP = next_pow2(k)`` keys per row are kept sorted ascending; keys are merged in by the
-bitonic rule ``acc <- bitonic_merge(max(acc, topk(x, KP)))`` (an ascending and a
-descending sorted list, compared place by place, keep the KP largest of both as a bitonic
-list, which the merge sorts). Only keys above a row's current k-th best can enter. With
-``LOG_CB = 0`` a tile holding any such key is merged whole. Otherwise those candidates are
-parked, compacted by a prefix sum, in ``2**LOG_CB`` scratch slots per row (global memory
-that stays in L1/L2, ordered by CTA barriers), and merged before a tile that could
-overflow a row's slots, and at the end: the bitonic work then scales with the number of
-candidates, which falls like k/t over the tiles t of a row, not with N. The first k of
-the final list (read from the top) are the chosen columns. Keys are exact and unique, so
-for given S values the result depends on neither the tile order nor the merge schedule:
-deterministic.
+With ``f = max(bits(S_ij) - bits(2**-62), 0)`` (< 2**30, since S < 2**64) and
+``c = N.bit_length()``, a key is the int32 ``(f >> (c - 1)) << c | (N - j)``: distinct per
+column, larger S wins, and S values equal in their top 24 - c significant bits (and all S
+below 2**-62) go to the smaller column. That truncation, 2**-(24 - c) relative (2**-11 at
+N = 4096), is below the error of S itself (2**-10, from fp16 R), and int32 keys take half
+the registers and instructions of exact int64 ones in the sorting network. Padding (rows
+or columns >= N) is -1. The running top ``KP = next_pow2(k)`` keys per row are kept
+sorted ascending; keys are merged in by the bitonic rule
+``acc <- bitonic_merge(max(acc, topk(x, KP)))`` (an ascending and a descending sorted
+list, compared place by place, keep the KP largest of both as a bitonic list, which the
+merge sorts). Only keys above a row's current k-th best can enter. With ``LOG_CB = 0`` a
+tile holding any such key is merged whole. Otherwise those candidates are parked,
+compacted by a prefix sum, in ``2**LOG_CB`` scratch slots per row (global memory that
+stays in L1/L2, ordered by CTA barriers), and merged before a tile that could overflow a
+row's slots, and at the end: the bitonic work then follows the number of candidates,
+which falls like k/t over the tiles t of a row, not N. The first k of the final list
+(read from the top) are the chosen columns. Keys are unique, so for given S values the
+result depends on neither the tile order nor the merge schedule: deterministic.
 
 ``k >= N`` keeps every column: `rownorm_kernel` only normalises rows (no similarity).
 """
@@ -51,6 +55,9 @@ from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2
 MAX_TOPK = 1024
 """The largest k < N supported (the running top-k of a row block is held on chip)."""
 
+S_FLOOR_BITS = tl.constexpr((127 - 62) << 23)
+"""The fp32 bits of 2**-62: smaller S values share the lowest key field (see the module)."""
+
 ROOT_CHUNK = 2**26
 """Entries of sqrt(A) held at a time (128 MiB of fp16), in whole images (at least one)."""
 
@@ -61,7 +68,7 @@ def _compare_swap(x, DIST: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.constex
     put in order, descending where ``(c & DIR_BIT != 0) != FLIP``, ascending elsewhere.
 
     The partner of each entry is read as ``pair sum - self`` (a size-2 ``tl.sum``, one lane
-    exchange); int64 arithmetic wraps around, so this is exact for any pair of keys.
+    exchange); int32 arithmetic wraps around, so this is exact for any pair of keys.
     """
     M: tl.constexpr = x.shape[0]
     W: tl.constexpr = x.shape[1]
@@ -133,10 +140,11 @@ def _merge_parked(acc, buf, held, LOG_KP: tl.constexpr, LOG_CW: tl.constexpr):
 def coneighbor_topk_kernel(
     R,  # (B, N, N) fp16 root of A (`root_kernel`): S up to a per-image constant
     A,  # (B, N, N) attention, fp32 / fp16 / bf16: the refinement reads it at the kept columns
-    BUF,  # (B, grid_m * BLOCK_M, 2**LOG_CB) int64 scratch: parked candidate keys
+    BUF,  # (B, grid_m * BLOCK_M, 2**LOG_CB) int32 scratch: parked candidate keys
     W,  # (B, N, K_KEEP) fp32 out: refined weights
     IDX,  # (B, N, K_KEEP) int32 / int64 out: column indices
     N,
+    C,  # N.bit_length(): the key's column field
     K_KEEP,
     eps,
     LOG_KP: tl.constexpr,  # KP = 2**LOG_KP = next_pow2(K_KEEP) <= BLOCK_N
@@ -156,8 +164,8 @@ def coneighbor_topk_kernel(
     buf = BUF + (((pid_b * tl.num_programs(0)).to(tl.int64) * BLOCK_M + rows[:, None]) << LOG_CB)
     held = tl.zeros((BLOCK_M,), tl.int32)  # keys parked per row
 
-    acc = tl.full((BLOCK_M, KP), -1, tl.int64)  # running top-KP keys, ascending
-    kth = tl.full((BLOCK_M,), -1, tl.int64)  # k-th largest key so far: the bar to enter
+    acc = tl.full((BLOCK_M, KP), -1, tl.int32)  # running top-KP keys, ascending
+    kth = tl.full((BLOCK_M,), -1, tl.int32)  # k-th largest key so far: the bar to enter
     n_tiles = (N + BLOCK_N - 1) // BLOCK_N
     first = (pid_m * BLOCK_M) // BLOCK_N
     for t in range(n_tiles + 1):  # the last pass only merges what is still parked
@@ -178,8 +186,8 @@ def coneighbor_topk_kernel(
                 c = tl.load(R + img + cols[:, None] * N + kk[None, :],
                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
                 s = tl.dot(r, tl.trans(c), s)
-            key = s.to(tl.int32, bitcast=True).to(tl.int64) << 32
-            key = key | (N - cols).to(tl.int64)[None, :]
+            field = tl.maximum(s.to(tl.int32, bitcast=True) - S_FLOOR_BITS, 0)
+            key = ((field >> (C - 1)) << C) | (N - cols)[None, :]
             key = tl.where(row_ok[:, None] & col_ok[None, :], key, -1)
             new = (key > kth[:, None]).to(tl.int32)  # could still enter the top k
             if LOG_CB == 0:
@@ -193,7 +201,7 @@ def coneighbor_topk_kernel(
 
     # Epilogue: acc[:, KP-1-p] holds place p of the descending order.
     place = KP - 1 - tl.arange(0, KP)
-    cols = N - acc.to(tl.int32)  # low 32 bits hold N - j
+    cols = N - (acc & ((1 << C) - 1))  # the low C bits hold N - j
     keep = row_ok[:, None] & (place < K_KEEP)[None, :]
     a = tl.load(A + img + rows[:, None] * N + cols, mask=keep, other=0.0).to(tl.float32)
     mass = tl.sum(a, axis=1)
@@ -271,25 +279,26 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     many slots per row (a multiple of the merge width ``max(BLOCK_N, kp)``, so that a tile
     fits after a merge). Parking saves merges (bench/merge_model.py: 36 -> 10 per program
     at N = 2304, 9 -> 6 at N = 576, on random attention) but adds a prefix sum and a
-    scattered store to every tile; by instruction counts of the sm_90a builds it only pays
-    at large N, so the default merges whole tiles and the autotuner weighs the two on the
-    GPU. The row block shrinks as kp grows so that the (BLOCK_M, kp) int64 running list and
-    the merged block stay in registers: ptxas for sm_90a (Triton 3.8) spills in no default
-    for kp <= 256. BLOCK_K is the same in every candidate: it fixes the order in which S is
-    accumulated, so that autotuning does not move S by a rounding (the MMA instruction
-    shape may still differ with BLOCK_M or the warps; ``ADCAM_AUTOTUNE=0`` pins the
-    default for bitwise reproducibility across processes). For given S, every schedule
-    keeps the same columns.
+    scattered store to every tile, so the default merges whole tiles and the autotuner
+    weighs the two on the GPU (bench/kernels_notes.md). The row block shrinks as kp grows
+    so that the (BLOCK_M, kp) running list and the merged block stay in registers: ptxas
+    for sm_90a (Triton 3.8) gives the kp = 64 default 128 registers, two programs per SM.
+    BLOCK_K is the same in every candidate: it fixes the order in which S is accumulated,
+    so that autotuning does not move S by a rounding (the MMA instruction shape may still
+    differ with the tiling or the warps; ``ADCAM_AUTOTUNE=0`` pins the default for bitwise
+    reproducibility across processes). For given S, every schedule keeps the same columns.
     """
     width = max(64, kp)
     bm = 64 if kp <= 64 else 32 if kp == 128 else 16
     default = Config(bm, width, 16, num_warps=8, num_stages=2)
-    return default, [
+    candidates = [
         default,
         Config(bm, 64, 16, num_warps=8, num_stages=2, slots=2 * width),
-        Config(bm, 64, 16, num_warps=8, num_stages=2, slots=4 * width),
         Config(max(16, bm // 2), width, 16, num_warps=4, num_stages=2),
     ]
+    if kp <= 64:
+        candidates.append(Config(bm, 2 * width, 16, num_warps=8, num_stages=2))
+    return default, candidates
 
 
 def refine_sparse(
@@ -334,9 +343,9 @@ def refine_sparse(
         def run(cfg: Config, lo: int = lo, hi: int = hi, r: Tensor = r) -> None:
             grid = (triton.cdiv(n, cfg.block_m), hi - lo)
             parked = grid[0] * cfg.block_m * max(cfg.slots, 1) * grid[1]
-            buf = torch.empty(parked, dtype=torch.int64, device=A.device)
+            buf = torch.empty(parked, dtype=torch.int32, device=A.device)
             coneighbor_topk_kernel[grid](
-                r, A[lo:hi], buf, w[lo:hi], idx[lo:hi], n, keep, eps,
+                r, A[lo:hi], buf, w[lo:hi], idx[lo:hi], n, n.bit_length(), keep, eps,
                 LOG_KP=kp.bit_length() - 1, BLOCK_M=cfg.block_m,
                 LOG_BN=cfg.block_n.bit_length() - 1, BLOCK_K=cfg.block_k,
                 LOG_CB=max(cfg.slots, 1).bit_length() - 1,
