@@ -88,9 +88,11 @@ def adcam_triton(A: Tensor, cams: Tensor, k: int, steps: int) -> Tensor:
 
     A: (..., N, N) attention (fp32/fp16/bf16 read as is, other floats as fp32); cams:
     (..., K, N) any float. Values are not validated (``ops.adcam`` does that); shapes and
-    devices are, without a host sync. Two Triton launches and a few torch ops (one sort)
-    per batch, whatever its size; no data-dependent host code: CUDA-graph capturable once
-    the configs for these sizes are cached (after a first call, or ``ADCAM_AUTOTUNE=0``).
+    devices are, without a host sync. Per batch, three Triton launches (sqrt, top-k,
+    diffusion) and a few torch ops (an amax, one sort), more only for batches over
+    ``coneighbor_topk.ROOT_CHUNK`` attention entries; no data-dependent host code:
+    CUDA-graph capturable once the configs for these sizes are cached (after a first call,
+    or ``ADCAM_AUTOTUNE=0``).
     Raises ValueError for mixed devices, CUDA tensors without a usable Triton, and CPU
     tensors when the kernels are not interpreted (set TRITON_INTERPRET=1 or use
     backend="torch").

@@ -149,7 +149,7 @@ def coneighbor_topk_kernel(
     eps,
     LOG_KP: tl.constexpr,  # KP = 2**LOG_KP = next_pow2(K_KEEP) <= BLOCK_N
     BLOCK_M: tl.constexpr,
-    LOG_BN: tl.constexpr,  # BLOCK_N = 2**LOG_BN >= KP
+    LOG_BN: tl.constexpr,  # BLOCK_N = 2**LOG_BN, >= KP when LOG_CB = 0
     BLOCK_K: tl.constexpr,
     LOG_CB: tl.constexpr,  # 0: merge tiles directly; else park candidates in 2**LOG_CB slots
 ):
@@ -311,10 +311,11 @@ def refine_sparse(
     """Launch kernels 1+2 on a batch: A (B, N, N), contiguous, fp32/fp16/bf16.
 
     Returns ``(weights, indices)``, (B, N, min(k, N)) fp32 and ``index_dtype`` (int64 as in
-    ``ops.refine_sparse``, or int32), with the contract of ``ops.refine_sparse``. sqrt(A) is
-    taken by torch, in chunks of at most ``ROOT_CHUNK`` entries (one chunk, one launch, for
-    B·N² <= ROOT_CHUNK); no host sync once the config of this (N bucket, k bucket, dtype)
-    is cached; ``config`` fixes one instead (it must satisfy `topk_configs`' constraints).
+    ``ops.refine_sparse``, or int32), with the contract of ``ops.refine_sparse``. Images go
+    in chunks of at most ``ROOT_CHUNK`` entries (one chunk for B·N² <= ROOT_CHUNK), each
+    an amax (not for fp16), a `root_kernel` and a top-k launch; no host sync once the
+    config of this (N bucket, k bucket, dtype) is cached; ``config`` fixes one instead (it
+    must satisfy `topk_configs`' constraints).
     Raises ValueError for MAX_TOPK < k < N.
     """
     b, n = A.shape[0], A.shape[-1]
