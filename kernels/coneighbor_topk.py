@@ -58,8 +58,8 @@ MAX_TOPK = 1024
 S_FLOOR_BITS = tl.constexpr((127 - 62) << 23)
 """The fp32 bits of 2**-62: smaller S values share the lowest key field (see the module)."""
 
-ROOT_CHUNK = 2**26
-"""Entries of sqrt(A) held at a time (128 MiB of fp16), in whole images (at least one)."""
+ROOT_CHUNK = 2**25
+"""Entries of sqrt(A) held at a time (64 MiB of fp16), in whole images (at least one)."""
 
 
 @triton.jit
