@@ -201,6 +201,27 @@ def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
         assert torch.equal(idx, outs[0][1]) and torch.equal(w, outs[0][0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_refine_in_chunks_of_images(gen, monkeypatch, dtype):
+    """Batches larger than ROOT_CHUNK go in chunks of whole images: same result."""
+    (A,) = to_device(random_attention(5, 40, 40, generator=gen, dtype=dtype))
+    A[3] *= 1e-6 if dtype == torch.float32 else 1e-3  # another per-image scale
+    whole = kernels.refine_sparse_triton(A, 6)
+    monkeypatch.setattr(coneighbor_topk, "ROOT_CHUNK", 2 * 40 * 40 + 1)  # 2 images a chunk
+    chunked = kernels.refine_sparse_triton(A, 6)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    check_refinement(A, 6, *chunked)
+
+
+def test_refine_is_blind_to_a_power_of_two_scale(gen):
+    """sqrt(A) is taken at a per-image power-of-two scale: attention far outside fp16's
+    range (2**100 · A: its square roots would overflow fp16) gives bitwise the same output."""
+    (A,) = to_device(random_attention(2, 50, 50, generator=gen, dtype=torch.float32))
+    w, idx = kernels.refine_sparse_triton(A, 8)
+    w_big, idx_big = kernels.refine_sparse_triton(A * 2.0**100, 8)
+    assert torch.equal(idx, idx_big) and torch.equal(w, w_big)
+
+
 # ---------------------------------------------------------------- diffusion (kernel 3)
 
 
