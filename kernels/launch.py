@@ -28,7 +28,8 @@ HELP = 'use backend="torch" for the portable path'
 
 @dataclass(frozen=True)
 class Config:
-    """Block sizes and launch options of one kernel variant (unused fields are 0)."""
+    """Block sizes, merge slots (top-k kernel) and launch options of one kernel variant
+    (unused fields are 0)."""
 
     block_m: int = 0
     block_n: int = 0

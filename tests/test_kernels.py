@@ -188,7 +188,7 @@ def test_refine_structured_attention(gen, kind):
 )
 def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
     """Merging whole tiles, or parking candidates in few slots (a merge before almost every
-    tile) or many (one merge at the end, over several KP-wide chunks), keeps the same
+    tile) or many (one merge at the end, over several chunks of slots), keeps the same
     unique keys: bitwise equal outputs for configs that differ only in the schedule."""
     (A,) = to_device(random_attention(1, n, n, generator=gen, dtype=dtype))
     kp = launch.next_pow2(k)
