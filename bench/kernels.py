@@ -214,6 +214,7 @@ def main() -> None:
         "similarity_tflops": "2·B·N³ / time of refine_sparse_triton (kernels 1+2)",
     }
     print(json.dumps(meta), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     start, rows = time.monotonic(), []
     for n in args.sizes:
         for b in args.batches:
@@ -224,15 +225,19 @@ def main() -> None:
                 print(json.dumps({"N": n, "B": b, "notes": "out of memory"}), flush=True)
                 rows.append({"N": n, "B": b, "notes": "out of memory"})
                 torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+            save(meta, rows, args.out)  # after every row: a run cut short keeps what it measured
+    plot(rows, args.out / "kernels.png")
+    print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.csv'}")
+
+
+def save(meta: dict, rows: list[dict], out: Path) -> None:
+    """``kernels.json`` (meta and rows) and ``kernels.csv`` (rows) under ``out``."""
+    (out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     fields = sorted({key for r in rows for key in r}, key=lambda f: (f not in ("N", "B"), f))
-    with open(args.out / "kernels.csv", "w", newline="") as f:
+    with open(out / "kernels.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, args.out / "kernels.png")
-    print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.csv'}")
 
 
 if __name__ == "__main__":
