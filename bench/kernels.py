@@ -161,7 +161,7 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     for cfg in topk_configs(next_pow2(k))[1]:
         label = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}_w{cfg.num_warps}"
                  f"_s{cfg.num_stages}_slots{cfg.slots}")  # fmt: skip
-        row[f"similarity_{label}_ms"] = time_ms(
+        row[f"topk_{label}_ms"] = time_ms(
             lambda i, cfg=cfg: refine_sparse(As[i % sets], k, EPS, config=cfg),
             args.repeats,
             cuda,
@@ -228,6 +228,25 @@ def main() -> None:
             save(meta, rows, args.out)  # after every row: a run cut short keeps what it measured
     plot(rows, args.out / "kernels.png")
     print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.csv'}")
+    print(table(rows, meta["device"]))
+
+
+def table(rows: list[dict], device: str) -> str:
+    """A short Markdown table of the rows: times, speed-up, S-stage rate, fastest config."""
+    head = ["N", "B", "triton ms", "best torch ms", "speed-up", "S TFLOP/s", "bmm TFLOP/s",
+            "fastest top-k config"]  # fmt: skip
+    lines = [device, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        torch_ms = [r[p] for p in ("torch_ms", "torch.compile_ms") if p in r]
+        configs = {key[5:-3]: v for key, v in r.items() if key.startswith("topk_")}
+        cells = [r["N"], r["B"], r.get("triton_ms"), min(torch_ms, default=None),
+                 r.get("speedup_vs_best_torch"), r.get("similarity_tflops"), r.get("bmm_tflops"),
+                 min(configs, key=configs.get) if configs else None]  # fmt: skip
+        shown = [
+            f"{c:.3g}" if isinstance(c, float) else "-" if c is None else str(c) for c in cells
+        ]
+        lines.append("| " + " | ".join(shown) + " |")
+    return "\n".join(lines)
 
 
 def save(meta: dict, rows: list[dict], out: Path) -> None:
