@@ -69,10 +69,22 @@ def sass_instructions(cubin: bytes) -> int:
     return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
 
 
+DIVISIBLE = {"N", "NN", "slot"}
+"""Integer arguments that are multiples of 16 at the usual sizes (N = 144, 576, 1296, 2304,
+4096): Triton's launcher specializes them, and every pointer to a torch tensor, as
+16-divisible, which lets loads be vectorized and software-pipelined. The builds here
+assume the same."""
+
+
 def compile_one(label: str, fn, signature: dict, constants: dict, cfg: Config) -> bool:
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, (name, kind) in enumerate(signature.items())
+        if kind.startswith("*") or name in DIVISIBLE
+    }
     try:
         kernel = triton.compile(
-            ASTSource(fn, signature, constants),
+            ASTSource(fn, signature, constants, attrs),
             target=HOPPER,
             options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         )

@@ -282,8 +282,9 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     scattered store to every tile, so the default merges whole tiles and the autotuner
     weighs the two on the GPU (bench/kernels_notes.md). The row block shrinks as kp grows
     so that the (BLOCK_M, kp) running list and the merged block stay in registers: ptxas
-    for sm_90a (Triton 3.8) gives the kp = 64 default 128 registers, two programs per SM;
-    no default spills up to kp = 256, kp = 1024 spills 1.3 KB.
+    for sm_90a gives the kp = 64 default 90 (Triton 3.6) or 123 (3.8) registers; the
+    defaults up to kp = 256 spill at most 8 bytes, kp = 1024 spills (bench/compile_check.py
+    lists every config).
     BLOCK_K is the same in every candidate: it fixes the order in which S is accumulated,
     so that autotuning does not move S by a rounding (the MMA instruction shape may still
     differ with the tiling or the warps; ``ADCAM_AUTOTUNE=0`` pins the default for bitwise
