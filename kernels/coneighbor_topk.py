@@ -295,6 +295,7 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     default = Config(bm, width, 16, num_warps=8, num_stages=2)
     candidates = [
         default,
+        Config(bm, width, 16, num_warps=8, num_stages=3),
         Config(bm, 64, 16, num_warps=8, num_stages=2, slots=2 * width),
         Config(max(16, bm // 2), width, 16, num_warps=4, num_stages=2),
     ]
