@@ -52,9 +52,9 @@ def merges(S: torch.Tensor, k: int, block_m: int, block_n: int, slots: int) -> f
         parked = rows[:, :0]
         first = m0 // block_n
         for t in range(tiles + 1):
-            due = t == tiles or (slots and parked.isfinite().sum(1).max() > slots - block_n)
-            if slots and due:
-                total += math.ceil(parked.isfinite().sum(1).max().item() / width)
+            most = parked.isfinite().sum(1).max().item() if slots else 0  # most parked in a row
+            if slots and (t == tiles or most > slots - block_n):
+                total += math.ceil(most / width)
                 best = torch.cat([best, parked], 1).topk(kp, 1).values
                 parked = rows[:, :0]
             if t == tiles:

@@ -346,8 +346,8 @@ def refine_sparse(
 
         def run(cfg: Config, lo: int = lo, hi: int = hi, r: Tensor = r) -> None:
             grid = (triton.cdiv(n, cfg.block_m), hi - lo)
-            parked = grid[0] * cfg.block_m * max(cfg.slots, 1) * grid[1]
-            buf = torch.empty(parked, dtype=torch.int32, device=A.device)
+            parked = grid[0] * cfg.block_m * cfg.slots * grid[1]  # whole tiles: none
+            buf = torch.empty(max(parked, 1), dtype=torch.int32, device=A.device)
             coneighbor_topk_kernel[grid](
                 r, A[lo:hi], buf, w[lo:hi], idx[lo:hi], n, n.bit_length(), keep, eps,
                 LOG_KP=kp.bit_length() - 1, BLOCK_M=cfg.block_m,
