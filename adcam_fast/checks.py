@@ -19,15 +19,20 @@ def _tensor(x: object, name: str) -> Tensor:
 
 
 def check_attention(A: object, name: str = "A", values: bool = True) -> Tensor:
-    """A is (..., N, N), floating and, when ``values`` (one host sync), finite and
-    non-negative."""
+    """A is (..., N, N), floating and, when ``values``, finite and non-negative.
+
+    The value check is one read of A (``aminmax``: NaN propagates into both ends, ±inf
+    shows in one) and one host sync; only a failing A is read again, to count its bad
+    entries for the message.
+    """
     A = _tensor(A, name)
     if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
         raise ValueError(f"{name} must have shape (..., N, N) with N >= 1, got {tuple(A.shape)}")
-    if not values:
+    if not values or A.numel() == 0:
         return A
-    bad = (~torch.isfinite(A)) | (A < 0)
-    if bool(bad.any()):
+    lo, hi = torch.aminmax(A)
+    if not bool((lo >= 0) & (hi < torch.inf)):
+        bad = (~torch.isfinite(A)) | (A < 0)
         raise ValueError(
             f"{name} must be finite and non-negative ({int(bad.sum())} entries are not)"
         )

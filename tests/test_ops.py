@@ -89,6 +89,13 @@ GOOD_A = torch.full((2, 6, 6), 1 / 6)
 GOOD_CAMS = torch.rand(2, 3, 6)
 
 
+def good_a_but(value: float) -> torch.Tensor:
+    """GOOD_A with one entry, in the second image, set to ``value``."""
+    A = GOOD_A.clone()
+    A[1, 4, 2] = value
+    return A
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -98,6 +105,10 @@ GOOD_CAMS = torch.rand(2, 3, 6)
         (dict(A=-GOOD_A), "A must be finite and non-negative"),
         (dict(A=GOOD_A.clone().fill_(math.nan)), "A must be finite and non-negative"),
         (dict(A=GOOD_A.clone().fill_(math.inf)), "A must be finite and non-negative"),
+        (dict(A=good_a_but(math.nan)), r"A must be finite and non-negative \(1 entries"),
+        (dict(A=good_a_but(-math.inf)), r"A must be finite and non-negative \(1 entries"),
+        (dict(A=good_a_but(math.inf)), r"A must be finite and non-negative \(1 entries"),
+        (dict(A=good_a_but(-1e-30)), r"A must be finite and non-negative \(1 entries"),
         (dict(A=[[1.0]]), "A must be a torch.Tensor"),
         (dict(cams=GOOD_CAMS[0]), "cams must have shape"),
         (dict(cams=torch.rand(1, 3, 6)), "cams must have shape"),
