@@ -12,6 +12,8 @@ no triton; `triton_available` says whether the GPU path works here.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,12 +24,16 @@ from adcam_fast.reference import EPS
 __all__ = ["adcam_triton", "diffuse_sparse_triton", "refine_sparse_triton", "triton_available"]
 
 
+def _flat(x: Tensor) -> Tensor:
+    """x (..., P, Q) as (B, P, Q), B the product of the leading dims (any of them may be 0)."""
+    return x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
+
+
 def _batch(A: Tensor) -> Tensor:
     """A (..., N, N) as a contiguous (B, N, N) tensor of a dtype the kernels read."""
-    n = A.shape[-1]
     if A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         A = A.to(torch.float32)
-    return A.reshape(-1, n, n).contiguous()
+    return _flat(A).contiguous()
 
 
 def refine_sparse_triton(A: Tensor, k: int, eps: float = EPS) -> tuple[Tensor, Tensor]:
@@ -73,13 +79,7 @@ def diffuse_sparse_triton(weights: Tensor, indices: Tensor, cams: Tensor, steps:
         raise ValueError(f"indices must lie in [0, {n})")
     from adcam_fast.kernels.diffusion import diffuse_sparse
 
-    kk = indices.shape[-1]
-    out = diffuse_sparse(
-        weights.reshape(-1, n, kk),
-        indices.reshape(-1, n, kk),
-        cams.reshape(-1, *cams.shape[-2:]),
-        steps,
-    )
+    out = diffuse_sparse(_flat(weights), _flat(indices), _flat(cams), steps)
     return out.reshape(cams.shape)
 
 
@@ -104,8 +104,7 @@ def adcam_triton(A: Tensor, cams: Tensor, k: int, steps: int) -> Tensor:
     from adcam_fast.kernels.coneighbor_topk import refine_sparse
     from adcam_fast.kernels.diffusion import diffuse_sparse
 
-    if steps == 0:
+    if steps == 0 or cams.numel() == 0:
         return cams.to(torch.float32, copy=True)
-    maps = cams.reshape(-1, *cams.shape[-2:])
     w, idx = refine_sparse(_batch(A), k, EPS, torch.int32)
-    return diffuse_sparse(w, idx, maps, steps).reshape(cams.shape)
+    return diffuse_sparse(w, idx, _flat(cams), steps).reshape(cams.shape)

@@ -292,6 +292,20 @@ def test_public_dispatch_reaches_the_kernels(gen):
     assert torch.equal(out, kernels.adcam_triton(A_d, cams_d, 7, 2))
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 9), (0, 3, 9), (2, 0, 2, 9)])
+def test_empty_batches_and_no_classes(gen, shape):
+    """Zero images or zero classes: empty outputs of the right shape, for the fused op and
+    for the diffusion alone (N = 9 throughout, k = 4 < N)."""
+    lead, n = shape[:-2], shape[-1]
+    A, cams = to_device(random_attention(*lead, n, n, generator=gen), torch.rand(shape))
+    for steps in (0, 2):
+        out = kernels.adcam_triton(A, cams, 4, steps)
+        assert out.shape == shape and out.dtype == torch.float32
+        w, idx = kernels.refine_sparse_triton(A, 4)
+        assert w.shape == idx.shape == (*lead, n, 4)
+        assert kernels.diffuse_sparse_triton(w, idx, cams, steps).shape == shape
+
+
 # ---------------------------------------------------------------- bad input
 
 
