@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check, for a fresh GPU machine (torch, triton, timm installed; no internet):
-#   bench/gpu_check.sh RESULTS_DIR
+#   bench/gpu_check.sh RESULTS_DIR [ARCHIVE.tgz]
 # Steps, each under its own time limit (9 minutes in all), each logged to
 # RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the GPU
 # tests (pytest -m gpu tests/), the kernel benchmark (RESULTS_DIR/kernels.{json,csv,png}),
@@ -9,8 +9,12 @@
 # kernels" (say) runs a subset of the GPU steps.
 # A failed step does not stop the next; without a CUDA GPU the GPU steps are skipped. Exits
 # non-zero if any step failed or was skipped. PYTHON picks the interpreter (default python3).
+# ARCHIVE, if given, is rewritten with all of RESULTS_DIR after every step (one file to fetch
+# from a machine that returns few files; what finished is kept if a later step is cut off):
+#   timeout 580 bench/gpu_check.sh /tmp/gpu "$OUT/gpu.tgz"   then   tar xzf gpu.tgz -C DIR
 set -u
-out=${1:?usage: bench/gpu_check.sh RESULTS_DIR}
+out=${1:?usage: bench/gpu_check.sh RESULTS_DIR [ARCHIVE.tgz]}
+archive=${2:-}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -25,6 +29,7 @@ step() {  # step NAME LIMIT_S COMMAND...
   tail -n 25 "$out/$name.log"
   echo "== $name: exit $rc after $((SECONDS - t0))s"
   [ "$rc" -eq 0 ] || failed+=("$name:$rc")
+  [ -z "$archive" ] || { tar czf "$archive.part" -C "$out" . && mv "$archive.part" "$archive"; }
 }
 
 step env 20 bash -c "nvidia-smi; $py -c 'import sys, torch, triton
