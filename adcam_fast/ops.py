@@ -103,17 +103,25 @@ def adcam_torch(A: Tensor, cams: Tensor, k: int, steps: int) -> Tensor:
     return diffuse_sparse(weights, indices, cams, steps)
 
 
-def resolve_backend(backend: str, device: torch.device, k: int = 1, n: int = 2) -> str:
-    """Map ``auto`` to the fastest backend for tensors on ``device`` and this (k, N).
+def resolve_backend(
+    backend: str,
+    device: torch.device,
+    k: int = 1,
+    n: int = 2,
+    dtype: torch.dtype = torch.float32,
+) -> str:
+    """Map ``auto`` to the fastest backend for tensors on ``device``, this (k, N) and the
+    inputs' promoted ``dtype``.
 
     ``auto`` takes the Triton kernels on CUDA for 1 <= k < N up to their top-k limit, and
-    the torch path otherwise (k >= N makes Ã dense: dense matmuls beat any sparse form).
+    the torch path otherwise: for k >= N (Ã is dense: dense matmuls beat any sparse form)
+    and for float64 inputs (the kernels return fp32; float64 in means float64 out).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if device.type == "cuda" and k < n:
+    if device.type == "cuda" and k < n and dtype != torch.float64:
         from adcam_fast.kernels import triton_available
 
         if triton_available():
@@ -130,15 +138,17 @@ def adcam(
     """AD-CAM's raw diffused maps (Eq. 6-8): refine A with TOP(S, k), diffuse cams T = steps times.
 
     A: (..., N, N) attention with rows summing to 1; cams: (..., K, N) maps over the same N
-    row-major positions. Returns (..., K, N) in the promoted dtype (at least float32).
+    row-major positions. Returns (..., K, N) in the promoted dtype (at least float32; the
+    triton backend always fp32).
     backend: ``reference`` (dense spec), ``torch`` (sparse, portable), ``triton`` (fused
-    kernels, CUDA, or CPU under ``TRITON_INTERPRET=1``), ``auto`` (triton on CUDA, else torch).
+    kernels, CUDA, or CPU under ``TRITON_INTERPRET=1``), ``auto`` (triton on CUDA, except
+    for float64 inputs or k >= N; else torch).
     """
     A = check_attention(A)
     cams = check_cams(cams, A)
     check_k(k)
     check_steps(steps)
-    backend = resolve_backend(backend, A.device, k, A.shape[-1])
+    backend = resolve_backend(backend, A.device, k, A.shape[-1], compute_dtype(A, cams))
     if backend == "reference":
         return reference.adcam(A, cams, k, steps)
     if backend == "torch":

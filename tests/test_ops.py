@@ -85,6 +85,22 @@ def test_auto_uses_torch_on_cpu(gen):
     )
 
 
+def test_auto_rule_on_cuda(monkeypatch):
+    """Where the kernels run, ``auto`` takes them for 1 <= k < N up to their limit, in fp32
+    and lower; float64 inputs and k >= N stay on the torch path."""
+    pytest.importorskip("triton")
+    from adcam_fast import kernels
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    cuda = torch.device("cuda")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert ops.resolve_backend("auto", cuda, 50, 576, dtype) == "triton"
+    assert ops.resolve_backend("auto", cuda, 50, 576, torch.float64) == "torch"
+    assert ops.resolve_backend("auto", cuda, 576, 576) == "torch"
+    assert ops.resolve_backend("auto", cuda, 1025, 2304) == "torch"
+    assert ops.resolve_backend("auto", torch.device("cpu"), 50, 576) == "torch"
+
+
 GOOD_A = torch.full((2, 6, 6), 1 / 6)
 GOOD_CAMS = torch.rand(2, 3, 6)
 
