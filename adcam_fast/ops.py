@@ -124,7 +124,7 @@ def resolve_backend(
     if device.type == "cuda" and k < n and dtype != torch.float64:
         from adcam_fast.kernels import triton_available
 
-        if triton_available():
+        if triton_available(device):
             from adcam_fast.kernels.coneighbor_topk import MAX_TOPK
 
             if k <= MAX_TOPK:

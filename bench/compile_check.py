@@ -111,26 +111,27 @@ def topk_jobs(quick: bool):
     if not quick:
         dtypes.append("bf16")
     for name in dtypes:
+        top = None if name == "fp16" else f"*{name}"  # the launcher passes no maxima for fp16
         for kp in (64,) if quick else (1, 64, 128, 256, 1024):
             default, candidates = topk_configs(kp)
             for cfg in [default] if quick else _unique(default, candidates):
-                signature = dict(
-                    R="*fp16", A=f"*{name}", BUF="*i32", W="*fp32", IDX="*i32", N="i32", C="i32",
-                    K_KEEP="i32", eps="fp32", LOG_KP="constexpr", BLOCK_M="constexpr",
-                    LOG_BN="constexpr", BLOCK_K="constexpr", LOG_CB="constexpr",
-                )  # fmt: skip
-                constants = dict(
-                    LOG_KP=kp.bit_length() - 1, BLOCK_M=cfg.block_m,
-                    LOG_BN=cfg.block_n.bit_length() - 1, BLOCK_K=cfg.block_k,
-                    LOG_CB=max(cfg.slots, 1).bit_length() - 1,
-                )  # fmt: skip
-                yield (
-                    f"topk {name} kp={kp} {cfg}",
-                    coneighbor_topk_kernel,
-                    signature,
-                    constants,
-                    cfg,
-                )
+                # The refinement epilogue; and for the default, TOP(S, k) alone (full sweep).
+                for refine in (True,) if quick or cfg != default else (True, False):
+                    signature = dict(
+                        R="*fp16", A=f"*{name}", TOP=top or "constexpr", BUF="*i32", W="*fp32",
+                        IDX="*i32", N="i32", C="i32", K_KEEP="i32", eps="fp32",
+                        LOG_KP="constexpr", BLOCK_M="constexpr", LOG_BN="constexpr",
+                        BLOCK_K="constexpr", LOG_CB="constexpr", REFINE="constexpr",
+                    )  # fmt: skip
+                    constants = dict(
+                        LOG_KP=kp.bit_length() - 1, BLOCK_M=cfg.block_m,
+                        LOG_BN=cfg.block_n.bit_length() - 1, BLOCK_K=cfg.block_k,
+                        LOG_CB=max(cfg.slots, 1).bit_length() - 1, REFINE=refine,
+                    )  # fmt: skip
+                    if top is None:
+                        constants["TOP"] = None
+                    label = f"topk {name} kp={kp} {cfg}" + ("" if refine else " TOP(S,k)")
+                    yield label, coneighbor_topk_kernel, signature, constants, cfg
 
 
 def diffusion_jobs(quick: bool):

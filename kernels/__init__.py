@@ -1,9 +1,9 @@
 """Fused Triton kernels for AD-CAM (DESIGN.md §4), installed as ``adcam_fast.kernels``.
 
 Thin torch-facing wrappers over the launchers in `coneighbor_topk` (kernels 1+2: similarity,
-streaming top-k, refinement) and `diffusion` (kernel 3). They flatten leading dims to a
-batch B, convert dtypes and check devices; results follow the contracts of the torch path
-in ``adcam_fast.ops`` but are always fp32 (indices int64).
+streaming top-k, refinement; or the top-k alone) and `diffusion` (kernel 3). They flatten
+leading dims to a batch B, convert dtypes and check devices; results follow the contracts
+of the torch path in ``adcam_fast.ops`` but are always fp32 (indices int64).
 
 Runs on CUDA GPUs (compute capability >= 8.0), or on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before this package is imported). Importing this package needs
@@ -21,7 +21,13 @@ from adcam_fast.checks import check_attention, check_cams, check_k, check_steps
 from adcam_fast.kernels.launch import check_runnable, triton_available
 from adcam_fast.reference import EPS
 
-__all__ = ["adcam_triton", "diffuse_sparse_triton", "refine_sparse_triton", "triton_available"]
+__all__ = [
+    "adcam_triton",
+    "diffuse_sparse_triton",
+    "refine_sparse_triton",
+    "similarity_topk_triton",
+    "triton_available",
+]
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -53,6 +59,25 @@ def refine_sparse_triton(A: Tensor, k: int, eps: float = EPS) -> tuple[Tensor, T
     w, idx = refine_sparse(_batch(A), k, eps)
     shape = (*A.shape[:-1], w.shape[-1])
     return w.reshape(shape), idx.reshape(shape)
+
+
+def similarity_topk_triton(A: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``TOP(S, k)`` of the co-neighbor similarity S = sqrt(A)·sqrt(A)ᵀ (Eq. 6-7) by the
+    streaming kernel, S never stored: ``(values, indices)``, each (..., N, min(k, N)),
+    fp32 and int64, places by descending S, ties toward the smaller column.
+
+    A: (..., N, N), validated like ``adcam_fast.coneighbor_similarity`` (one host sync).
+    Values carry the kernel's arithmetic (``coneighbor_topk.similarity_topk``: fp16
+    sqrt(A), keys of 24 - log2(N) bits); min(k, N) <= ``coneighbor_topk.MAX_TOPK``.
+    """
+    A = check_attention(A)
+    check_k(k)
+    check_runnable(A)
+    from adcam_fast.kernels.coneighbor_topk import similarity_topk
+
+    values, idx = similarity_topk(_batch(A), k)
+    shape = (*A.shape[:-1], values.shape[-1])
+    return values.reshape(shape), idx.reshape(shape)
 
 
 def diffuse_sparse_triton(weights: Tensor, indices: Tensor, cams: Tensor, steps: int) -> Tensor:

@@ -40,7 +40,11 @@ which falls like k/t over the tiles t of a row, not N. The first k of the final 
 (read from the top) are the chosen columns. Keys are unique, so for given S values the
 result depends on neither the tile order nor the merge schedule: deterministic.
 
-``k >= N`` keeps every column: `rownorm_kernel` only normalises rows (no similarity).
+With ``REFINE`` off, the epilogue writes ``TOP(S, k)`` itself instead (`similarity_topk`):
+each kept column's S, read back from its key's field and unscaled, beside its index.
+
+``k >= N`` keeps every column: for the refinement, `rownorm_kernel` only normalises rows
+(no similarity).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2
+from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2, on_device
 
 MAX_TOPK = 1024
 """The largest k < N supported (the running top-k of a row block is held on chip)."""
@@ -137,11 +141,20 @@ def _merge_parked(acc, buf, held, LOG_KP: tl.constexpr, LOG_CW: tl.constexpr):
 
 
 @triton.jit
+def _exponent(TOP, b):
+    """e with ``2**e > TOP[b]`` >= image b's largest entry, -126 <= e <= 126 (frexp's)."""
+    top = tl.load(TOP + b).to(tl.float32)
+    e = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+    return tl.minimum(tl.maximum(e, -126), 126)
+
+
+@triton.jit
 def coneighbor_topk_kernel(
     R,  # (B, N, N) fp16 root of A (`root_kernel`): S up to a per-image constant
     A,  # (B, N, N) attention, fp32 / fp16 / bf16: the refinement reads it at the kept columns
+    TOP,  # (B,) the largest entry per image, as given to `root_kernel` (None for fp16 A)
     BUF,  # (B, grid_m * BLOCK_M, 2**LOG_CB) int32 scratch: parked candidate keys
-    W,  # (B, N, K_KEEP) fp32 out: refined weights
+    W,  # (B, N, K_KEEP) fp32 out: refined weights (REFINE) or S at the kept columns
     IDX,  # (B, N, K_KEEP) int32 / int64 out: column indices
     N,
     C,  # N.bit_length(): the key's column field
@@ -152,6 +165,7 @@ def coneighbor_topk_kernel(
     LOG_BN: tl.constexpr,  # BLOCK_N = 2**LOG_BN, >= KP when LOG_CB = 0
     BLOCK_K: tl.constexpr,
     LOG_CB: tl.constexpr,  # 0: merge tiles directly; else park candidates in 2**LOG_CB slots
+    REFINE: tl.constexpr,  # epilogue: the refinement (Eq. 7), or TOP(S, k) as (S, index)
 ):
     KP: tl.constexpr = 1 << LOG_KP
     BLOCK_N: tl.constexpr = 1 << LOG_BN
@@ -203,15 +217,22 @@ def coneighbor_topk_kernel(
     place = KP - 1 - tl.arange(0, KP)
     cols = N - (acc & ((1 << C) - 1))  # the low C bits hold N - j
     keep = row_ok[:, None] & (place < K_KEEP)[None, :]
-    a = tl.load(A + img + rows[:, None] * N + cols, mask=keep, other=0.0).to(tl.float32)
-    mass = tl.sum(a, axis=1)
-    empty = (mass <= eps)[:, None]
-    lead = (place == 0)[None, :]
-    w = tl.where(empty, tl.where(lead, 1.0, 0.0), a / tl.maximum(mass, eps)[:, None])
-    idx = tl.where(empty & lead, rows[:, None], cols).to(IDX.dtype.element_ty)
     out = (pid_b.to(tl.int64) * N + rows[:, None]) * K_KEEP + place[None, :]
+    if REFINE:
+        a = tl.load(A + img + rows[:, None] * N + cols, mask=keep, other=0.0).to(tl.float32)
+        mass = tl.sum(a, axis=1)
+        empty = (mass <= eps)[:, None]
+        lead = (place == 0)[None, :]
+        w = tl.where(empty, tl.where(lead, 1.0, 0.0), a / tl.maximum(mass, eps)[:, None])
+        idx = tl.where(empty & lead, rows[:, None], cols)
+    else:  # S from the key's field (truncated; 0 below 2**-62), times 2**e from the root
+        field = (acc >> C) << (C - 1)
+        w = tl.where(field > 0, (field + S_FLOOR_BITS).to(tl.float32, bitcast=True), 0.0)
+        if TOP is not None:
+            w *= ((127 + _exponent(TOP, pid_b)) << 23).to(tl.float32, bitcast=True)
+        idx = cols
     tl.store(W + out, w, mask=keep)
-    tl.store(IDX + out, idx, mask=keep)
+    tl.store(IDX + out, idx.to(IDX.dtype.element_ty), mask=keep)
 
 
 @triton.jit
@@ -256,7 +277,7 @@ def root_kernel(A, TOP, R, NN, BLOCK: tl.constexpr):
     """``R = fp16(sqrt(A · 2**-e))`` over images (B, N, N), ``2**e > TOP[b]`` >= image b's
     largest entry (-126 <= e <= 126): R < 2 never overflows fp16, the power-of-two scale
     is exact (one rounding, relative error <= 2**-11 for R >= 2**-14), and S computed from
-    R is the true S times a per-image constant, which leaves every row's order unchanged.
+    R is the true S times 2**-e, which leaves every row's order unchanged.
     TOP = None (fp16 attention, whose square roots all fit fp16's normal range): e = 0."""
     pid = tl.program_id(0)
     img = tl.program_id(1).to(tl.int64) * NN
@@ -264,10 +285,7 @@ def root_kernel(A, TOP, R, NN, BLOCK: tl.constexpr):
     ok = offs < NN
     a = tl.load(A + img + offs, mask=ok, other=0.0).to(tl.float32)
     if TOP is not None:
-        top = tl.load(TOP + tl.program_id(1)).to(tl.float32)
-        e = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126  # frexp's exponent
-        e = tl.minimum(tl.maximum(e, -126), 126)
-        a *= ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
+        a *= ((127 - _exponent(TOP, tl.program_id(1))) << 23).to(tl.float32, bitcast=True)
     tl.store(R + img + offs, tl.sqrt_rn(a).to(tl.float16), mask=ok)
 
 
@@ -282,7 +300,7 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     scattered store to every tile, so the default merges whole tiles and the autotuner
     weighs the two on the GPU (bench/kernels_notes.md). The row block shrinks as kp grows
     so that the (BLOCK_M, kp) running list and the merged block stay in registers: ptxas
-    for sm_90a gives the kp = 64 default 90 (Triton 3.6) or 123 (3.8) registers; the
+    for sm_90a gives the kp = 64 default 90 (Triton 3.6) or 128 (3.8) registers; the
     defaults up to kp = 256 spill at most 8 bytes, kp = 1024 spills (bench/compile_check.py
     lists every config).
     BLOCK_K is the same in every candidate: it fixes the order in which S is accumulated,
@@ -322,40 +340,67 @@ def refine_sparse(
     Raises ValueError for MAX_TOPK < k < N.
     """
     b, n = A.shape[0], A.shape[-1]
+    if k < n or b == 0:
+        return _topk(A, k, eps, index_dtype, config, refine=True)
+    w = torch.empty(b, n, n, dtype=torch.float32, device=A.device)
+    idx = torch.empty(b, n, n, dtype=index_dtype, device=A.device)
+    bm, bn = 32, 64
+    with on_device(A.device):
+        rownorm_kernel[(triton.cdiv(n, bm), b)](A, w, idx, n, eps, BLOCK_M=bm, BLOCK_N=bn)
+    return w, idx
+
+
+def similarity_topk(
+    A: Tensor, k: int, index_dtype: torch.dtype = torch.int64, config: Config | None = None
+) -> tuple[Tensor, Tensor]:
+    """Kernel 1 alone on a batch: ``TOP(S, k)`` as ``(values, indices)``, each
+    (B, N, min(k, N)), places by descending S, ties toward the smaller column (k >= N: every
+    column, in that order). A as in `refine_sparse`.
+
+    A value is S as the kernel ranked it: from fp16 sqrt(A) (relative error <= 2**-10 per
+    term), truncated to ``24 - N.bit_length()`` significant bits, and 0 below 2**-62 times
+    the image's power-of-two scale. Raises ValueError for min(k, N) > MAX_TOPK.
+    """
+    return _topk(A, k, 0.0, index_dtype, config, refine=False)
+
+
+def _topk(
+    A: Tensor, k: int, eps: float, index_dtype: torch.dtype, config: Config | None, refine: bool
+) -> tuple[Tensor, Tensor]:
+    """The sqrt pass and the top-k kernel over ``ROOT_CHUNK``-sized chunks of images."""
+    b, n = A.shape[0], A.shape[-1]
     keep = min(k, n)
     w = torch.empty(b, n, keep, dtype=torch.float32, device=A.device)
     idx = torch.empty(b, n, keep, dtype=index_dtype, device=A.device)
     if b == 0:
         return w, idx
-    if k >= n:
-        bm, bn = 32, 64
-        grid = (triton.cdiv(n, bm), b)
-        rownorm_kernel[grid](A, w, idx, n, eps, BLOCK_M=bm, BLOCK_N=bn)
-        return w, idx
-    if k > MAX_TOPK:
+    if keep > MAX_TOPK:
         raise ValueError(f"the triton backend supports k <= {MAX_TOPK} (or k >= N), got k={k}")
-    kp = next_pow2(k)
+    kp = next_pow2(keep)
     default, candidates = topk_configs(kp)
     chunk = max(1, min(b, ROOT_CHUNK // (n * n)))
     root = torch.empty(chunk, n, n, dtype=torch.float16, device=A.device)
-    for lo in range(0, b, chunk):
-        hi = min(b, lo + chunk)
-        r = root[: hi - lo]
-        top = A[lo:hi].amax(dim=(-2, -1)) if A.dtype != torch.float16 else None
-        root_kernel[(triton.cdiv(n * n, 1024), hi - lo)](A[lo:hi], top, r, n * n, BLOCK=1024)
+    with on_device(A.device):
+        for lo in range(0, b, chunk):
+            hi = min(b, lo + chunk)
+            r = root[: hi - lo]
+            top = A[lo:hi].amax(dim=(-2, -1)) if A.dtype != torch.float16 else None
+            root_kernel[(triton.cdiv(n * n, 1024), hi - lo)](A[lo:hi], top, r, n * n, BLOCK=1024)
 
-        def run(cfg: Config, lo: int = lo, hi: int = hi, r: Tensor = r) -> None:
-            grid = (triton.cdiv(n, cfg.block_m), hi - lo)
-            parked = grid[0] * cfg.block_m * cfg.slots * grid[1]  # whole tiles: none
-            buf = torch.empty(max(parked, 1), dtype=torch.int32, device=A.device)
-            coneighbor_topk_kernel[grid](
-                r, A[lo:hi], buf, w[lo:hi], idx[lo:hi], n, n.bit_length(), keep, eps,
-                LOG_KP=kp.bit_length() - 1, BLOCK_M=cfg.block_m,
-                LOG_BN=cfg.block_n.bit_length() - 1, BLOCK_K=cfg.block_k,
-                LOG_CB=max(cfg.slots, 1).bit_length() - 1,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )  # fmt: skip
+            def run(
+                cfg: Config, lo: int = lo, hi: int = hi, r: Tensor = r, top: Tensor | None = top
+            ) -> None:
+                grid = (triton.cdiv(n, cfg.block_m), hi - lo)
+                parked = grid[0] * cfg.block_m * cfg.slots * grid[1]  # whole tiles: none
+                buf = torch.empty(max(parked, 1), dtype=torch.int32, device=A.device)
+                coneighbor_topk_kernel[grid](
+                    r, A[lo:hi], top, buf, w[lo:hi], idx[lo:hi], n, n.bit_length(), keep, eps,
+                    LOG_KP=kp.bit_length() - 1, BLOCK_M=cfg.block_m,
+                    LOG_BN=cfg.block_n.bit_length() - 1, BLOCK_K=cfg.block_k,
+                    LOG_CB=max(cfg.slots, 1).bit_length() - 1, REFINE=refine,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                )  # fmt: skip
 
-        key = ("topk", n_bucket(n), kp, A.dtype)
-        run(config or choose_config(key, default, candidates, run, A.device))
+            key = ("topk", n_bucket(n), kp, A.dtype, refine)
+            run(config or choose_config(key, default, candidates, run, A.device))
     return w, idx

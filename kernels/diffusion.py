@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2
+from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2, on_device
 
 
 @triton.jit
@@ -170,5 +170,6 @@ def diffuse_sparse(weights: Tensor, indices: Tensor, cams: Tensor, steps: int) -
 
     default, candidates = diffusion_configs(n_cls, cams.device)
     key = ("diffuse", n_bucket(n), next_pow2(indices.shape[-1]), next_pow2(n_cls))
-    run(choose_config(key, default, candidates, run, cams.device))
+    with on_device(cams.device):
+        run(choose_config(key, default, candidates, run, cams.device))
     return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +60,9 @@ def interpreting() -> bool:
     return isinstance(coneighbor_topk_kernel, InterpretedFunction)
 
 
-def triton_available() -> bool:
-    """Whether the Triton kernels compile and run on this machine's CUDA GPU.
+def triton_available(device: torch.device | None = None) -> bool:
+    """Whether the Triton kernels compile and run on this CUDA ``device`` (None: the current
+    one).
 
     False when triton is not importable, no CUDA device is visible, the device is older
     than compute capability 8.0, or the kernels were built for the CPU interpreter.
@@ -69,9 +71,15 @@ def triton_available() -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(device)[0] < 8:
         return False
     return not interpreting()
+
+
+def on_device(device: torch.device) -> AbstractContextManager:
+    """``device`` made the current CUDA device for the block (a no-op off CUDA): Triton
+    launches on the current device and stream, whatever device the tensors are on."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def check_runnable(*tensors: Tensor) -> torch.device:
@@ -86,7 +94,7 @@ def check_runnable(*tensors: Tensor) -> torch.device:
         raise ValueError(f"the triton backend needs all tensors on one device, got {names}")
     device = devices.pop()
     if device.type == "cuda":
-        if not triton_available():
+        if not triton_available(device):
             raise ValueError(
                 "the triton backend needs a working Triton and a CUDA GPU of compute "
                 f"capability >= 8.0 (and TRITON_INTERPRET unset); {HELP}"

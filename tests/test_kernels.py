@@ -53,9 +53,25 @@ def dense(weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return w.new_zeros(*indices.shape[:-1], n).scatter_add_(-1, indices.long(), w)
 
 
+def s_err(n: int) -> float:
+    """The kernel's relative error bound on one S value for N = n (module docstring)."""
+    return 2**-10 + n * 2**-24 + 2 ** -(24 - n.bit_length())
+
+
 def tie_tol(n: int) -> float:
-    """The near-tie tolerance on S for N = n (see the module docstring): 3.4e-3 at 4096."""
-    return 2 * (2**-10 + n * 2**-24 + 2 ** -(24 - n.bit_length()))
+    """The near-tie tolerance on S for N = n (two S values, S <= 1): 3.4e-3 at 4096."""
+    return 2 * s_err(n)
+
+
+def check_top_columns(S: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
+    """Assert the near-tie rule for the kept columns (a 0/1 mask, k per row) of the float64
+    S; returns a mask (..., N, N), true on the rows whose reference top-k is unambiguous."""
+    kth = S.topk(k, dim=-1).values[..., -1:]
+    tol = tie_tol(S.shape[-1])
+    kept = kept.bool()
+    assert not (kept & (S < kth - tol)).any(), "kept a column far below the k-th largest S"
+    assert not (~kept & (S > kth + tol)).any(), "dropped a column far above the k-th largest S"
+    return ((S >= kth - tol).sum(-1) == k).unsqueeze(-1).expand_as(S)
 
 
 def check_refinement(A: torch.Tensor, k: int, w: torch.Tensor, idx: torch.Tensor) -> float:
@@ -77,13 +93,7 @@ def check_refinement(A: torch.Tensor, k: int, w: torch.Tensor, idx: torch.Tensor
     if k >= n:
         torch.testing.assert_close(dense(w, idx), ref, **W_TOL)
         return 1.0
-    S = reference.coneighbor_similarity(A64)
-    kth = S.topk(k, dim=-1).values[..., -1:]
-    tol = tie_tol(n)
-    kept = kept.bool()
-    assert not (kept & (S < kth - tol)).any(), "kept a column far below the k-th largest S"
-    assert not (~kept & (S > kth + tol)).any(), "dropped a column far above the k-th largest S"
-    clear = ((S >= kth - tol).sum(-1) == k).unsqueeze(-1).expand_as(S)
+    clear = check_top_columns(reference.coneighbor_similarity(A64), kept, k)
     torch.testing.assert_close(
         torch.where(clear, dense(w, idx), 0.0), torch.where(clear, ref, 0.0), **W_TOL
     )
@@ -222,6 +232,47 @@ def test_refine_is_blind_to_a_power_of_two_scale(gen):
     assert torch.equal(idx, idx_big) and torch.equal(w, w_big)
 
 
+# ---------------------------------------------------------------- TOP(S, k) alone (kernel 1)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "dtype", "scale"),
+    [
+        (37, 5, torch.float32, 1.0),
+        (144, 50, torch.float32, 2.0**-100),  # sqrt(A) far below fp16's range, unscaled
+        (64, 20, torch.float16, 1.0),
+        (50, 7, torch.bfloat16, 2.0**100),
+        (100, 100, torch.float32, 1.0),  # k = N: every column, sorted
+        (70, 90, torch.float32, 1.0),  # k > N
+    ],
+)
+def test_similarity_topk_values_and_columns(gen, n, k, dtype, scale):
+    """Values are the reference S at the returned columns within the kernel's error bound
+    (``s_err``), non-increasing along a row; the columns obey the near-tie rule."""
+    A = random_attention(2, n, n, generator=gen) * scale
+    values, idx = kernels.similarity_topk_triton(*to_device(A.to(dtype)), k)
+    keep = min(k, n)
+    assert values.shape == idx.shape == (2, n, keep)
+    assert values.dtype == torch.float32 and idx.dtype == torch.int64
+    values, idx = values.cpu().double(), idx.cpu()
+    S = reference.coneighbor_similarity(A.to(dtype).double())
+    torch.testing.assert_close(values, S.gather(-1, idx), rtol=s_err(n), atol=1e-5 * scale)
+    assert (values[..., 1:] <= values[..., :-1]).all()
+    check_top_columns(S, dense(torch.ones_like(values), idx), keep)
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_similarity_topk_exact_ties_in_column_order(k):
+    """Equal S values come in ascending column order: the first k of a stable descending sort."""
+    A = dyadic_blocks(37, [4, 8, 2])
+    A[30] = A[3]  # a duplicated row: equal columns of S
+    values, idx = kernels.similarity_topk_triton(*to_device(A.float()), k)
+    S = reference.coneighbor_similarity(A)
+    order = S.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    assert torch.equal(idx.cpu(), order)
+    torch.testing.assert_close(values.cpu().double(), S.gather(-1, order), rtol=s_err(37), atol=0)
+
+
 # ---------------------------------------------------------------- diffusion (kernel 3)
 
 
@@ -339,7 +390,7 @@ def test_errors_name_the_problem(gen, monkeypatch):
     else:
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
             kernels.adcam_triton(A.cpu(), cams.cpu(), 4, 2)
-        monkeypatch.setattr(launch, "triton_available", lambda: False)
+        monkeypatch.setattr(launch, "triton_available", lambda device=None: False)
         with pytest.raises(ValueError, match="working Triton"):
             kernels.adcam_triton(A, cams, 4, 2)
 
@@ -362,6 +413,31 @@ def test_gpu_refine_full_size(n, b, dtype):
     A = random_attention(b, n, n, generator=gen, dtype=dtype).cuda()
     w, idx = kernels.refine_sparse_triton(A, 50)
     assert check_refinement(A, 50, w, idx) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "b"), GPU_SIZES)
+def test_gpu_similarity_topk_full_size(n, b):
+    gen = torch.Generator().manual_seed(n + 2)
+    A = random_attention(b, n, n, generator=gen, dtype=torch.float32).cuda()
+    values, idx = kernels.similarity_topk_triton(A, 50)
+    S = reference.coneighbor_similarity(A.double())
+    torch.testing.assert_close(values.double(), S.gather(-1, idx), rtol=s_err(n), atol=1e-5)
+    check_top_columns(S, dense(torch.ones_like(values), idx), 50)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA GPU")
+def test_gpu_tensors_on_a_device_that_is_not_current():
+    """Triton launches on the current device: the wrappers make the tensors' one current."""
+    gen = torch.Generator().manual_seed(5)
+    A = random_attention(4, 576, 576, generator=gen, dtype=torch.float32)
+    cams = torch.rand(4, 20, 576, generator=gen)
+    on_0 = kernels.adcam_triton(A.cuda(0), cams.cuda(0), 50, 2)
+    with torch.cuda.device(0):
+        on_1 = kernels.adcam_triton(A.cuda(1), cams.cuda(1), 50, 2)
+    assert on_1.device == torch.device("cuda", 1)
+    torch.testing.assert_close(on_1.cpu(), on_0.cpu(), **W_TOL)
 
 
 @pytest.mark.gpu

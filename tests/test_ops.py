@@ -91,7 +91,7 @@ def test_auto_rule_on_cuda(monkeypatch):
     pytest.importorskip("triton")
     from adcam_fast import kernels
 
-    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(kernels, "triton_available", lambda device=None: True)
     cuda = torch.device("cuda")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         assert ops.resolve_backend("auto", cuda, 50, 576, dtype) == "triton"
