@@ -25,6 +25,7 @@ cores, eager torch's many small parallel regions wait on descheduled threads and
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import re
@@ -131,7 +132,8 @@ def main() -> None:
         from adcam_fast.training.checkpoint import load_classifier
 
         model, _ = load_classifier(ckpt)
-        reference = TorchExtractor(model, names, MEAN, STD, "cpu", amp=False)
+        # Its own copy: an extractor moves its model to its device in place.
+        reference = TorchExtractor(copy.deepcopy(model), names, MEAN, STD, "cpu", amp=False)
         extractors: dict[str, Callable[[torch.Tensor], Extraction]] = {
             "torch-eager": TorchExtractor(model, names, MEAN, STD, device),
         }

@@ -69,7 +69,8 @@ def main() -> None:
         label_dataset(open_dataset(f"synthetic:{warm}"), extractor, tmp / "w", cfg, progress=False)
         summary = label_dataset(dataset, extractor, tmp / "out", cfg, progress=False)
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
+    cuda = torch.device(args.device).type == "cuda"
+    device = torch.cuda.get_device_name(args.device) if cuda else platform.processor()
     result = dict(
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         device=device or platform.machine(),
@@ -95,7 +96,7 @@ def main() -> None:
     )
     print(json.dumps(result, indent=2))
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if args.device == "cuda" else "cpu"
+    tag = "cuda" if cuda else "cpu"
     (args.out / f"pipeline_{tag}.json").write_text(json.dumps(result, indent=2))
 
 
