@@ -194,7 +194,8 @@ def build_engine(
     )  # fmt: skip
     if not cached.is_file():
         timing = cache / f"timing-{_slug(gpu)}-trt{trt.__version__}.cache"
-        plan = _build(trt, onnx_path, profile, fp16, timing, workspace_gib)
+        with torch.cuda.device(device):  # TensorRT builds for the current device
+            plan = _build(trt, onnx_path, profile, fp16, timing, workspace_gib)
         atomic_write(cached, lambda f: f.write(plan))
     out = cached if out is None else Path(out)
     if out.resolve() != cached.resolve():
@@ -299,6 +300,10 @@ class TensorRTExtractor:
 
     def __call__(self, images: Tensor) -> Extraction:
         images = check_images(images, self.device, self.info)
+        with torch.cuda.device(self.device):  # the engine's device must be the current one
+            return self._run(images)
+
+    def _run(self, images: Tensor) -> Extraction:
         stream = torch.cuda.current_stream(self.device)
         if not self.context.set_input_shape(INPUT, tuple(images.shape)):
             lo, _, hi = self.engine.get_tensor_profile_shape(INPUT, 0)
