@@ -194,8 +194,8 @@ def load_segmenter(
 
 
 def rng_state() -> dict[str, Any]:
-    """The Python, NumPy (legacy global), torch CPU and (if initialised) CUDA RNG states, in a
-    form ``torch.load(weights_only=True)`` accepts."""
+    """The Python, NumPy (legacy global), torch CPU and (if initialised) the current CUDA
+    device's RNG states, in a form ``torch.load(weights_only=True)`` accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (saved as is)
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -203,16 +203,17 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured (CUDA only when both sides have it)."""
+    """Restore what :func:`rng_state` captured (CUDA, onto the current device, only when
+    both sides have it)."""
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     state_np = (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
     np.random.set_state(state_np)  # noqa: NPY002 (the legacy global RNG is what user code sees)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])

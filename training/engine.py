@@ -15,7 +15,9 @@ Reproducibility contract (single process, CPU): a run is a function of its argum
 * The global Python / NumPy / torch RNGs (dropout, drop-path) are seeded once and saved in
   every ``last.pth``; ``--resume`` restores them with the model, optimiser and scheduler,
   so training resumed at an epoch boundary ends with the same weights as an uninterrupted
-  run. (With DDP every rank restores rank 0's RNG state.)
+  run. (With DDP, rank 0 restores the saved state and every other rank is seeded afresh
+  with ``seed + rank + world_size · epoch``: ranks keep distinct dropout and drop-path
+  streams, and a resumed DDP run is reproducible but not bitwise the uninterrupted one.)
 
 Distributed: launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process
 group is set up from the environment (NCCL on CUDA, gloo on CPU), each rank trains on its
@@ -34,6 +36,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -78,6 +81,11 @@ __all__ = [
     "train_step",
 ]
 
+DIST_TIMEOUT = timedelta(hours=2)
+"""Collective timeout: the other ranks wait at a barrier while rank 0 validates and writes
+checkpoints (full-resolution validation of a large set takes far longer than the default
+10 minutes)."""
+
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 """``loss(model, batch)``: the scalar training loss of one batch already on the device."""
 
@@ -115,10 +123,10 @@ def init_distributed(device: str | None = None) -> DistInfo:
     if torch.device(kind).type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl", device_id=dev)
+        dist.init_process_group(backend="nccl", device_id=dev, timeout=DIST_TIMEOUT)
     else:
         dev = torch.device(kind)
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", timeout=DIST_TIMEOUT)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
@@ -465,6 +473,8 @@ def fit(task: Task, args: argparse.Namespace, dist_info: DistInfo) -> int:
     }
     if args.resume:
         start_epoch, best = _restore(task, out / "last.pth")
+        if dist_info.rank > 0:  # the saved streams are rank 0's
+            seed_everything(args.seed + dist_info.rank + dist_info.world_size * start_epoch)
     model: nn.Module = task.model
     if dist_info.distributed:
         ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None

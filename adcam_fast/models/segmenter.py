@@ -98,6 +98,8 @@ class Segmenter(nn.Module):
 
     def predict(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, H, W) int64 labels: logits upsampled bilinearly
-        (``align_corners=False``) to the input size, then argmax."""
-        logits = F.interpolate(self(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        (``align_corners=False``) to the input size in fp32 (also under autocast, as the
+        exported graph does), then argmax."""
+        logits = self(x).float()
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits.argmax(1)
