@@ -23,7 +23,9 @@ image is complete or reported, schedules the others once more, and reports what 
 missing as failed at stage ``lost``. Since masks are thresholded per image from the same
 batches through the same functions, they equal the local engine's bit for bit on the same
 device type and thread count (a CPU actor runs ``cpus_per_worker`` torch threads; checked
-on CPU).
+on CPU). On GPUs each process autotunes the Triton kernels' configs on its own, and two
+configs may keep different columns where S ties within rounding: set ``ADCAM_AUTOTUNE=0``
+(on the driver and the workers) for bitwise equal masks there.
 
 Locations: the collection, the checkpoint and ``out_dir`` must be readable (``out_dir``
 writable) at the same paths from the driver and every node: local paths on a one-machine
