@@ -375,7 +375,8 @@ def _topk(
     if b == 0:
         return w, idx
     if keep > MAX_TOPK:
-        raise ValueError(f"the triton backend supports k <= {MAX_TOPK} (or k >= N), got k={k}")
+        whole = " (or k >= N)" if refine else ""
+        raise ValueError(f"the triton backend supports k <= {MAX_TOPK}{whole}, got k={k}")
     kp = next_pow2(keep)
     default, candidates = topk_configs(kp)
     chunk = max(1, min(b, ROOT_CHUNK // (n * n)))

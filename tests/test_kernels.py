@@ -381,8 +381,10 @@ def test_errors_name_the_problem(gen, monkeypatch):
     with pytest.raises(ValueError, match="int32 or int64"):
         kernels.diffuse_sparse_triton(ones, ones, cams[0], 1)
     monkeypatch.setattr(coneighbor_topk, "MAX_TOPK", 4)
-    with pytest.raises(ValueError, match="k <= 4"):
+    with pytest.raises(ValueError, match=r"k <= 4 \(or k >= N\), got k=5"):
         kernels.refine_sparse_triton(A, 5)
+    with pytest.raises(ValueError, match="k <= 4, got k=16"):  # N = 16: every column
+        kernels.similarity_topk_triton(A, 16)
     if DEVICE == "cpu":
         monkeypatch.setattr(launch, "interpreting", lambda: False)
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
