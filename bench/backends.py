@@ -124,8 +124,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, names = _checkpoint(Path(tmp) / "model.pth", args.model, args.classes, args.sizes[0])
+        providers = _ort_providers(device)
         onnx_files = {}
-        for precision in ("fp32", "fp16"):
+        for precision in ("fp32", "fp16") if providers else ():  # exports take up to a minute
             path = Path(tmp) / f"{precision}.onnx"
             export_checkpoint(ckpt, "extractor", path, fp16=precision == "fp16", verify=False)
             onnx_files[precision] = path
@@ -141,7 +142,7 @@ def main() -> None:
             compiled = TorchExtractor(model, names, MEAN, STD, device)
             compiled.graph = torch.compile(compiled.graph, dynamic=False)
             extractors["torch-compile"] = compiled
-        for provider in _ort_providers(device):
+        for provider in providers:
             short = provider.removesuffix("ExecutionProvider").lower()
             for precision, path in onnx_files.items():
                 extractors[f"onnxruntime-{short}-{precision}"] = OnnxExtractor(

@@ -5,7 +5,9 @@
 # RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the GPU
 # tests (pytest -m gpu tests/), the kernel benchmark (RESULTS_DIR/kernels.{json,csv,png}),
 # the end-to-end labelling benchmark (pipeline_cuda.json), training throughput
-# (train_cuda.json) and the extractor backends (backends_cuda.json). STEPS="gpu_tests
+# (train_cuda.json) and the extractor backends, eager torch and any ONNX Runtime GPU
+# provider (backends_<gpu>.{json,md}; torch.compile of the extractor is left out: its
+# first compile alone outlasts the step). STEPS="gpu_tests
 # kernels" (say) runs a subset of the GPU steps.
 # A failed step does not stop the next; without a CUDA GPU the GPU steps are skipped. Exits
 # non-zero if any step failed or was skipped. PYTHON picks the interpreter (default python3).
@@ -34,7 +36,8 @@ step() {  # step NAME LIMIT_S COMMAND...
 
 step env 20 bash -c "nvidia-smi; $py -c 'import sys, torch, triton
 print(sys.version); print(\"torch\", torch.__version__, \"triton\", triton.__version__)
-print(\"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"-\")'"
+print(\"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"-\")
+import setuptools; print(\"setuptools\", setuptools.__version__)'"
 step install 60 "$py" -m pip install --no-deps --no-build-isolation -e .
 if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
   want() { [[ " ${STEPS:-gpu_tests kernels pipeline train backends} " == *" $1 "* ]]; }
@@ -43,11 +46,11 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
     -p no:cacheprovider --junitxml="$out/gpu_tests.xml"
   want kernels && step kernels 150 "$py" bench/kernels.py --out "$out" --budget-s 70
   want pipeline && step pipeline 60 "$py" bench/pipeline.py --out "$out" \
-    --model conformer_small_patch16 --images 256 --size 448 --input-size 384 \
+    --model conformer_small_patch16 --images 128 --size 448 --input-size 384 \
     --batch-size 16 --workers 8
   want train && step train 45 "$py" bench/train.py --device cuda --out "$out"
   want backends && step backends 45 "$py" bench/backends.py --out "$out" \
-    --model conformer_small_patch16 --sizes 384 --batch 16
+    --model conformer_small_patch16 --sizes 384 --batch 16 --no-compile
 else
   echo "== no CUDA GPU visible: gpu_tests and bench skipped"
   failed+=("gpu:skipped")

@@ -335,7 +335,7 @@ def refine_sparse(
     ``ops.refine_sparse``, or int32), with the contract of ``ops.refine_sparse``. Images go
     in chunks of at most ``ROOT_CHUNK`` entries (one chunk for B·N² <= ROOT_CHUNK), each
     an amax (not for fp16), a `root_kernel` and a top-k launch; no host sync once the
-    config of this (N bucket, k bucket, dtype) is cached; ``config`` fixes one instead (it
+    config of this (N, k, batch buckets, dtype) is cached; ``config`` fixes one instead (it
     must satisfy `topk_configs`' constraints).
     Raises ValueError for MAX_TOPK < k < N.
     """
@@ -402,6 +402,6 @@ def _topk(
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 )  # fmt: skip
 
-            key = ("topk", n_bucket(n), kp, A.dtype, refine)
+            key = ("topk", n_bucket(n), kp, next_pow2(hi - lo), A.dtype, refine)
             run(config or choose_config(key, default, candidates, run, A.device))
     return w, idx

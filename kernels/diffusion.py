@@ -169,7 +169,7 @@ def diffuse_sparse(weights: Tensor, indices: Tensor, cams: Tensor, steps: int) -
         )  # fmt: skip
 
     default, candidates = diffusion_configs(n_cls, cams.device)
-    key = ("diffuse", n_bucket(n), next_pow2(indices.shape[-1]), next_pow2(n_cls))
+    key = ("diffuse", n_bucket(n), next_pow2(indices.shape[-1]), next_pow2(b), next_pow2(n_cls))
     with on_device(cams.device):
         run(choose_config(key, default, candidates, run, cams.device))
     return out
