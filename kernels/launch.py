@@ -11,8 +11,8 @@ Config choice: each kernel has a heuristic default and a short list of candidate
 the first call for a given (kernel, N bucket, k bucket, batch bucket, dtype, device; a
 bucket is the next power of two: the batch sets how many programs fill the GPU) times the
 candidates with ``triton.testing.do_bench`` (a host sync; do it before CUDA-graph capture)
-and caches the fastest; ``ADCAM_AUTOTUNE=0`` disables timing and always uses the default. Under the
-interpreter the default is used.
+and caches the fastest; ``ADCAM_AUTOTUNE=0`` disables timing and always uses the default.
+Under the interpreter the default is used.
 """
 
 from __future__ import annotations

@@ -240,7 +240,7 @@ def test_refine_is_blind_to_a_power_of_two_scale(gen):
     ("n", "k", "dtype", "scale"),
     [
         (37, 5, torch.float32, 1.0),
-        (144, 50, torch.float32, 2.0**-100),  # sqrt(A) far below fp16's range, unscaled
+        (144, 50, torch.float32, 2.0**-100),  # sqrt(A) below fp16's range: S comes back unscaled
         (64, 20, torch.float16, 1.0),
         (50, 7, torch.bfloat16, 2.0**100),
         (100, 100, torch.float32, 1.0),  # k = N: every column, sorted
