@@ -193,27 +193,35 @@ def load_segmenter(
     return _load_model(path, SEGMENTER, segmenter_from_config, device)
 
 
-def rng_state() -> dict[str, Any]:
-    """The Python, NumPy (legacy global), torch CPU and (if initialised) the current CUDA
-    device's RNG states, in a form ``torch.load(weights_only=True)`` accepts."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The Python, NumPy (legacy global) and torch CPU RNG states, and the CUDA ``device``'s
+    (when it is one and CUDA is initialised), in a form ``torch.load(weights_only=True)``
+    accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (saved as is)
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured (CUDA, onto the current device, only when
-    both sides have it)."""
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what :func:`rng_state` captured; the CUDA state onto the CUDA ``device``, when
+    both sides have one."""
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     state_np = (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
     np.random.set_state(state_np)  # noqa: NPY002 (the legacy global RNG is what user code sees)
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, list):  # older checkpoints hold every visible GPU's state
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)

@@ -395,7 +395,7 @@ def base_recipe(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]
     }
 
 
-def _restore(task: Task, path: Path) -> tuple[int, dict[str, Any]]:
+def _restore(task: Task, path: Path, device: torch.device) -> tuple[int, dict[str, Any]]:
     ckpt = load_checkpoint(path, task.kind)
     if "optimizer" not in ckpt:
         raise ValueError(f"{path}: holds no training state to resume from")
@@ -407,7 +407,7 @@ def _restore(task: Task, path: Path) -> tuple[int, dict[str, Any]]:
     task.model.load_state_dict(ckpt["model"])
     task.optimizer.load_state_dict(ckpt["optimizer"])
     task.scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"], device)
     return ckpt["epoch"], ckpt["best"]
 
 
@@ -472,7 +472,7 @@ def fit(task: Task, args: argparse.Namespace, dist_info: DistInfo) -> int:
         "epoch": None,
     }
     if args.resume:
-        start_epoch, best = _restore(task, out / "last.pth")
+        start_epoch, best = _restore(task, out / "last.pth", dist_info.device)
         if dist_info.rank > 0:  # the saved streams are rank 0's
             seed_everything(args.seed + dist_info.rank + dist_info.world_size * start_epoch)
     model: nn.Module = task.model
@@ -515,7 +515,7 @@ def fit(task: Task, args: argparse.Namespace, dist_info: DistInfo) -> int:
             state.update(
                 optimizer=task.optimizer.state_dict(),
                 scheduler=task.scheduler.state_dict(),
-                rng=rng_state(),
+                rng=rng_state(dist_info.device),
             )
             save_checkpoint(state, out / "last.pth")
             lrs = {f"lr_{g['name']}": g["lr"] for g in task.optimizer.param_groups}
