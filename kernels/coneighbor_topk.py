@@ -402,6 +402,6 @@ def _topk(
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 )  # fmt: skip
 
-            key = ("topk", n_bucket(n), kp, next_pow2(hi - lo), A.dtype, refine)
+            key = ("topk", n_bucket(n), kp, next_pow2(chunk), A.dtype, refine)  # one per batch
             run(config or choose_config(key, default, candidates, run, A.device))
     return w, idx
