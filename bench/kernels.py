@@ -12,10 +12,11 @@ warm-up, rotating over several input sets so that repeats do not run from L2) of
 the speed-up of triton over the best torch path, the peak extra device memory of each, and
 for the similarity stage alone (kernels 1+2 with their sqrt(A) pass, ``refine_sparse``):
 achieved TFLOP/s at ``2·B·N³`` flops next to a dense ``torch.bmm`` of the same shape and
-input precision (fp16 sqrt(A)) measured in the same run, and the time of every autotune
-candidate of kernels 1+2 (tiling and merge schedule). Writes ``kernels.json``,
-``kernels.csv`` and ``kernels.png`` (matplotlib permitting) under ``--out``, with GPU
-name, versions and date.
+input precision (fp16 sqrt(A)) measured in the same run, the time of its passes before the
+tiles (``take_root``: maximum and sqrt(A)) and of the diffusion (kernel 3) alone, and the
+time of every autotune candidate of kernels 1+2 (tiling and merge schedule). Writes
+``kernels.json``, ``kernels.csv`` and ``kernels.png`` (matplotlib permitting) under
+``--out``, with GPU name, versions and date.
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
                             [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
@@ -62,7 +63,8 @@ import triton  # noqa: E402
 
 from adcam_fast import ops, reference  # noqa: E402
 from adcam_fast.kernels import adcam_triton  # noqa: E402
-from adcam_fast.kernels.coneighbor_topk import refine_sparse, topk_configs  # noqa: E402
+from adcam_fast.kernels.coneighbor_topk import refine_sparse, take_root, topk_configs  # noqa: E402
+from adcam_fast.kernels.diffusion import diffuse_sparse  # noqa: E402
 from adcam_fast.kernels.launch import next_pow2  # noqa: E402
 from adcam_fast.reference import EPS  # noqa: E402
 
@@ -147,11 +149,18 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     if torch_ms and "triton_ms" in row:
         row["speedup_vs_best_torch"] = min(torch_ms) / row["triton_ms"]
 
-    # The similarity stage alone (kernels 1+2), against a dense bmm of the same shape.
+    # The similarity stage alone (kernels 1+2), against a dense bmm of the same shape; and
+    # its parts: the passes before the tiles (maximum, sqrt(A)), and the diffusion after it.
     flops = 2 * b * n**3
     sim_ms = time_ms(lambda i: refine_sparse(As[i % sets], k, EPS), args.repeats, cuda)
     row["similarity_ms"] = sim_ms
     row["similarity_tflops"] = flops / sim_ms / 1e9
+    root = torch.empty(As[0].shape, dtype=torch.float16, device=device)
+    row["root_ms"] = time_ms(lambda i: take_root(As[i % sets], root), args.repeats, cuda)
+    w, idx = refine_sparse(As[0], k, EPS, torch.int32)
+    row["diffusion_ms"] = time_ms(
+        lambda i: diffuse_sparse(w, idx, cams[i % sets], steps), args.repeats, cuda
+    )
     if cuda:
         R = [a.sqrt().half() for a in As]  # the kernel's dot reads sqrt(A) in fp16
         bmm_ms = time_ms(lambda i: torch.bmm(R[i % sets], R[i % sets].mT), args.repeats, True)
@@ -236,13 +245,14 @@ def main() -> None:
 def table(rows: list[dict], device: str) -> str:
     """A short Markdown table of the rows: times, speed-up, S-stage rate, fastest config."""
     head = ["N", "B", "triton ms", "best torch ms", "speed-up", "S TFLOP/s", "bmm TFLOP/s",
-            "fastest top-k config"]  # fmt: skip
+            "root ms", "diffusion ms", "fastest top-k config"]  # fmt: skip
     lines = [device, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         torch_ms = [r[p] for p in ("torch_ms", "torch.compile_ms") if p in r]
         configs = {key[5:-3]: v for key, v in r.items() if key.startswith("topk_")}
         cells = [r["N"], r["B"], r.get("triton_ms"), min(torch_ms, default=None),
                  r.get("speedup_vs_best_torch"), r.get("similarity_tflops"), r.get("bmm_tflops"),
+                 r.get("root_ms"), r.get("diffusion_ms"),
                  min(configs, key=configs.get) if configs else None]  # fmt: skip
         shown = [
             f"{c:.3g}" if isinstance(c, float) else "-" if c is None else str(c) for c in cells

@@ -364,6 +364,16 @@ def similarity_topk(
     return _topk(A, k, 0.0, index_dtype, config, refine=False)
 
 
+def take_root(A: Tensor, out: Tensor) -> Tensor | None:
+    """The passes before the tiles: ``out = fp16(sqrt(A · 2**-e))`` by `root_kernel`, for A
+    (B, N, N) contiguous; returns the per-image maxima it scaled by (None for fp16 A)."""
+    b, n = A.shape[0], A.shape[-1]
+    top = A.amax(dim=(-2, -1)) if A.dtype != torch.float16 else None
+    with on_device(A.device):
+        root_kernel[(triton.cdiv(n * n, 1024), b)](A, top, out, n * n, BLOCK=1024)
+    return top
+
+
 def _topk(
     A: Tensor, k: int, eps: float, index_dtype: torch.dtype, config: Config | None, refine: bool
 ) -> tuple[Tensor, Tensor]:
@@ -385,8 +395,7 @@ def _topk(
         for lo in range(0, b, chunk):
             hi = min(b, lo + chunk)
             r = root[: hi - lo]
-            top = A[lo:hi].amax(dim=(-2, -1)) if A.dtype != torch.float16 else None
-            root_kernel[(triton.cdiv(n * n, 1024), hi - lo)](A[lo:hi], top, r, n * n, BLOCK=1024)
+            top = take_root(A[lo:hi], r)
 
             def run(
                 cfg: Config, lo: int = lo, hi: int = hi, r: Tensor = r, top: Tensor | None = top
