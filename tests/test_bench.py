@@ -1,5 +1,6 @@
-"""bench/kernels.py, whose real run needs a GPU, runs end to end on CPU in its smoke form
-(Triton's interpreter, N = 64, B = 2), so that its one GPU run is not lost to a script error.
+"""The benchmark scripts run end to end on CPU at tiny sizes, so that a GPU run (rare and
+short: bench/gpu_check.sh) is not lost to a script error. bench/kernels.py in its smoke form
+(Triton's interpreter, N = 64, B = 2); the others with the nano model at 64 px.
 """
 
 from __future__ import annotations
@@ -39,3 +40,33 @@ def test_kernel_benchmark_smoke(tmp_path):
         (csv_row,) = list(csv.DictReader(f))
     assert float(csv_row["triton_ms"]) == pytest.approx(row["triton_ms"])
     assert "| 64 | 2 |" in run.stdout  # the closing table
+
+
+def _run(script: str, *args: str) -> None:
+    argv = [sys.executable, str(SCRIPT.parent / script), *args]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_pipeline_benchmark_smoke(tmp_path):
+    _run("pipeline.py", "--images", "4", "--size", "64", "--input-size", "64", "--batch-size",
+         "2", "--workers", "0", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
+    result = json.loads((tmp_path / "pipeline_cpu.json").read_text())
+    assert (result["written"], result["failed"]) == (4, 0)
+    assert result["images_per_second"] > 0
+
+
+def test_train_benchmark_smoke(tmp_path):
+    _run("train.py", "--steps", "1", "--warmup", "1", "--device", "cpu", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "train_cpu.json").read_text())
+    assert result["model"] == "conformer_nano_patch16" and result["images_per_s"] > 0
+
+
+def test_backends_benchmark_smoke(tmp_path):
+    pytest.importorskip("onnxruntime")
+    _run("backends.py", "--sizes", "64", "--batch", "1", "--repeats", "1", "--rounds", "1",
+         "--warmup", "1", "--no-compile", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
+    rows = json.loads((tmp_path / "backends_cpu.json").read_text())["rows"]
+    names = {r["backend"] for r in rows}
+    assert names == {"torch-eager", "onnxruntime-cpu-fp32", "onnxruntime-cpu-fp16"}
+    assert all(r["images_per_s"] > 0 for r in rows)
