@@ -48,7 +48,8 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
   export PYTHONUNBUFFERED=1
   want gpu_tests && step gpu_tests 150 "$py" -m pytest -m gpu tests/ -q -rs \
     -p no:cacheprovider --junitxml="$out/gpu_tests.xml"
-  want kernels && step kernels 150 "$py" bench/kernels.py --out "$out" --budget-s 70
+  want kernels && step kernels 150 "$py" bench/kernels.py --out "$out" --budget-s 70 \
+    --sizes 576 2304 1296 4096  # the goals' sizes first: the torch paths' budget goes there
   want pipeline && step pipeline 60 "$py" bench/pipeline.py --out "$out" \
     --model conformer_small_patch16 --images 128 --size 448 --input-size 384 \
     --batch-size 16 --workers 8
