@@ -13,6 +13,7 @@ no triton; `triton_available` says whether the GPU path works here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -42,6 +43,19 @@ def _batch(A: Tensor) -> Tensor:
     return _flat(A).contiguous()
 
 
+def _per_row(
+    A: Tensor, k: int, launch: Callable[[Tensor], tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """Check A (values: one host sync), k and the device, run ``launch`` on A as a (B, N, N)
+    batch, and give its two (B, N, k') outputs A's leading dims."""
+    A = check_attention(A)
+    check_k(k)
+    check_runnable(A)
+    out, idx = launch(_batch(A))
+    shape = (*A.shape[:-1], out.shape[-1])
+    return out.reshape(shape), idx.reshape(shape)
+
+
 def refine_sparse_triton(A: Tensor, k: int, eps: float = EPS) -> tuple[Tensor, Tensor]:
     """Sparse refined attention (Eq. 7) by the fused similarity + top-k kernel.
 
@@ -51,14 +65,13 @@ def refine_sparse_triton(A: Tensor, k: int, eps: float = EPS) -> tuple[Tensor, T
     column first); rows whose kept mass is <= eps are the self row (weight 1 at place 0
     with index i). Same contract as ``ops.refine_sparse``.
     """
-    A = check_attention(A)
-    check_k(k)
-    check_runnable(A)
-    from adcam_fast.kernels.coneighbor_topk import refine_sparse
 
-    w, idx = refine_sparse(_batch(A), k, eps)
-    shape = (*A.shape[:-1], w.shape[-1])
-    return w.reshape(shape), idx.reshape(shape)
+    def launch(batch: Tensor) -> tuple[Tensor, Tensor]:
+        from adcam_fast.kernels.coneighbor_topk import refine_sparse
+
+        return refine_sparse(batch, k, eps)
+
+    return _per_row(A, k, launch)
 
 
 def similarity_topk_triton(A: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -70,14 +83,13 @@ def similarity_topk_triton(A: Tensor, k: int) -> tuple[Tensor, Tensor]:
     Values carry the kernel's arithmetic (``coneighbor_topk.similarity_topk``: fp16
     sqrt(A), keys of 24 - log2(N) bits); min(k, N) <= ``coneighbor_topk.MAX_TOPK``.
     """
-    A = check_attention(A)
-    check_k(k)
-    check_runnable(A)
-    from adcam_fast.kernels.coneighbor_topk import similarity_topk
 
-    values, idx = similarity_topk(_batch(A), k)
-    shape = (*A.shape[:-1], values.shape[-1])
-    return values.reshape(shape), idx.reshape(shape)
+    def launch(batch: Tensor) -> tuple[Tensor, Tensor]:
+        from adcam_fast.kernels.coneighbor_topk import similarity_topk
+
+        return similarity_topk(batch, k)
+
+    return _per_row(A, k, launch)
 
 
 def diffuse_sparse_triton(weights: Tensor, indices: Tensor, cams: Tensor, steps: int) -> Tensor:

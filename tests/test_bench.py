@@ -14,19 +14,24 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "bench" / "kernels.py"
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def _run(script: str, *args: str, **env: str) -> str:
+    """Run bench/``script`` with ``args`` (and ``env`` added to the environment); its stdout."""
+    argv = [sys.executable, str(BENCH / script), *args]
+    run = subprocess.run(
+        argv, env=dict(os.environ, **env), capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
 
 
 def test_kernel_benchmark_smoke(tmp_path):
     pytest.importorskip("triton")
     from adcam_fast.kernels.coneighbor_topk import topk_configs
 
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
+    stdout = _run("kernels.py", "--smoke", "--out", str(tmp_path), TRITON_INTERPRET="1")
     result = json.loads((tmp_path / "kernels.json").read_text())
     assert result["meta"]["device"] == "cpu (Triton interpreter)"
     (row,) = result["rows"]
@@ -39,13 +44,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     with open(tmp_path / "kernels.csv", newline="") as f:
         (csv_row,) = list(csv.DictReader(f))
     assert float(csv_row["triton_ms"]) == pytest.approx(row["triton_ms"])
-    assert "| 64 | 2 |" in run.stdout  # the closing table
-
-
-def _run(script: str, *args: str) -> None:
-    argv = [sys.executable, str(SCRIPT.parent / script), *args]
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    assert "| 64 | 2 |" in stdout  # the closing table
 
 
 def test_pipeline_benchmark_smoke(tmp_path):

@@ -30,6 +30,7 @@ from adcam_fast.export.tensorrt import TENSORRT_HINT, Profile, TensorRTExtractor
 from adcam_fast.io import file_sha256
 from adcam_fast.models.segmenter import Segmenter
 from adcam_fast.pipeline.label import LabelConfig, label_dataset
+from adcam_fast.training.augment import IMAGENET_MEAN, IMAGENET_STD
 from adcam_fast.training.checkpoint import (
     SEGMENTER,
     VERSION,
@@ -41,7 +42,7 @@ from adcam_fast.training.checkpoint import (
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 NAMES = SyntheticDataset(1).class_names
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+MEAN, STD = list(IMAGENET_MEAN), list(IMAGENET_STD)
 
 
 def _classifier(path: Path, drop_last_block: bool = True) -> Path:
