@@ -69,7 +69,7 @@ def sass_instructions(cubin: bytes) -> int:
     return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
 
 
-DIVISIBLE = {"N", "NN", "slot"}
+DIVISIBLE = {"N", "NN", "E", "slot"}
 """Integer arguments that are multiples of 16 at the usual sizes (N = 144, 576, 1296, 2304,
 4096): Triton's launcher specializes them, and every pointer to a torch tensor, as
 16-divisible, which lets loads be vectorized and software-pipelined. The builds here
@@ -138,10 +138,15 @@ def diffusion_jobs(quick: bool):
     default, candidates = diffusion_configs(20, torch.device("cuda"))
     for cfg in [default] if quick else _unique(default, candidates):
         signature = dict(
-            SCR="*fp32", OUT="*fp32", POS="*i32", DST="*i32", WGT="*fp32", N="i32", K="i32",
-            R="i32", slot="i32", steps="i32", BLOCK_C="constexpr", LOG_E="constexpr",
+            SCR="*fp32", OUT="*fp32", SRC="*i32", DST="*i32", WGT="*fp32", N="i32", K="i32",
+            E="i32", slot="i32", steps="i32", BLOCK_C="constexpr", LOG_T="constexpr",
+            G="constexpr",
         )  # fmt: skip
-        constants = dict(BLOCK_C=cfg.block_m, LOG_E=cfg.block_n.bit_length() - 1)
+        constants = dict(
+            BLOCK_C=cfg.block_m,
+            LOG_T=(cfg.block_n // cfg.block_k).bit_length() - 1,
+            G=cfg.block_k,
+        )
         yield f"diffusion {cfg}", diffusion_kernel, signature, constants, cfg
 
 

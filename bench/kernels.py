@@ -9,14 +9,14 @@ warm-up, rotating over several input sets so that repeats do not run from L2) of
 - ``torch.compile``: the same under ``torch.compile(dynamic=True)``,
 - ``triton``: ``kernels.adcam_triton`` (configs autotuned on first use),
 
-the speed-up of triton over the best torch path, the peak extra device memory of each, and
-for the similarity stage alone (kernels 1+2 with their sqrt(A) pass, ``refine_sparse``):
-achieved TFLOP/s at ``2·B·N³`` flops next to a dense ``torch.bmm`` of the same shape and
-input precision (fp16 sqrt(A)) measured in the same run, the time of its passes before the
-tiles (``take_root``: maximum and sqrt(A)) and of the diffusion (kernel 3) alone, and the
-time of every autotune candidate of kernels 1+2 (tiling and merge schedule). Writes
-``kernels.json``, ``kernels.csv`` and ``kernels.png`` (matplotlib permitting) under
-``--out``, with GPU name, versions and date.
+the speed-up of triton over the best torch path (the fastest of the three above), the peak
+extra device memory of each, and for the similarity stage alone (kernels 1+2 with their
+sqrt(A) pass, ``refine_sparse``): achieved TFLOP/s at ``2·B·N³`` flops next to a dense
+``torch.bmm`` of the same shape and input precision (fp16 sqrt(A)) measured in the same
+run, the time of its passes before the tiles (``take_root``: maximum and sqrt(A)) and of
+the diffusion (kernel 3) alone, and the time of every autotune candidate of kernels 1+2
+(tiling and merge schedule). Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png``
+(matplotlib permitting) under ``--out``, with GPU name, versions and date.
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
                             [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
@@ -70,6 +70,7 @@ from adcam_fast.reference import EPS  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_BYTES = 8 * 2**30  # float64 S + Ã of the reference must fit in this
+TORCH_PATHS = ("reference", "torch", "torch.compile")  # "best torch path": the fastest of these
 
 
 def attention(b: int, n: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
@@ -145,7 +146,7 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
         except torch.OutOfMemoryError:
             notes.append(f"{name}: out of memory")
             torch.cuda.empty_cache()
-    torch_ms = [row[f"{p}_ms"] for p in ("torch", "torch.compile") if f"{p}_ms" in row]
+    torch_ms = [row[f"{p}_ms"] for p in TORCH_PATHS if f"{p}_ms" in row]
     if torch_ms and "triton_ms" in row:
         row["speedup_vs_best_torch"] = min(torch_ms) / row["triton_ms"]
 
@@ -248,7 +249,7 @@ def table(rows: list[dict], device: str) -> str:
             "root ms", "diffusion ms", "fastest top-k config"]  # fmt: skip
     lines = [device, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        torch_ms = [r[p] for p in ("torch_ms", "torch.compile_ms") if p in r]
+        torch_ms = [r[f"{p}_ms"] for p in TORCH_PATHS if f"{p}_ms" in r]
         configs = {key[5:-3]: v for key, v in r.items() if key.startswith("topk_")}
         cells = [r["N"], r["B"], r.get("triton_ms"), min(torch_ms, default=None),
                  r.get("speedup_vs_best_torch"), r.get("similarity_tflops"), r.get("bmm_tflops"),

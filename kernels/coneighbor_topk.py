@@ -295,31 +295,37 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     ``slots`` (kernel argument ``LOG_CB``) chooses the merge schedule: 0 merges every tile
     that holds a candidate (needs ``BLOCK_N >= kp``); otherwise candidates are parked in that
     many slots per row (a multiple of the merge width ``max(BLOCK_N, kp)``, so that a tile
-    fits after a merge). Parking saves merges (bench/merge_model.py: 36 -> 10 per program
-    at N = 2304, 9 -> 6 at N = 576, on random attention) but adds a prefix sum and a
-    scattered store to every tile, so the default merges whole tiles and the autotuner
-    weighs the two on the GPU (bench/kernels_notes.md). The row block shrinks as kp grows
-    so that the (BLOCK_M, kp) running list and the merged block stay in registers: ptxas
-    for sm_90a gives the kp = 64 default 90 (Triton 3.6) or 128 (3.8) registers; the
-    defaults up to kp = 256 spill at most 8 bytes, kp = 1024 spills (bench/compile_check.py
-    lists every config).
-    BLOCK_K is the same in every candidate: it fixes the order in which S is accumulated,
-    so that autotuning does not move S by a rounding (the MMA instruction shape may still
-    differ with the tiling or the warps; ``ADCAM_AUTOTUNE=0`` pins the default for bitwise
-    reproducibility across processes). For given S, every schedule keeps the same columns.
+    fits after a merge). Parking saves merges (bench/merge_model.py) but adds a prefix sum
+    and a scattered store to every tile; on an H200 it was the slower schedule at N = 576
+    and 2304 (bench/kernels_notes.md), so it stays a candidate, not the default.
+    For kp <= 64 the default S tile is 64×128 with BLOCK_K = 64, one warpgroup issuing
+    m64n128k16 wgmma: on an H200 the fastest candidate or within 8 % of it at every N and
+    batch measured (the earlier 64×64 tiles, m64n32 wgmma and BLOCK_K = 16 held the
+    similarity stage to 9 % of the bmm rate, against 28 % now at N = 2304). For larger kp the row
+    block shrinks so that the (BLOCK_M, kp) running list and the merged block stay in
+    registers, and beyond kp = 256 BLOCK_K shrinks so that the (kp, BLOCK_K) column slices
+    fit in shared memory; bench/compile_check.py lists every config's registers, spills
+    and shared memory for sm_90a.
+    BLOCK_K is the same in every candidate of one kp: it fixes the order in which S is
+    accumulated, so that autotuning does not move S by a rounding (the MMA instruction
+    shape may still differ with the tiling or the warps; ``ADCAM_AUTOTUNE=0`` pins the
+    default for bitwise reproducibility across processes). For given S, every schedule
+    keeps the same columns.
     """
-    width = max(64, kp)
-    bm = 64 if kp <= 64 else 32 if kp == 128 else 16
-    default = Config(bm, width, 16, num_warps=8, num_stages=2)
-    candidates = [
-        default,
-        Config(bm, width, 16, num_warps=8, num_stages=3),
-        Config(bm, 64, 16, num_warps=8, num_stages=2, slots=2 * width),
-        Config(max(16, bm // 2), width, 16, num_warps=4, num_stages=2),
-    ]
     if kp <= 64:
-        candidates.append(Config(bm, 2 * width, 16, num_warps=8, num_stages=2))
-    return default, candidates
+        default = Config(64, 128, 64, num_warps=4, num_stages=3)
+        return default, [
+            default,
+            Config(128, 128, 64, num_warps=8, num_stages=3),
+            Config(128, 128, 64, num_warps=8, num_stages=4),
+            Config(128, 64, 64, num_warps=8, num_stages=3),
+            Config(64, 64, 64, num_warps=8, num_stages=3),
+            Config(64, 64, 64, num_warps=8, num_stages=3, slots=128),
+        ]
+    bm = 32 if kp == 128 else 16
+    bk, stages = (64, 3) if kp <= 256 else (16, 2)  # a (kp, 64) slice per stage would not fit
+    default = Config(bm, kp, bk, num_warps=8, num_stages=stages)
+    return default, [default, Config(bm, 64, bk, num_warps=8, num_stages=stages, slots=2 * kp)]
 
 
 def refine_sparse(

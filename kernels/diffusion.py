@@ -37,92 +37,114 @@ from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2
 
 
 @triton.jit
-def _run_sums(v, dst, LOG_E: tl.constexpr):
-    """Segmented inclusive sums along the columns of v (C, 2**LOG_E): entry r becomes the
-    sum of v over the entries r' <= r of its run (equal ``dst``; dst is sorted, so a run is
-    contiguous). Hillis-Steele: after the step of distance d, entry r holds its run's sum
-    over (r - 2d, r]; a fixed order of additions, so the result is reproducible."""
-    lane = tl.arange(0, 1 << LOG_E)
-    for s in tl.static_range(LOG_E):
-        back = tl.maximum(lane - (1 << s), 0)
-        same = (lane >= (1 << s)) & (tl.gather(dst, back, 0) == dst)
-        shifted = tl.gather(v, tl.broadcast_to(back[None, :], v.shape), 1)
-        v += tl.where(same[None, :], shifted, 0.0)
-    return v
+def _columns_back(x, d: tl.constexpr):
+    """x (C, T) with column r replaced by column max(r - d, 0)."""
+    col = tl.maximum(tl.arange(0, x.shape[1]) - d, 0)
+    return tl.gather(x, tl.broadcast_to(col[None, :], x.shape), 1)
 
 
 @triton.jit
 def diffusion_kernel(
     SCR,  # (3, B, N, K) fp32 scratch; slot 0 holds the input maps (node-major)
     OUT,  # (B, K, N) fp32 out
-    POS,  # (B, E) int32: edge i·(R+1) + r of the row-major list, in CSR order
+    SRC,  # (B, E) int32: edge source i, in CSR order
     DST,  # (B, E) int32: edge destination j, ascending within an image
-    WGT,  # (B, N, R) fp32: weights of Ã's rows (place r = R is the zero-weight self edge)
+    WGT,  # (B, E) fp32: edge weight (0 for the self edges)
     N,
     K,
-    R,
+    E,
     slot,  # B * N * K
     steps,
     BLOCK_C: tl.constexpr,
-    LOG_E: tl.constexpr,  # BLOCK_E = 2**LOG_E edges per chunk
+    LOG_T: tl.constexpr,  # 2**LOG_T groups per chunk
+    G: tl.constexpr,  # consecutive edges per group
 ):
-    BLOCK_E: tl.constexpr = 1 << LOG_E
+    T: tl.constexpr = 1 << LOG_T
     pid_b = tl.program_id(0)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cls < K
     nodes = pid_b.to(tl.int64) * N * K  # this image in a scratch slot / in OUT
-    E = N * (R + 1)
-    edges = pid_b.to(tl.int64) * E
-    rows = pid_b.to(tl.int64) * N * R
-    lane = tl.arange(0, BLOCK_E)
+    SRC += pid_b.to(tl.int64) * E
+    DST += pid_b.to(tl.int64) * E
+    WGT += pid_b.to(tl.int64) * E
+    group = tl.arange(0, T)
     slot = tl.cast(slot, tl.int64)
     for t in range(steps):
         read = slot * tl.where(t == 0, 0, 1 + (t + 1) % 2) + nodes
         write = slot * (1 + t % 2) + nodes
         last = t == steps - 1
-        carry = tl.zeros((BLOCK_C,), tl.float32)  # open run's partial sum
-        carry_dst = tl.full((), -1, tl.int32)  # its node
-        for e0 in range(0, E, BLOCK_E):
-            e = e0 + lane
-            e_ok = e < E
-            pos = tl.load(POS + edges + e, mask=e_ok, other=0)
-            src = pos // (R + 1)
-            place = pos - src * (R + 1)
-            dst = tl.load(DST + edges + e, mask=e_ok, other=-1)
-            nxt = tl.load(DST + edges + e + 1, mask=(e + 1) < E, other=-1)
-            w = tl.load(WGT + rows + src * R + place, mask=e_ok & (place < R), other=0.0)
-            m = tl.load(
-                SCR + read + src[None, :] * K + cls[:, None],
-                mask=c_ok[:, None] & e_ok[None, :],
-                other=0.0,
-            )
-            v = _run_sums(m * w[None, :], dst, LOG_E)
-            v += tl.where((dst == carry_dst)[None, :], carry[:, None], 0.0)
-            end = c_ok[:, None] & (e_ok & (dst != nxt))[None, :]
-            if last:
-                tl.store(OUT + nodes + cls[:, None] * N + dst[None, :], v, mask=end)
-            else:
-                tl.store(SCR + write + dst[None, :] * K + cls[:, None], v, mask=end)
-            at_end = (lane == BLOCK_E - 1)[None, :]
-            carry = tl.sum(tl.where(at_end, v, 0.0), axis=1)
-            carry_dst = tl.sum(tl.where(lane == BLOCK_E - 1, dst, 0))
+        carry = tl.zeros((BLOCK_C,), tl.float32)  # the previous chunk's open run, summed
+        for e0 in range(0, E, T * G):
+            first = e0 + group * G  # each group's first edge
+            before = tl.load(DST + first - 1, mask=(first > 0) & (first <= E), other=-1)
+            # Within each group, sequentially: sums[g] is the sum of edge g's run over the
+            # group's edges up to g, fresh[g] whether a run starts at one of edges 1..g.
+            sums = ()
+            fresh = ()
+            dsts = ()
+            opened = group < 0
+            for g in tl.static_range(G):
+                e_ok = first + g < E
+                src = tl.load(SRC + first + g, mask=e_ok, other=0)
+                dst = tl.load(DST + first + g, mask=e_ok, other=-1)
+                w = tl.load(WGT + first + g, mask=e_ok, other=0.0)
+                m = tl.load(
+                    SCR + read + src[None, :] * K + cls[:, None],
+                    mask=c_ok[:, None] & e_ok[None, :],
+                    other=0.0,
+                )
+                x = m * w[None, :]
+                if g == 0:
+                    acc = x
+                else:
+                    start = dst != dsts[g - 1]
+                    acc = tl.where(start[None, :], x, acc + x)
+                    opened = opened | start
+                sums += (acc,)
+                fresh += (opened,)
+                dsts += (dst,)
+            dsts += (tl.load(DST + first + G, mask=first + G < E, other=-1),)
+            # Across the groups: tot becomes the sum of the run open at each group's end, over
+            # the whole chunk and the carry (segmented Hillis-Steele over the T groups; a run
+            # spans groups r-d..r iff group r-d ends on the same node as group r).
+            tail = dsts[G - 1]
+            tot = tl.where(((group == 0) & (tail == before))[None, :], carry[:, None] + acc, acc)
+            for s in tl.static_range(LOG_T):
+                back = first - (1 << s) * G + G - 1  # the last edge of group r - 2**s
+                key = tl.load(DST + back, mask=(group >= 1 << s) & (back < E), other=-1)
+                same = (group >= 1 << s) & (key == tail)
+                tot = tl.where(same[None, :], _columns_back(tot, 1 << s) + tot, tot)
+            # The run open at each group's first edge, summed before the group.
+            prior = tl.where((group == 0)[None, :], carry[:, None], _columns_back(tot, 1))
+            joins = before == dsts[0]
+            for g in tl.static_range(G):
+                v = tl.where((joins & ~fresh[g])[None, :], prior + sums[g], sums[g])
+                end = c_ok[:, None] & ((first + g < E) & (dsts[g] != dsts[g + 1]))[None, :]
+                if last:
+                    tl.store(OUT + nodes + cls[:, None] * N + dsts[g][None, :], v, mask=end)
+                else:
+                    tl.store(SCR + write + dsts[g][None, :] * K + cls[:, None], v, mask=end)
+            carry = tl.sum(tl.where((group == T - 1)[None, :], tot, 0.0), axis=1)
         tl.debug_barrier()  # step t's writes before step t+1's reads and overwrites
 
 
-def transpose_edges(indices: Tensor) -> tuple[Tensor, Tensor]:
-    """Column-wise CSR of a sparse Ã's pattern, per image: ``(pos, dst)``, each (B, N·(R+1)).
+def csr_edges(weights: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Column-wise CSR of a sparse Ã, per image: ``(src, dst, wgt)``, each (B, N·(R+1)).
 
-    indices: (B, N, R). The row-major edge list holds ``i → indices[i, r]`` at position
-    ``i·(R+1) + r`` and a self edge ``i → i`` at ``i·(R+1) + R``; ``dst`` is that list's
-    destinations sorted ascending, ``pos`` their positions. The sort is stable (ties keep
-    row-major order), so the CSR, and with it every sum of the kernel, is reproducible.
-    int32 throughout (N·(R+1) < 2**31); no host sync.
+    weights, indices: (B, N, R). The row-major edge list holds ``i → indices[i, r]`` with
+    weight ``weights[i, r]`` at position ``i·(R+1) + r`` and a zero-weight self edge
+    ``i → i`` at ``i·(R+1) + R``; sorted by destination (``dst`` ascending, int32), ``src``
+    (int32) and ``wgt`` (fp32) are the sources and weights in that order. The sort is stable
+    (ties keep row-major order), so the CSR, and with it every sum of the kernel, is
+    reproducible. N·(R+1) < 2**31; no host sync.
     """
-    b, n, _ = indices.shape
+    b, n, r = indices.shape
     nodes = torch.arange(n, device=indices.device, dtype=torch.int32).expand(b, n)
     dst = torch.cat([indices.to(torch.int32), nodes[..., None]], -1).reshape(b, -1)
     dst, pos = torch.sort(dst, dim=-1, stable=True)
-    return pos.to(torch.int32), dst
+    self_w = weights.new_zeros(b, n, 1, dtype=torch.float32)
+    wgt = torch.cat([weights.to(torch.float32), self_w], -1).reshape(b, -1).gather(-1, pos)
+    return torch.div(pos, r + 1, rounding_mode="floor").to(torch.int32), dst, wgt
 
 
 def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Config]]:
@@ -136,11 +158,11 @@ def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Co
     """
     widest = min(32, next_pow2(n_cls))
     if device.type != "cuda":
-        return Config(block_m=widest, block_n=2048), []
-    default = Config(block_m=min(8, widest), block_n=256, num_warps=4)
-    others = {Config(block_m=min(16, widest), block_n=256, num_warps=4),
-              Config(block_m=widest, block_n=256, num_warps=8),
-              Config(block_m=min(8, widest), block_n=256, num_warps=8)}  # fmt: skip
+        return Config(block_m=widest, block_n=2048, block_k=4), []
+    default = Config(block_m=min(8, widest), block_n=512, block_k=16, num_warps=4)
+    others = {Config(block_m=min(16, widest), block_n=512, block_k=16, num_warps=4),
+              Config(block_m=widest, block_n=512, block_k=16, num_warps=8),
+              Config(block_m=min(8, widest), block_n=512, block_k=16, num_warps=8)}  # fmt: skip
     return default, [default, *sorted(others - {default}, key=str)]
 
 
@@ -156,16 +178,16 @@ def diffuse_sparse(weights: Tensor, indices: Tensor, cams: Tensor, steps: int) -
     out = torch.empty(b, n_cls, n, dtype=torch.float32, device=cams.device)
     if steps == 0 or out.numel() == 0:
         return out.copy_(cams)
-    pos, dst = transpose_edges(indices)
-    weights = weights.to(torch.float32).contiguous()
+    src, dst, wgt = csr_edges(weights, indices)
     scratch = torch.empty(3, b, n, n_cls, dtype=torch.float32, device=cams.device)
     scratch[0].copy_(cams.transpose(-1, -2))
 
     def run(cfg: Config) -> None:
         grid = (b, triton.cdiv(n_cls, cfg.block_m))
         diffusion_kernel[grid](
-            scratch, out, pos, dst, weights, n, n_cls, indices.shape[-1], b * n * n_cls, steps,
-            BLOCK_C=cfg.block_m, LOG_E=cfg.block_n.bit_length() - 1, num_warps=cfg.num_warps,
+            scratch, out, src, dst, wgt, n, n_cls, src.shape[-1], b * n * n_cls, steps,
+            BLOCK_C=cfg.block_m, LOG_T=(cfg.block_n // cfg.block_k).bit_length() - 1,
+            G=cfg.block_k, num_warps=cfg.num_warps,
         )  # fmt: skip
 
     default, candidates = diffusion_configs(n_cls, cams.device)

@@ -38,7 +38,8 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert (row["N"], row["B"], row["k"]) == (64, 2, 50)
     for name in ("reference", "torch", "triton", "similarity", "root", "diffusion"):
         assert row[f"{name}_ms"] > 0, name
-    assert row["speedup_vs_best_torch"] == pytest.approx(row["torch_ms"] / row["triton_ms"])
+    best_torch = min(row["torch_ms"], row["reference_ms"])  # no torch.compile off CUDA
+    assert row["speedup_vs_best_torch"] == pytest.approx(best_torch / row["triton_ms"])
     timed = {key for key in row if key.startswith("topk_")}
     assert len(timed) == len(topk_configs(64)[1])  # every autotune candidate
     with open(tmp_path / "kernels.csv", newline="") as f:
