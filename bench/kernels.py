@@ -15,8 +15,9 @@ sqrt(A) pass, ``refine_sparse``): achieved TFLOP/s at ``2·B·N³`` flops next t
 ``torch.bmm`` of the same shape and input precision (fp16 sqrt(A)) measured in the same
 run, the time of its passes before the tiles (``take_root``: maximum and sqrt(A)) and of
 the diffusion (kernel 3) alone, and the time of every autotune candidate of kernels 1+2
-(tiling and merge schedule). Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png``
-(matplotlib permitting) under ``--out``, with GPU name, versions and date.
+(tiling and merge schedule) and of the diffusion. Writes ``kernels.json``, ``kernels.csv``
+and ``kernels.png`` (matplotlib permitting) under ``--out``, with GPU name, versions and
+date.
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
                             [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
@@ -64,7 +65,7 @@ import triton  # noqa: E402
 from adcam_fast import ops, reference  # noqa: E402
 from adcam_fast.kernels import adcam_triton  # noqa: E402
 from adcam_fast.kernels.coneighbor_topk import refine_sparse, take_root, topk_configs  # noqa: E402
-from adcam_fast.kernels.diffusion import diffuse_sparse  # noqa: E402
+from adcam_fast.kernels.diffusion import diffuse_sparse, diffusion_configs  # noqa: E402
 from adcam_fast.kernels.launch import next_pow2  # noqa: E402
 from adcam_fast.reference import EPS  # noqa: E402
 
@@ -173,6 +174,14 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
                  f"_s{cfg.num_stages}_slots{cfg.slots}")  # fmt: skip
         row[f"topk_{label}_ms"] = time_ms(
             lambda i, cfg=cfg: refine_sparse(As[i % sets], k, EPS, config=cfg),
+            args.repeats,
+            cuda,
+        )
+    # And every diffusion candidate (class block and warps).
+    for cfg in diffusion_configs(args.classes, torch.device(device))[1]:
+        label = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}_w{cfg.num_warps}"
+        row[f"diffusion_{label}_ms"] = time_ms(
+            lambda i, cfg=cfg: diffuse_sparse(w, idx, cams[i % sets], steps, config=cfg),
             args.repeats,
             cuda,
         )

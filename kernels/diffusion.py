@@ -6,15 +6,23 @@ With the maps of one image as rows of a K×N matrix M, each step is ``M ← M ·
 
 Formulation (gather, deterministic). Ã's edges ``i → idx[i, r]``, plus one zero-weight
 self edge ``j → j`` per node so that every node has an incoming edge, are sorted by
-destination with a stable torch sort per image (`transpose_edges`: the column-wise CSR of
-Ã, as int32 positions into the row-major list). In that order the in-edges of node j are
-one contiguous run, and a step is a *segmented sum* over the edge list: a program walks the
-edges of its image in chunks of ``BLOCK_E``, gathers ``w · M(:, i)`` for ``BLOCK_C``
-classes, sums each run inside the chunk (a segmented Hillis-Steele scan on ``tl.gather``),
-adds the partial sum of the run left open by the previous chunk, and stores each node's
-total from the run's last edge. Every node is written by exactly one lane and every sum
-has a fixed order (it depends on BLOCK_E only): no atomics, bitwise reproducible. The work
-per step is O(N·(k+1)·K) whatever the in-degrees (a node kept by every row costs no more).
+destination with one stable torch sort (`csr_edges`: the column-wise CSR of Ã as three
+(B, N·(k+1)) arrays in edge order, int32 source, int32 destination, fp32 weight). In that
+order the in-edges of node j are one contiguous run, and a step is a *segmented sum* over
+the edge list. A program walks the edges of its image in chunks of ``BLOCK_E = T·G``: T
+groups of G consecutive edges. Its loads of source, destination and weight are contiguous
+and independent of each other; only the gather of ``M(:, i)`` for ``BLOCK_C`` classes
+waits on the source. Within a group, the runs are summed edge by edge (G steps, in
+registers); across the T groups, the sums of the runs open at each group's end are combined
+by a segmented Hillis-Steele scan (log2(T) rounds of ``tl.gather``; whether a run spans
+groups is read from the sorted destinations), to which the partial sum of the run left open
+by the previous chunk is added. Each node's total is stored from its run's last edge.
+Every node is written by exactly one lane, and every sum has an order fixed by lane
+indices alone, set by BLOCK_E and G (not by BLOCK_C, the warps or the register layout
+Triton picks): no atomics, bitwise reproducible. (``tl.associative_scan`` would not do: its
+combination order follows the layout, which changes with BLOCK_C and the warps, and the
+interpreter runs a custom combine once per element.) The work per step is O(N·(k+1)·K)
+whatever the in-degrees (a node kept by every row costs no more).
 
 Launch: one program per (image, block of ``BLOCK_C`` classes), all steps in the one
 launch. M lives in an fp32 scratch of three node-major slots (the input, then two
@@ -23,7 +31,7 @@ which stays in L2 at the sizes of interest; steps are separated by a CTA barrier
 ordering needed, since each program owns its classes. The last step writes the (B, K, N)
 output. Nothing is bounded by on-chip memory: more classes than BLOCK_C split over more
 programs (classes are independent), a larger N only lengthens the edge walk. Extra memory:
-3·B·N·K·4 bytes of scratch plus the CSR, 8·B·N·(k+1) bytes (more while torch sorts).
+3·B·N·K·4 bytes of scratch plus the CSR, 12·B·N·(k+1) bytes (more while torch sorts).
 """
 
 from __future__ import annotations
@@ -136,43 +144,51 @@ def csr_edges(weights: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]
     ``i → i`` at ``i·(R+1) + R``; sorted by destination (``dst`` ascending, int32), ``src``
     (int32) and ``wgt`` (fp32) are the sources and weights in that order. The sort is stable
     (ties keep row-major order), so the CSR, and with it every sum of the kernel, is
-    reproducible. N·(R+1) < 2**31; no host sync.
+    reproducible. One flat int32 sort of ``N·image + destination`` serves the whole batch
+    (on an H200 it took about half the time of a sort per image; bench/kernels_notes.md);
+    B·N and N·(R+1) < 2**31; no host sync.
     """
     b, n, r = indices.shape
+    image = torch.arange(b, device=indices.device, dtype=torch.int32)[:, None]
     nodes = torch.arange(n, device=indices.device, dtype=torch.int32).expand(b, n)
     dst = torch.cat([indices.to(torch.int32), nodes[..., None]], -1).reshape(b, -1)
-    dst, pos = torch.sort(dst, dim=-1, stable=True)
+    key, pos = torch.sort((dst + image * n).view(-1), stable=True)  # one flat int32 sort
     self_w = weights.new_zeros(b, n, 1, dtype=torch.float32)
-    wgt = torch.cat([weights.to(torch.float32), self_w], -1).reshape(b, -1).gather(-1, pos)
-    return torch.div(pos, r + 1, rounding_mode="floor").to(torch.int32), dst, wgt
+    wgt = torch.cat([weights.to(torch.float32), self_w], -1).view(-1)[pos].view(b, -1)
+    src = torch.div(pos, r + 1, rounding_mode="floor").view(b, -1) - image * n
+    return src.to(torch.int32), key.view(b, -1) - image * n, wgt
 
 
 def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Config]]:
-    """Default and candidate (BLOCK_C = ``block_m``, BLOCK_E = ``block_n``) pairs.
+    """Default and candidate configs: BLOCK_C = ``block_m`` classes, chunks of BLOCK_E =
+    ``block_n`` edges in groups of G = ``block_k`` (BLOCK_E / G a power of two).
 
     GPU: eight classes (one 32-byte sector per gathered node) by default; wider class blocks
-    mean fewer programs per image, which pays only for large batches. BLOCK_E = 256 in
-    every candidate: the order of the sums depends on BLOCK_E only, so the autotuned choice
-    never changes the result. Interpreter: all classes and long chunks (its cost is per
-    operation).
+    mean fewer programs per image. BLOCK_E = 512 and G = 16 in every candidate: the order
+    of the sums depends on BLOCK_E and G only, so the autotuned choice never changes the
+    result. On an H200 (B = 128, K = 20, k = 50) this default was the fastest candidate, and
+    as fast as BLOCK_E = 256, G = 8; longer chunks (1024), G = 8 at 512 and eight classes
+    on eight warps (which spills) were slower.
+    Interpreter: all classes and long chunks (its cost is per operation).
     """
     widest = min(32, next_pow2(n_cls))
     if device.type != "cuda":
         return Config(block_m=widest, block_n=2048, block_k=4), []
     default = Config(block_m=min(8, widest), block_n=512, block_k=16, num_warps=4)
     others = {Config(block_m=min(16, widest), block_n=512, block_k=16, num_warps=4),
-              Config(block_m=widest, block_n=512, block_k=16, num_warps=8),
-              Config(block_m=min(8, widest), block_n=512, block_k=16, num_warps=8)}  # fmt: skip
+              Config(block_m=widest, block_n=512, block_k=16, num_warps=8)}  # fmt: skip
     return default, [default, *sorted(others - {default}, key=str)]
 
 
-def diffuse_sparse(weights: Tensor, indices: Tensor, cams: Tensor, steps: int) -> Tensor:
+def diffuse_sparse(
+    weights: Tensor, indices: Tensor, cams: Tensor, steps: int, config: Config | None = None
+) -> Tensor:
     """Launch kernel 3 on a batch: T = ``steps`` applications of ``M ← M · Ã``.
 
     weights (B, N, k) float, indices (B, N, k) int in [0, N), cams (B, K, N) any float, all
     on one device. Returns (B, K, N) fp32. steps = 0 returns a fp32 copy of cams. One
     torch sort plus one kernel launch for the whole batch and all steps; no host sync once
-    the config is cached.
+    the config is cached; ``config`` fixes one instead (see `diffusion_configs`).
     """
     b, n_cls, n = cams.shape
     out = torch.empty(b, n_cls, n, dtype=torch.float32, device=cams.device)
@@ -193,5 +209,5 @@ def diffuse_sparse(weights: Tensor, indices: Tensor, cams: Tensor, steps: int) -
     default, candidates = diffusion_configs(n_cls, cams.device)
     key = ("diffuse", n_bucket(n), next_pow2(indices.shape[-1]), next_pow2(b), next_pow2(n_cls))
     with on_device(cams.device):
-        run(choose_config(key, default, candidates, run, cams.device))
+        run(config or choose_config(key, default, candidates, run, cams.device))
     return out
