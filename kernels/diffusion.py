@@ -163,21 +163,22 @@ def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Co
     """Default and candidate configs: BLOCK_C = ``block_m`` classes, chunks of BLOCK_E =
     ``block_n`` edges in groups of G = ``block_k`` (BLOCK_E / G a power of two).
 
-    GPU: eight classes (one 32-byte sector per gathered node) by default; wider class blocks
-    mean fewer programs per image. BLOCK_E = 512 and G = 16 in every candidate: the order
-    of the sums depends on BLOCK_E and G only, so the autotuned choice never changes the
-    result. On an H200 (B = 128, K = 20, k = 50) this default was the fastest candidate, and
-    as fast as BLOCK_E = 256, G = 8; longer chunks (1024), G = 8 at 512 and eight classes
-    on eight warps (which spills) were slower.
+    GPU: a class block of 8 (one 32-byte sector per gathered node) by default, 16 or 32 as
+    candidates when the classes fill more than half of it; wider blocks mean fewer
+    programs per image. The blocks are these three whatever the class count (fewer classes
+    run as masked lanes), so a class count not seen before compiles nothing new. BLOCK_E =
+    512 and G = 16 in every candidate: the order of the sums depends on BLOCK_E and G only,
+    so the autotuned choice never changes the result. On an H200 (B = 128, K = 20, k = 50)
+    this default was the fastest candidate, and as fast as BLOCK_E = 256, G = 8; longer
+    chunks (1024), G = 8 at 512 and eight classes on eight warps (which spills) were slower.
     Interpreter: all classes and long chunks (its cost is per operation).
     """
-    widest = min(32, next_pow2(n_cls))
     if device.type != "cuda":
-        return Config(block_m=widest, block_n=2048, block_k=4), []
-    default = Config(block_m=min(8, widest), block_n=512, block_k=16, num_warps=4)
-    others = {Config(block_m=min(16, widest), block_n=512, block_k=16, num_warps=4),
-              Config(block_m=widest, block_n=512, block_k=16, num_warps=8)}  # fmt: skip
-    return default, [default, *sorted(others - {default}, key=str)]
+        return Config(block_m=min(32, next_pow2(n_cls)), block_n=2048, block_k=4), []
+    blocks = [Config(block_m=8, block_n=512, block_k=16, num_warps=4),
+              Config(block_m=16, block_n=512, block_k=16, num_warps=4),
+              Config(block_m=32, block_n=512, block_k=16, num_warps=8)]  # fmt: skip
+    return blocks[0], [c for c in blocks if c.block_m // 2 < max(n_cls, 8)]
 
 
 def diffuse_sparse(

@@ -308,6 +308,21 @@ def test_diffuse_sparse_many_classes_and_no_alias(gen):
     assert torch.equal(same, cams_d) and same.data_ptr() != cams_d.data_ptr()
 
 
+def test_diffusion_configs_few_builds_one_order():
+    """On a GPU every class count maps to the same three class blocks (a new count compiles
+    nothing new), and every candidate sums in the same order (same chunk and group)."""
+    from adcam_fast.kernels.diffusion import diffusion_configs
+
+    seen = set()
+    for n_cls in range(1, 65):
+        default, candidates = diffusion_configs(n_cls, torch.device("cuda"))
+        assert candidates[0] == default
+        assert {(c.block_n, c.block_k) for c in candidates} == {(512, 16)}
+        assert all(c.block_m // 2 < max(n_cls, 8) for c in candidates)  # no half-empty block
+        seen.update(candidates)
+    assert sorted(c.block_m for c in seen) == [8, 16, 32]
+
+
 # ---------------------------------------------------------------- the fused op
 
 
