@@ -10,11 +10,14 @@ A float64 model of the schedule of ``coneighbor_topk_kernel`` (no Triton). Per b
   time (``ceil(most parked in a row / width)`` merges).
 
 Each merge runs the same bitonic network over a (BLOCK_M, width) block, so merges per
-program predict the merge work of a schedule. Attention: softmax of scaled noise (as in
-bench/kernels.py) and a spatial kind (tokens on a square grid attending to neighbours and
-to their own side of a square object's border). Prints one line per case.
+program predict the merge work of a schedule. For whole tiles it also prints the share of
+merges in which no row of the block has more than ``--narrow`` candidates: the merges a
+narrower network over each row's compacted candidates could take instead. Attention:
+softmax of scaled noise (as in bench/kernels.py) and a spatial kind (tokens on a square
+grid attending to neighbours and to their own side of a square object's border). Prints
+one line per case.
 
-    python bench/merge_model.py [--sizes 576 2304] [--k 50] [--slots 0 128 256]
+    python bench/merge_model.py [--sizes 576 2304] [--k 50] [--slots 0 128 256] [--narrow 16]
 """
 
 from __future__ import annotations
@@ -40,12 +43,15 @@ def attention(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
     return (-((torch.cdist(yx, yx) / 3) ** 2) + 2 * same + 0.5 * noise).softmax(-1)
 
 
-def merges(S: torch.Tensor, k: int, block_m: int, block_n: int, slots: int) -> float:
-    """Mean merges per program of one schedule over the row blocks of S (N, N)."""
+def merges(
+    S: torch.Tensor, k: int, block_m: int, block_n: int, slots: int
+) -> tuple[float, list[int]]:
+    """Mean merges per program of one schedule over the row blocks of S (N, N), and for
+    whole tiles, per merge, the most candidates any row of the block brought."""
     n, kp = S.shape[0], next_pow2(k)
     width = max(block_n, kp)
     tiles = -(-n // block_n)
-    total = 0
+    total, most_new = 0, []
     for m0 in range(0, n, block_m):
         rows = S[m0 : m0 + block_m]
         best = torch.full((rows.shape[0], kp), -math.inf, dtype=S.dtype)  # running top kp
@@ -65,10 +71,11 @@ def merges(S: torch.Tensor, k: int, block_m: int, block_n: int, slots: int) -> f
             if not slots:
                 if new.any():
                     total += 1
+                    most_new.append(int(new.sum(1).max()))
                     best = torch.cat([best, tile], 1).topk(kp, 1).values
             else:
                 parked = torch.cat([parked, tile.masked_fill(~new, -math.inf)], 1)
-    return total / -(-n // block_m)
+    return total / -(-n // block_m), most_new
 
 
 def main() -> None:
@@ -78,6 +85,7 @@ def main() -> None:
     p.add_argument("--slots", type=int, nargs="+", default=[0, 128, 256])
     p.add_argument("--block-m", type=int, default=64)
     p.add_argument("--block-n", type=int, default=64)
+    p.add_argument("--narrow", type=int, default=16, help="candidates per row of a narrow merge")
     args = p.parse_args()
     gen = torch.Generator().manual_seed(0)
     for n in args.sizes:
@@ -85,8 +93,13 @@ def main() -> None:
             R = attention(n, kind, gen).sqrt()
             S = R @ R.T
             counts = {s: merges(S, args.k, args.block_m, args.block_n, s) for s in args.slots}
-            shown = ", ".join(f"slots {s}: {c:.1f}" for s, c in counts.items())
-            print(f"N={n} k={args.k} {kind}: {-(-n // args.block_n)} tiles; merges/program {shown}")
+            shown = ", ".join(f"slots {s}: {c:.1f}" for s, (c, _) in counts.items())
+            line = f"N={n} k={args.k} {kind}: {-(-n // args.block_n)} tiles; merges/program {shown}"
+            if 0 in counts:
+                most = counts[0][1]
+                narrow = sum(m <= args.narrow for m in most) / max(len(most), 1)
+                line += f"; whole-tile merges with <= {args.narrow} per row: {narrow:.0%}"
+            print(line)
 
 
 if __name__ == "__main__":
