@@ -145,7 +145,7 @@ def csr_edges(weights: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]
     (int32) and ``wgt`` (fp32) are the sources and weights in that order. The sort is stable
     (ties keep row-major order), so the CSR, and with it every sum of the kernel, is
     reproducible. One flat int32 sort of ``N·image + destination`` serves the whole batch
-    (on an H200 it took about half the time of a sort per image; bench/kernels_notes.md);
+    (on an H200 0.5 to 0.65 times the time of a sort per image; bench/kernels_notes.md);
     B·N and N·(R+1) < 2**31; no host sync.
     """
     b, n, r = indices.shape
