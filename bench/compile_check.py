@@ -31,8 +31,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from adcam_fast.kernels.coneighbor_topk import coneighbor_topk_kernel, root_kernel, topk_configs
-from adcam_fast.kernels.diffusion import diffusion_configs, diffusion_kernel
+from adcam_fast.kernels.coneighbor_topk import (
+    coneighbor_topk_kernel,
+    root_kernel,
+    topk_configs,
+    topk_constants,
+)
+from adcam_fast.kernels.diffusion import diffusion_configs, diffusion_constants, diffusion_kernel
 from adcam_fast.kernels.launch import Config
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -123,11 +128,7 @@ def topk_jobs(quick: bool):
                         LOG_KP="constexpr", BLOCK_M="constexpr", LOG_BN="constexpr",
                         BLOCK_K="constexpr", LOG_CB="constexpr", REFINE="constexpr",
                     )  # fmt: skip
-                    constants = dict(
-                        LOG_KP=kp.bit_length() - 1, BLOCK_M=cfg.block_m,
-                        LOG_BN=cfg.block_n.bit_length() - 1, BLOCK_K=cfg.block_k,
-                        LOG_CB=max(cfg.slots, 1).bit_length() - 1, REFINE=refine,
-                    )  # fmt: skip
+                    constants = topk_constants(kp, cfg, refine)
                     if top is None:
                         constants["TOP"] = None
                     label = f"topk {name} kp={kp} {cfg}" + ("" if refine else " TOP(S,k)")
@@ -142,12 +143,7 @@ def diffusion_jobs(quick: bool):
             E="i32", slot="i32", steps="i32", BLOCK_C="constexpr", LOG_T="constexpr",
             G="constexpr",
         )  # fmt: skip
-        constants = dict(
-            BLOCK_C=cfg.block_m,
-            LOG_T=(cfg.block_n // cfg.block_k).bit_length() - 1,
-            G=cfg.block_k,
-        )
-        yield f"diffusion {cfg}", diffusion_kernel, signature, constants, cfg
+        yield f"diffusion {cfg}", diffusion_kernel, signature, diffusion_constants(cfg), cfg
 
 
 def root_jobs():

@@ -301,11 +301,11 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     For kp <= 64 the default S tile is 64×128 with BLOCK_K = 64, one warpgroup issuing
     m64n128k16 wgmma: on an H200 the fastest candidate or within 8 % of it at every N and
     batch measured (the earlier 64×64 tiles, m64n32 wgmma and BLOCK_K = 16 held the
-    similarity stage to 9 % of the bmm rate, against 28 % now at N = 2304). For larger kp the row
-    block shrinks so that the (BLOCK_M, kp) running list and the merged block stay in
-    registers, and beyond kp = 256 BLOCK_K shrinks so that the (kp, BLOCK_K) column slices
-    fit in shared memory; bench/compile_check.py lists every config's registers, spills
-    and shared memory for sm_90a.
+    similarity stage to 9 % of the bmm rate, against 28 % now at N = 2304). For larger kp
+    the row block shrinks so that the (BLOCK_M, kp) running list and the merged block stay
+    in registers, and beyond kp = 256 BLOCK_K shrinks so that the (kp, BLOCK_K) column
+    slices fit in shared memory; bench/compile_check.py lists every config's registers,
+    spills and shared memory for sm_90a.
     BLOCK_K is the same in every candidate of one kp: it fixes the order in which S is
     accumulated, so that autotuning does not move S by a rounding (the MMA instruction
     shape may still differ with the tiling or the warps; ``ADCAM_AUTOTUNE=0`` pins the
@@ -326,6 +326,20 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     bk, stages = (64, 3) if kp <= 256 else (16, 2)  # a (kp, 64) slice per stage would not fit
     default = Config(bm, kp, bk, num_warps=8, num_stages=stages)
     return default, [default, Config(bm, 64, bk, num_warps=8, num_stages=stages, slots=2 * kp)]
+
+
+def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:
+    """The constexpr arguments of `coneighbor_topk_kernel` for a running top-``kp`` under
+    ``cfg``, with the refinement epilogue or ``TOP(S, k)`` (``refine``): what `_topk`
+    launches and bench/compile_check.py builds."""
+    return dict(
+        LOG_KP=kp.bit_length() - 1,
+        BLOCK_M=cfg.block_m,
+        LOG_BN=cfg.block_n.bit_length() - 1,
+        BLOCK_K=cfg.block_k,
+        LOG_CB=max(cfg.slots, 1).bit_length() - 1,
+        REFINE=refine,
+    )
 
 
 def refine_sparse(
@@ -411,9 +425,7 @@ def _topk(
                 buf = torch.empty(max(parked, 1), dtype=torch.int32, device=A.device)
                 coneighbor_topk_kernel[grid](
                     r, A[lo:hi], top, buf, w[lo:hi], idx[lo:hi], n, n.bit_length(), keep, eps,
-                    LOG_KP=kp.bit_length() - 1, BLOCK_M=cfg.block_m,
-                    LOG_BN=cfg.block_n.bit_length() - 1, BLOCK_K=cfg.block_k,
-                    LOG_CB=max(cfg.slots, 1).bit_length() - 1, REFINE=refine,
+                    **topk_constants(kp, cfg, refine),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 )  # fmt: skip
 

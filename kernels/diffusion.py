@@ -181,6 +181,14 @@ def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Co
     return blocks[0], [c for c in blocks if c.block_m // 2 < max(n_cls, 8)]
 
 
+def diffusion_constants(cfg: Config) -> dict[str, int]:
+    """The constexpr arguments of `diffusion_kernel` under ``cfg`` (see `diffusion_configs`):
+    what `diffuse_sparse` launches and bench/compile_check.py builds."""
+    return dict(
+        BLOCK_C=cfg.block_m, LOG_T=(cfg.block_n // cfg.block_k).bit_length() - 1, G=cfg.block_k
+    )
+
+
 def diffuse_sparse(
     weights: Tensor, indices: Tensor, cams: Tensor, steps: int, config: Config | None = None
 ) -> Tensor:
@@ -203,8 +211,7 @@ def diffuse_sparse(
         grid = (b, triton.cdiv(n_cls, cfg.block_m))
         diffusion_kernel[grid](
             scratch, out, src, dst, wgt, n, n_cls, src.shape[-1], b * n * n_cls, steps,
-            BLOCK_C=cfg.block_m, LOG_T=(cfg.block_n // cfg.block_k).bit_length() - 1,
-            G=cfg.block_k, num_warps=cfg.num_warps,
+            **diffusion_constants(cfg), num_warps=cfg.num_warps,
         )  # fmt: skip
 
     default, candidates = diffusion_configs(n_cls, cams.device)

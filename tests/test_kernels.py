@@ -467,9 +467,10 @@ def test_gpu_merge_schedules_agree(n):
     columns."""
     gen = torch.Generator().manual_seed(n + 1)
     A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
-    parked = next(c for c in coneighbor_topk.topk_configs(64)[1] if c.slots > 0)
+    candidates = coneighbor_topk.topk_configs(64)[1]
+    parked = next(c for c in candidates if c.slots > 0)
     tiling = (parked.block_m, parked.block_n, parked.num_warps, parked.num_stages)
-    same_s = [c for c in coneighbor_topk.topk_configs(64)[1]
+    same_s = [c for c in candidates
               if (c.block_m, c.block_n, c.num_warps, c.num_stages) == tiling]  # fmt: skip
     assert {c.slots > 0 for c in same_s} == {False, True}  # both schedules
     outs = [coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=c) for c in same_s]
