@@ -126,7 +126,8 @@ def topk_jobs(quick: bool):
                         R="*fp16", A=f"*{name}", TOP=top or "constexpr", BUF="*i32", W="*fp32",
                         IDX="*i32", N="i32", C="i32", K_KEEP="i32", eps="fp32",
                         LOG_KP="constexpr", BLOCK_M="constexpr", LOG_BN="constexpr",
-                        BLOCK_K="constexpr", LOG_CB="constexpr", REFINE="constexpr",
+                        BLOCK_K="constexpr", LOG_CB="constexpr", NARROW="constexpr",
+                        REFINE="constexpr",
                     )  # fmt: skip
                     constants = topk_constants(kp, cfg, refine)
                     if top is None:

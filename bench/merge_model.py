@@ -12,7 +12,8 @@ A float64 model of the schedule of ``coneighbor_topk_kernel`` (no Triton). Per b
 Each merge runs the same bitonic network over a (BLOCK_M, width) block, so merges per
 program predict the merge work of a schedule. For whole tiles it also prints the share of
 merges in which no row of the block has more than ``--narrow`` candidates: the merges a
-narrower network over each row's compacted candidates could take instead. Attention:
+narrow merge (``narrow`` in `topk_configs`) takes instead, and their mean of that count: the
+passes it makes. Attention:
 softmax of scaled noise (as in bench/kernels.py) and a spatial kind (tokens on a square
 grid attending to neighbours and to their own side of a square object's border). Prints
 one line per case.
@@ -97,8 +98,12 @@ def main() -> None:
             line = f"N={n} k={args.k} {kind}: {-(-n // args.block_n)} tiles; merges/program {shown}"
             if 0 in counts:
                 most = counts[0][1]
-                narrow = sum(m <= args.narrow for m in most) / max(len(most), 1)
-                line += f"; whole-tile merges with <= {args.narrow} per row: {narrow:.0%}"
+                few = [m for m in most if m <= args.narrow]
+                line += (
+                    f"; whole-tile merges with <= {args.narrow} per row: "
+                    f"{len(few) / max(len(most), 1):.0%}, at most {sum(few) / max(len(few), 1):.1f}"
+                    " per row on average"
+                )
             print(line)
 
 

@@ -32,7 +32,10 @@ sorted ascending; keys are merged in by the bitonic rule
 ``acc <- bitonic_merge(max(acc, topk(x, KP)))`` (an ascending and a descending sorted
 list, compared place by place, keep the KP largest of both as a bitonic list, which the
 merge sorts). Only keys above a row's current k-th best can enter. With ``LOG_CB = 0`` a
-tile holding any such key is merged whole. Otherwise those candidates are parked,
+tile holding any such key is merged whole; with ``NARROW > 0`` too, unless every row of
+the tile holds at most NARROW of them: then they are taken out one at a time, largest
+first, by row maxima (`_merge_largest`), which costs a few operations per key of the tile
+and pass instead of a sorting network over it. Otherwise those candidates are parked,
 compacted by a prefix sum, in ``2**LOG_CB`` scratch slots per row (global memory that
 stays in L1/L2, ordered by CTA barriers), and merged before a tile that could overflow a
 row's slots, and at the end: the bitonic work then follows the number of candidates,
@@ -119,6 +122,27 @@ def _merge(acc, x, LOG_KP: tl.constexpr, LOG_W: tl.constexpr):
 
 
 @triton.jit
+def _merge_largest(acc, x, count, LOG_KP: tl.constexpr):
+    """`_merge` of the ``count`` (<= KP) largest keys of each row of x (M, W): distinct keys
+    >= 0, -1 elsewhere. They are taken one at a time, largest first, as a descending list
+    met place by place with the ascending acc. A pass finds the largest key below the
+    last one taken, m, as ``m - 1 - min(m - 1 - x)`` with the differences read unsigned
+    (keys >= m wrap to the top): two instructions per key of x, where the sorting network
+    of `_merge` spends about one per key and compare-swap stage, of which a 128-wide tile
+    has 27."""
+    KP: tl.constexpr = 1 << LOG_KP
+    place = tl.arange(0, KP)
+    top = tl.full(acc.shape, -1, tl.int32)
+    m = tl.full((acc.shape[0],), 2**31 - 1, tl.int32)  # above every key
+    for p in range(count):
+        gap = tl.min((m[:, None] - 1 - x).to(tl.uint32, bitcast=True), axis=1)
+        gap = gap.to(tl.int32, bitcast=True)  # < 0: no key below m (the row is spent)
+        m = tl.where((m >= 0) & (gap >= 0), m - 1 - gap, -1)
+        top = tl.where(place[None, :] == p, m[:, None], top)
+    return _bitonic_merge(tl.maximum(acc, top), LOG_KP, 0, False)
+
+
+@triton.jit
 def _kth(acc, K_KEEP, KP: tl.constexpr):
     """The K_KEEP-th largest key of each row of the ascending list acc (-1 while unfilled)."""
     pick = tl.arange(0, KP) == KP - K_KEEP
@@ -165,6 +189,7 @@ def coneighbor_topk_kernel(
     LOG_BN: tl.constexpr,  # BLOCK_N = 2**LOG_BN, >= KP when LOG_CB = 0
     BLOCK_K: tl.constexpr,
     LOG_CB: tl.constexpr,  # 0: merge tiles directly; else park candidates in 2**LOG_CB slots
+    NARROW: tl.constexpr,  # LOG_CB = 0: tiles with <= NARROW keys per row to `_merge_largest`
     REFINE: tl.constexpr,  # epilogue: the refinement (Eq. 7), or TOP(S, k) as (S, index)
 ):
     KP: tl.constexpr = 1 << LOG_KP
@@ -204,9 +229,17 @@ def coneighbor_topk_kernel(
             key = ((field >> (C - 1)) << C) | (N - cols)[None, :]
             key = tl.where(row_ok[:, None] & col_ok[None, :], key, -1)
             new = (key > kth[:, None]).to(tl.int32)  # could still enter the top k
-            if LOG_CB == 0:
+            if LOG_CB == 0 and NARROW == 0:
                 if tl.max(new) > 0:
                     acc = _merge(acc, key, LOG_KP, LOG_BN)
+                    kth = _kth(acc, K_KEEP, KP)
+            elif LOG_CB == 0:
+                most = tl.max(tl.sum(new, axis=1))  # the most candidates in one row
+                if most > NARROW:
+                    acc = _merge(acc, key, LOG_KP, LOG_BN)
+                    kth = _kth(acc, K_KEEP, KP)
+                elif most > 0:
+                    acc = _merge_largest(acc, tl.where(new > 0, key, -1), most, LOG_KP)
                     kth = _kth(acc, K_KEEP, KP)
             else:
                 spot = held[:, None] + tl.cumsum(new, axis=1) - 1
@@ -298,6 +331,10 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     fits after a merge). Parking saves merges (bench/merge_model.py) but adds a prefix sum
     and a scattered store to every tile; on an H200 it was the slower schedule at N = 576
     and 2304 (bench/kernels_notes.md), so it stays a candidate, not the default.
+    ``narrow`` (with slots 0; at most kp) merges a tile whose rows each hold at most that
+    many candidates by `_merge_largest`, the rest whole. On the benchmark's random attention
+    most late tiles qualify at N >= 2304 (bench/merge_model.py); the candidates with it
+    have not yet been timed on a GPU, so the default does not use it.
     For kp <= 64 the default S tile is 64×128 with BLOCK_K = 64, one warpgroup issuing
     m64n128k16 wgmma: on an H200 the fastest candidate or within 8 % of it at every N and
     batch measured (the earlier 64×64 tiles, m64n32 wgmma and BLOCK_K = 16 held the
@@ -321,11 +358,17 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
             Config(128, 64, 64, num_warps=8, num_stages=3),
             Config(64, 64, 64, num_warps=8, num_stages=3),
             Config(64, 64, 64, num_warps=8, num_stages=3, slots=128),
+            Config(64, 128, 64, num_warps=4, num_stages=3, narrow=16),
+            Config(64, 128, 64, num_warps=4, num_stages=3, narrow=32),
         ]
     bm = 32 if kp == 128 else 16
     bk, stages = (64, 3) if kp <= 256 else (16, 2)  # a (kp, 64) slice per stage would not fit
     default = Config(bm, kp, bk, num_warps=8, num_stages=stages)
-    return default, [default, Config(bm, 64, bk, num_warps=8, num_stages=stages, slots=2 * kp)]
+    return default, [
+        default,
+        Config(bm, 64, bk, num_warps=8, num_stages=stages, slots=2 * kp),
+        Config(bm, kp, bk, num_warps=8, num_stages=stages, narrow=32),
+    ]
 
 
 def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:
@@ -338,6 +381,7 @@ def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:
         LOG_BN=cfg.block_n.bit_length() - 1,
         BLOCK_K=cfg.block_k,
         LOG_CB=max(cfg.slots, 1).bit_length() - 1,
+        NARROW=min(cfg.narrow, kp),
         REFINE=refine,
     )
 

@@ -30,8 +30,8 @@ HELP = 'use backend="torch" for the portable path'
 
 @dataclass(frozen=True)
 class Config:
-    """Block sizes, merge slots (top-k kernel) and launch options of one kernel variant
-    (unused fields are 0)."""
+    """Block sizes, merge schedule (top-k kernel: ``slots``, ``narrow``) and launch options
+    of one kernel variant (unused fields are 0)."""
 
     block_m: int = 0
     block_n: int = 0
@@ -39,6 +39,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     slots: int = 0
+    narrow: int = 0
 
 
 def next_pow2(n: int) -> int:

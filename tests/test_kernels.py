@@ -199,14 +199,17 @@ def test_refine_structured_attention(gen, kind):
     [(100, 20, 32, torch.float32), (100, 20, 64, torch.float16), (70, 5, 16, torch.bfloat16)],
 )
 def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
-    """Merging whole tiles, or parking candidates in few slots (a merge before almost every
+    """Merging whole tiles, taking a tile's few candidates one at a time (narrow: up to 1,
+    some, or every tile), or parking candidates in few slots (a merge before almost every
     tile) or many (one merge at the end, over several chunks of slots), keeps the same
     unique keys: bitwise equal outputs for configs that differ only in the schedule."""
     (A,) = to_device(random_attention(1, n, n, generator=gen, dtype=dtype))
     kp = launch.next_pow2(k)
+    schedules = [dict(narrow=w) for w in (1, 4, max(block_n, kp))]
+    schedules += [dict(slots=s) for s in (max(block_n, kp), 2 * block_n, 8 * block_n)]
     outs = [
-        coneighbor_topk.refine_sparse(A, k, reference.EPS, config=Config(32, block_n, 16, slots=s))
-        for s in (0, max(block_n, kp), 2 * block_n, 8 * block_n)
+        coneighbor_topk.refine_sparse(A, k, reference.EPS, config=Config(32, block_n, 16, **s))
+        for s in [{}, *schedules]
     ]
     check_refinement(A, k, *outs[0])
     for w, idx in outs[1:]:
@@ -462,21 +465,25 @@ def test_gpu_tensors_on_a_device_that_is_not_current():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [576, 2304])
 def test_gpu_merge_schedules_agree(n):
-    """On the GPU (real CTA barriers and caches), the autotune candidates that share the
-    parked candidate's tiling and differ in the merge schedule keep bitwise the same
-    columns."""
+    """On the GPU (real CTA barriers and caches), the autotune candidates that share a
+    tiling and differ in the merge schedule (whole tiles, narrow, parked) keep bitwise the
+    same columns."""
     gen = torch.Generator().manual_seed(n + 1)
     A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
-    candidates = coneighbor_topk.topk_configs(64)[1]
-    parked = next(c for c in candidates if c.slots > 0)
-    tiling = (parked.block_m, parked.block_n, parked.num_warps, parked.num_stages)
-    same_s = [c for c in candidates
-              if (c.block_m, c.block_n, c.num_warps, c.num_stages) == tiling]  # fmt: skip
-    assert {c.slots > 0 for c in same_s} == {False, True}  # both schedules
-    outs = [coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=c) for c in same_s]
-    check_refinement(A, 50, *outs[0])
-    for w, idx in outs[1:]:
-        assert torch.equal(idx, outs[0][1]) and torch.equal(w, outs[0][0])
+    groups: dict[tuple, list[Config]] = {}
+    for c in coneighbor_topk.topk_configs(64)[1]:
+        tiling = (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages)
+        groups.setdefault(tiling, []).append(c)
+    shared = [g for g in groups.values() if len(g) > 1]
+    schedules = {
+        ("parked" if c.slots else "narrow" if c.narrow else "whole") for g in shared for c in g
+    }
+    assert schedules == {"whole", "narrow", "parked"}
+    for same_s in shared:
+        outs = [coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=c) for c in same_s]
+        check_refinement(A, 50, *outs[0])
+        for w, idx in outs[1:]:
+            assert torch.equal(idx, outs[0][1]) and torch.equal(w, outs[0][0])
 
 
 @pytest.mark.gpu
