@@ -171,7 +171,7 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     # Every autotune candidate, so that a run shows which tiling and merge schedule wins.
     for cfg in topk_configs(next_pow2(k))[1]:
         label = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}_w{cfg.num_warps}"
-                 f"_s{cfg.num_stages}_slots{cfg.slots}")  # fmt: skip
+                 f"_s{cfg.num_stages}_slots{cfg.slots}_narrow{cfg.narrow}")  # fmt: skip
         row[f"topk_{label}_ms"] = time_ms(
             lambda i, cfg=cfg: refine_sparse(As[i % sets], k, EPS, config=cfg),
             args.repeats,

@@ -360,6 +360,7 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
             Config(64, 64, 64, num_warps=8, num_stages=3, slots=128),
             Config(64, 128, 64, num_warps=4, num_stages=3, narrow=16),
             Config(64, 128, 64, num_warps=4, num_stages=3, narrow=32),
+            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=32),
         ]
     bm = 32 if kp == 128 else 16
     bk, stages = (64, 3) if kp <= 256 else (16, 2)  # a (kp, 64) slice per stage would not fit
