@@ -127,9 +127,9 @@ def _merge_largest(acc, x, count, LOG_KP: tl.constexpr):
     >= 0, -1 elsewhere. They are taken one at a time, largest first, as a descending list
     met place by place with the ascending acc. A pass finds the largest key below the
     last one taken, m, as ``m - 1 - min(m - 1 - x)`` with the differences read unsigned
-    (keys >= m wrap to the top): two instructions per key of x, where the sorting network
-    of `_merge` spends about one per key and compare-swap stage, of which a 128-wide tile
-    has 27."""
+    (keys >= m wrap to the top): about two instructions per key of x, where `_merge` over
+    the same tile spends about 57 (sm_90a SASS of a 64×128 tile on 4 warps: 139 per pass
+    and 677 around the passes, against 3656 instructions per thread)."""
     KP: tl.constexpr = 1 << LOG_KP
     place = tl.arange(0, KP)
     top = tl.full(acc.shape, -1, tl.int32)
@@ -332,9 +332,12 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     and a scattered store to every tile; on an H200 it was the slower schedule at N = 576
     and 2304 (bench/kernels_notes.md), so it stays a candidate, not the default.
     ``narrow`` (with slots 0; at most kp) merges a tile whose rows each hold at most that
-    many candidates by `_merge_largest`, the rest whole. On the benchmark's random attention
-    most late tiles qualify at N >= 2304 (bench/merge_model.py); the candidates with it
-    have not yet been timed on a GPU, so the default does not use it.
+    many candidates by `_merge_largest`, the rest whole. 20 is about where a pass-by-pass
+    merge stops being cheaper than the network (sm_90a SASS, kp = 64: 677 + 139 per pass
+    against 3656 instructions per thread), and on the benchmark's random attention it cuts
+    the merge instructions per program by 29 % at N = 2304 and 42 % at N = 4096
+    (bench/merge_model.py counts, bench/kernels_notes.md). Not yet timed on a GPU, so the
+    default does not use it.
     For kp <= 64 the default S tile is 64×128 with BLOCK_K = 64, one warpgroup issuing
     m64n128k16 wgmma: on an H200 the fastest candidate or within 8 % of it at every N and
     batch measured (the earlier 64×64 tiles, m64n32 wgmma and BLOCK_K = 16 held the
@@ -358,9 +361,8 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
             Config(128, 64, 64, num_warps=8, num_stages=3),
             Config(64, 64, 64, num_warps=8, num_stages=3),
             Config(64, 64, 64, num_warps=8, num_stages=3, slots=128),
-            Config(64, 128, 64, num_warps=4, num_stages=3, narrow=16),
-            Config(64, 128, 64, num_warps=4, num_stages=3, narrow=32),
-            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=32),
+            Config(64, 128, 64, num_warps=4, num_stages=3, narrow=20),
+            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=20),
         ]
     bm = 32 if kp == 128 else 16
     bk, stages = (64, 3) if kp <= 256 else (16, 2)  # a (kp, 64) slice per stage would not fit
@@ -368,7 +370,7 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     return default, [
         default,
         Config(bm, 64, bk, num_warps=8, num_stages=stages, slots=2 * kp),
-        Config(bm, kp, bk, num_warps=8, num_stages=stages, narrow=32),
+        Config(bm, kp, bk, num_warps=8, num_stages=stages, narrow=20),
     ]
 
 
