@@ -140,7 +140,7 @@ def diffusion_jobs(quick: bool):
     default, candidates = diffusion_configs(20, torch.device("cuda"))
     for cfg in [default] if quick else _unique(default, candidates):
         signature = dict(
-            SCR="*fp32", OUT="*fp32", SRC="*i32", DST="*i32", WGT="*fp32", N="i32", K="i32",
+            SCR="*fp32", SRC="*i32", DST="*i32", WGT="*fp32", SH="*fp32", N="i32", K="i32",
             E="i32", slot="i32", steps="i32", BLOCK_C="constexpr", LOG_T="constexpr",
             G="constexpr",
         )  # fmt: skip

@@ -16,7 +16,10 @@ waits on the source. Within a group, the runs are summed edge by edge (G steps, 
 registers); across the T groups, the sums of the runs open at each group's end are combined
 by a segmented Hillis-Steele scan (log2(T) rounds of ``tl.gather``; whether a run spans
 groups is read from the sorted destinations), to which the partial sum of the run left open
-by the previous chunk is added. Each node's total is stored from its run's last edge.
+by the previous chunk is added, and the result returns to the walk's register layout
+through a small per-program scratch (`_previous_column`), so that the G gathers of a
+chunk are issued together, with no CTA barrier between them. Each node's total is stored
+from its run's last edge.
 Every node is written by exactly one lane, and every sum has an order fixed by lane
 indices alone, set by BLOCK_E and G (not by BLOCK_C, the warps or the register layout
 Triton picks): no atomics, bitwise reproducible. (``tl.associative_scan`` would not do: its
@@ -25,13 +28,14 @@ interpreter runs a custom combine once per element.) The work per step is O(N·(
 whatever the in-degrees (a node kept by every row costs no more).
 
 Launch: one program per (image, block of ``BLOCK_C`` classes), all steps in the one
-launch. M lives in an fp32 scratch of three node-major slots (the input, then two
-ping-pong buffers; a node's classes are contiguous, so one gather reads them together),
-which stays in L2 at the sizes of interest; steps are separated by a CTA barrier, all the
-ordering needed, since each program owns its classes. The last step writes the (B, K, N)
+launch. M lives in two node-major fp32 slots that the steps ping-pong between (the input
+first; a node's classes are contiguous, so one gather reads them together), which stay in
+L2 at the sizes of interest; steps are separated by a CTA barrier, all the ordering needed,
+since each program owns its classes. A torch copy turns the last slot into the (B, K, N)
 output. Nothing is bounded by on-chip memory: more classes than BLOCK_C split over more
 programs (classes are independent), a larger N only lengthens the edge walk. Extra memory:
-3·B·N·K·4 bytes of scratch plus the CSR, 12·B·N·(k+1) bytes (more while torch sorts).
+2·B·N·K·4 bytes of maps, 4·B·max(K, BLOCK_C)·T bytes for the scan's results, and the CSR,
+12·B·N·(k+1) bytes (more while torch sorts).
 """
 
 from __future__ import annotations
@@ -46,18 +50,41 @@ from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2
 
 @triton.jit
 def _columns_back(x, d: tl.constexpr):
-    """x (C, T) with column r replaced by column max(r - d, 0)."""
+    """x (C, T) with column r replaced by column max(r - d, 0) (``tl.gather``: shuffles
+    within a warp in the layout Triton picks for it)."""
     col = tl.maximum(tl.arange(0, x.shape[1]) - d, 0)
     return tl.gather(x, tl.broadcast_to(col[None, :], x.shape), 1)
 
 
 @triton.jit
+def _previous_column(SH, x, stride):
+    """x (C, T) with column r replaced by column r - 1 (0 for r = 0), through the program's
+    scratch SH (T·stride floats, stride >= C; CTA barriers order it).
+
+    This is where the scan's values return to the walk's layout. Through ``tl.gather``,
+    Triton put the gather's layout on the walk instead and converted every group's sums
+    to it and back, two CTA barriers each, so that each of the G gathers of M in a chunk
+    waited for the one before (sm_90a, Triton 3.6: 32 layout conversions and 65 barriers
+    in the kernel, against 3 and 8 with this shift). ``stride`` is a runtime value,
+    max(K, C): with the constexpr C, Triton would vectorize these accesses and give them
+    another layout than the gathers of M.
+    """
+    c = tl.arange(0, x.shape[0])[:, None]
+    r = tl.arange(0, x.shape[1])[None, :]
+    tl.store(SH + r * stride + c, x)
+    tl.debug_barrier()
+    y = tl.load(SH + (r - 1) * stride + c, mask=r >= 1, other=0.0)
+    tl.debug_barrier()
+    return y
+
+
+@triton.jit
 def diffusion_kernel(
-    SCR,  # (3, B, N, K) fp32 scratch; slot 0 holds the input maps (node-major)
-    OUT,  # (B, K, N) fp32 out
+    SCR,  # (2, B, N, K) fp32 maps, node-major: slot 0 the input; step t writes slot (t+1)%2
     SRC,  # (B, E) int32: edge source i, in CSR order
     DST,  # (B, E) int32: edge destination j, ascending within an image
     WGT,  # (B, E) fp32: edge weight (0 for the self edges)
+    SH,  # (B, programs per image, 2**LOG_T, max(K, BLOCK_C)) fp32: `_previous_column`
     N,
     K,
     E,
@@ -71,16 +98,17 @@ def diffusion_kernel(
     pid_b = tl.program_id(0)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cls < K
-    nodes = pid_b.to(tl.int64) * N * K  # this image in a scratch slot / in OUT
+    nodes = pid_b.to(tl.int64) * N * K  # this image in a scratch slot
     SRC += pid_b.to(tl.int64) * E
     DST += pid_b.to(tl.int64) * E
     WGT += pid_b.to(tl.int64) * E
     group = tl.arange(0, T)
+    stride = tl.maximum(K, BLOCK_C)  # of SH's columns (runtime: see `_previous_column`)
+    SH += (pid_b * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * T * stride
     slot = tl.cast(slot, tl.int64)
     for t in range(steps):
-        read = slot * tl.where(t == 0, 0, 1 + (t + 1) % 2) + nodes
-        write = slot * (1 + t % 2) + nodes
-        last = t == steps - 1
+        read = slot * (t % 2) + nodes
+        write = slot * ((t + 1) % 2) + nodes
         carry = tl.zeros((BLOCK_C,), tl.float32)  # the previous chunk's open run, summed
         for e0 in range(0, E, T * G):
             first = e0 + group * G  # each group's first edge
@@ -123,15 +151,14 @@ def diffusion_kernel(
                 same = (group >= 1 << s) & (key == tail)
                 tot = tl.where(same[None, :], _columns_back(tot, 1 << s) + tot, tot)
             # The run open at each group's first edge, summed before the group.
-            prior = tl.where((group == 0)[None, :], carry[:, None], _columns_back(tot, 1))
+            prior = tl.where(
+                (group == 0)[None, :], carry[:, None], _previous_column(SH, tot, stride)
+            )
             joins = before == dsts[0]
             for g in tl.static_range(G):
                 v = tl.where((joins & ~fresh[g])[None, :], prior + sums[g], sums[g])
                 end = c_ok[:, None] & ((first + g < E) & (dsts[g] != dsts[g + 1]))[None, :]
-                if last:
-                    tl.store(OUT + nodes + cls[:, None] * N + dsts[g][None, :], v, mask=end)
-                else:
-                    tl.store(SCR + write + dsts[g][None, :] * K + cls[:, None], v, mask=end)
+                tl.store(SCR + write + dsts[g][None, :] * K + cls[:, None], v, mask=end)
             carry = tl.sum(tl.where((group == T - 1)[None, :], tot, 0.0), axis=1)
         tl.debug_barrier()  # step t's writes before step t+1's reads and overwrites
 
@@ -163,21 +190,23 @@ def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Co
     """Default and candidate configs: BLOCK_C = ``block_m`` classes, chunks of BLOCK_E =
     ``block_n`` edges in groups of G = ``block_k`` (BLOCK_E / G a power of two).
 
-    GPU: a class block of 8 (one 32-byte sector per gathered node) by default, 16 or 32 as
-    candidates when the classes fill more than half of it; wider blocks mean fewer
-    programs per image. The blocks are these three whatever the class count (fewer classes
-    run as masked lanes), so a class count not seen before compiles nothing new. BLOCK_E =
-    512 and G = 16 in every candidate: the order of the sums depends on BLOCK_E and G only,
-    so the autotuned choice never changes the result. On an H200 (B = 128, K = 20, k = 50)
-    this default was the fastest candidate, and as fast as BLOCK_E = 256, G = 8; longer
-    chunks (1024), G = 8 at 512 and eight classes on eight warps (which spills) were slower.
+    GPU: a class block of 8 (one 32-byte sector per gathered node) on 4 warps by default;
+    4 classes on 4 warps (more programs per image, half the registers), and 16 on 8 warps
+    when the classes fill more than half of them (fewer programs), as candidates. The
+    blocks are these whatever the class count (fewer classes run as masked lanes), so a
+    class count not seen before compiles nothing new. BLOCK_E = 512 and G = 16 in every
+    candidate: the order of the sums depends on BLOCK_E and G only, so the autotuned choice
+    never changes the result. On an H200 (B = 128, K = 20, k = 50) this default was the
+    fastest of the earlier kernel's candidates, and as fast as BLOCK_E = 256, G = 8; longer
+    chunks (1024) and G = 8 at 512 were slower (bench/kernels_notes.md). None spills in
+    the sm_90a builds (bench/compile_check.py).
     Interpreter: all classes and long chunks (its cost is per operation).
     """
     if device.type != "cuda":
         return Config(block_m=min(32, next_pow2(n_cls)), block_n=2048, block_k=4), []
     blocks = [Config(block_m=8, block_n=512, block_k=16, num_warps=4),
-              Config(block_m=16, block_n=512, block_k=16, num_warps=4),
-              Config(block_m=32, block_n=512, block_k=16, num_warps=8)]  # fmt: skip
+              Config(block_m=4, block_n=512, block_k=16, num_warps=4),
+              Config(block_m=16, block_n=512, block_k=16, num_warps=8)]  # fmt: skip
     return blocks[0], [c for c in blocks if c.block_m // 2 < max(n_cls, 8)]
 
 
@@ -196,21 +225,26 @@ def diffuse_sparse(
 
     weights (B, N, k) float, indices (B, N, k) int in [0, N), cams (B, K, N) any float, all
     on one device. Returns (B, K, N) fp32. steps = 0 returns a fp32 copy of cams. One
-    torch sort plus one kernel launch for the whole batch and all steps; no host sync once
-    the config is cached; ``config`` fixes one instead (see `diffusion_configs`).
+    torch sort, one kernel launch for the whole batch and all steps, and copies in and out
+    of the node-major maps; no host sync once the config is cached; ``config`` fixes one
+    instead (see `diffusion_configs`).
     """
     b, n_cls, n = cams.shape
     out = torch.empty(b, n_cls, n, dtype=torch.float32, device=cams.device)
     if steps == 0 or out.numel() == 0:
         return out.copy_(cams)
     src, dst, wgt = csr_edges(weights, indices)
-    scratch = torch.empty(3, b, n, n_cls, dtype=torch.float32, device=cams.device)
+    scratch = torch.empty(2, b, n, n_cls, dtype=torch.float32, device=cams.device)
     scratch[0].copy_(cams.transpose(-1, -2))
 
     def run(cfg: Config) -> None:
         grid = (b, triton.cdiv(n_cls, cfg.block_m))
+        groups = torch.empty(
+            b * grid[1] * (cfg.block_n // cfg.block_k) * max(n_cls, cfg.block_m),
+            dtype=torch.float32, device=cams.device,
+        )  # fmt: skip
         diffusion_kernel[grid](
-            scratch, out, src, dst, wgt, n, n_cls, src.shape[-1], b * n * n_cls, steps,
+            scratch, src, dst, wgt, groups, n, n_cls, src.shape[-1], b * n * n_cls, steps,
             **diffusion_constants(cfg), num_warps=cfg.num_warps,
         )  # fmt: skip
 
@@ -218,4 +252,4 @@ def diffuse_sparse(
     key = ("diffuse", n_bucket(n), next_pow2(indices.shape[-1]), next_pow2(b), next_pow2(n_cls))
     with on_device(cams.device):
         run(config or choose_config(key, default, candidates, run, cams.device))
-    return out
+    return out.copy_(scratch[steps % 2].transpose(-1, -2))

@@ -312,7 +312,7 @@ def test_diffuse_sparse_many_classes_and_no_alias(gen):
 
 
 def test_diffusion_configs_few_builds_one_order():
-    """On a GPU every class count maps to the same three class blocks (a new count compiles
+    """On a GPU every class count maps to the same three configs (a new count compiles
     nothing new), and every candidate sums in the same order (same chunk and group)."""
     from adcam_fast.kernels.diffusion import diffusion_configs
 
@@ -323,7 +323,28 @@ def test_diffusion_configs_few_builds_one_order():
         assert {(c.block_n, c.block_k) for c in candidates} == {(512, 16)}
         assert all(c.block_m // 2 < max(n_cls, 8) for c in candidates)  # no half-empty block
         seen.update(candidates)
-    assert sorted(c.block_m for c in seen) == [8, 16, 32]
+    assert sorted((c.block_m, c.num_warps) for c in seen) == [(4, 4), (8, 4), (16, 8)]
+
+
+def test_diffusion_candidates_agree_bitwise(gen):
+    """The GPU candidates (other class blocks, a chunk walk with partial chunks, runs that
+    span groups and chunks: a node kept by every row) give bitwise the same maps, and so
+    does another class count's masking."""
+    from adcam_fast.kernels.diffusion import diffuse_sparse, diffusion_configs
+
+    b, n, r, n_cls = 2, 40, 12, 11
+    idx = torch.randint(0, n, (b, n, r), generator=gen)
+    idx[:, :, 0] = 0  # in-degree >= n for node 0: a run over several groups and chunks
+    w = torch.rand(b, n, r, generator=gen)
+    cams = torch.rand(b, n_cls, n, generator=gen)
+    w, idx, cams = to_device(w, idx, cams)
+    default, candidates = diffusion_configs(n_cls, torch.device("cuda"))
+    outs = [diffuse_sparse(w, idx, cams, 2, config=c) for c in candidates]
+    assert len(outs) == 3
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    fewer = diffuse_sparse(w, idx, cams[:, :3].contiguous(), 2, config=default)
+    assert torch.equal(fewer, outs[0][:, :3])
 
 
 # ---------------------------------------------------------------- the fused op
