@@ -18,7 +18,7 @@ softmax of scaled noise (as in bench/kernels.py) and a spatial kind (tokens on a
 grid attending to neighbours and to their own side of a square object's border). Prints
 one line per case.
 
-    python bench/merge_model.py [--sizes 576 2304] [--k 50] [--slots 0 128 256] [--narrow 20]
+    python bench/merge_model.py [--sizes 576 2304] [--k 50] [--slots 0 128 256] [--narrow 16]
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--slots", type=int, nargs="+", default=[0, 128, 256])
     p.add_argument("--block-m", type=int, default=64)
     p.add_argument("--block-n", type=int, default=64)
-    p.add_argument("--narrow", type=int, default=20, help="candidates per row of a narrow merge")
+    p.add_argument("--narrow", type=int, default=16, help="candidates per row of a narrow merge")
     args = p.parse_args()
     gen = torch.Generator().manual_seed(0)
     for n in args.sizes:
