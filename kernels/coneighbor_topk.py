@@ -345,7 +345,7 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     against 3286 instructions per thread); at 16, on the benchmark's random attention, it
     cuts the merge instructions per program by 22 % at N = 2304 and 35 % at N = 4096
     (bench/merge_model.py counts, bench/kernels_notes.md). Not yet timed on a GPU, so the
-    default does not use it.
+    default does not use it; only for kp <= 64, since the larger builds spill with it.
     For kp <= 64 the default S tile is 64×128 with BLOCK_K = 64, one warpgroup issuing
     m64n128k16 wgmma: on an H200 the fastest candidate or within 8 % of it at every N and
     batch measured (the earlier 64×64 tiles, m64n32 wgmma and BLOCK_K = 16 held the
@@ -375,11 +375,7 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     bm = 32 if kp == 128 else 16
     bk, stages = (64, 3) if kp <= 256 else (16, 2)  # a (kp, 64) slice per stage would not fit
     default = Config(bm, kp, bk, num_warps=8, num_stages=stages)
-    return default, [
-        default,
-        Config(bm, 64, bk, num_warps=8, num_stages=stages, slots=2 * kp),
-        Config(bm, kp, bk, num_warps=8, num_stages=stages, narrow=16),
-    ]
+    return default, [default, Config(bm, 64, bk, num_warps=8, num_stages=stages, slots=2 * kp)]
 
 
 def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:
