@@ -102,17 +102,17 @@ def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr):
     the element-wise max of neighbouring runs (a descending and an ascending run keep the
     larger half of both, as a bitonic run) and re-sort, halving the width to 2**LOG_K.
     Directions are flipped throughout so that the last run comes out descending.
-    The columns are first relabelled (any order will do): in the tensor-core tiles a row's
-    columns 2-7 of every 8 lie in the other three lanes of a quad, which made the network's
-    distance-2 and -4 stages, the most frequent, lane shuffles. Moved to the top bits, they
-    become register pairs within a thread (sm_90a, 64×128 tile: 261 shuffles instead of
-    711 in the kernel).
+    The columns are first relabelled (any order will do): in the tensor-core tiles, bits
+    1-2 of a column index select the lane within a quad, which made the network's distance-2
+    and -4 stages, the most frequent, lane shuffles. Moved to just below the top bit, they
+    leave those stages to register pairs within a thread (sm_90a, 64×128 tile: 327 lane
+    shuffles instead of 711 in the kernel; at the very top, the default build spilled).
     """
     K: tl.constexpr = 1 << LOG_K
     M: tl.constexpr = x.shape[0]
     W: tl.constexpr = 1 << LOG_W
-    if W >= 8:  # column bits 1-2 to the top: see the docstring
-        x = tl.reshape(tl.permute(tl.reshape(x, (M, W // 8, 4, 2)), (0, 2, 1, 3)), (M, W))
+    if W >= 16:  # column bits 1-2 to just below the top bit: see the docstring
+        x = tl.reshape(tl.permute(tl.reshape(x, (M, 2, W // 16, 4, 2)), (0, 1, 3, 2, 4)), (M, W))
     for s in tl.static_range(1, LOG_K + 1):
         x = _bitonic_merge(x, s, 1 << s, True)
     for level in tl.static_range(LOG_W - LOG_K):
@@ -136,8 +136,8 @@ def _merge_largest(acc, x, count, LOG_KP: tl.constexpr):
     met place by place with the ascending acc. A pass finds the largest key below the
     last one taken, m, as ``m - 1 - min(m - 1 - x)`` with the differences read unsigned
     (keys >= m wrap to the top): about two instructions per key of x, where `_merge` over
-    the same tile spends about 51 (sm_90a SASS of a 64×128 tile on 4 warps: 145 per pass
-    and 706 around the passes, against 3286 instructions per thread)."""
+    the same tile spends about 48 (sm_90a SASS of a 64×128 tile on 4 warps: 145 per pass
+    and 700 around the passes, against 3093 instructions per thread)."""
     KP: tl.constexpr = 1 << LOG_KP
     place = tl.arange(0, KP)
     top = tl.full(acc.shape, -1, tl.int32)
@@ -341,9 +341,9 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     and 2304 (bench/kernels_notes.md), so it stays a candidate, not the default.
     ``narrow`` (with slots 0; at most kp) merges a tile whose rows each hold at most that
     many candidates by `_merge_largest`, the rest whole. A pass-by-pass merge is cheaper
-    than the network up to about 18 passes (sm_90a SASS, kp = 64: 706 + 145 per pass
-    against 3286 instructions per thread); at 16, on the benchmark's random attention, it
-    cuts the merge instructions per program by 22 % at N = 2304 and 35 % at N = 4096
+    than the network up to about 16 passes (sm_90a SASS, kp = 64: 700 + 145 per pass
+    against 3093 instructions per thread); at 16, on the benchmark's random attention, it
+    cuts the merge instructions per program by 19 % at N = 2304 and 32 % at N = 4096
     (bench/merge_model.py counts, bench/kernels_notes.md). Not yet timed on a GPU, so the
     default does not use it; only for kp <= 64, since the larger builds spill with it.
     For kp <= 64 the default S tile is 64×128 with BLOCK_K = 64, one warpgroup issuing
