@@ -5,7 +5,9 @@ classifier checkpoint of the chosen variant, and labels the collection through t
 code as the command (DataLoader decode -> extractor per scale and flip -> AD-CAM -> merge ->
 writer threads). Stage times come from the run's summary.json: ``forward`` and ``adcam``
 are device times (synchronised per batch), ``decode_wait`` / ``write_wait`` are the time the
-main loop waited for the loader / the writers. Results: bench/results/pipeline_<device>.json.
+main loop waited for the loader / the writers; ``configs_tuned_in_timed_run`` counts the
+Triton kernel configs first chosen (autotuned) inside the timed run, whose cost that run
+then includes. Results: bench/results/pipeline_<device>.json.
 
     python bench/pipeline.py                      # CPU: nano model, 64 images of 128 px
     python bench/pipeline.py --model conformer_small_patch16 --images 512 --size 448 \\
@@ -18,6 +20,7 @@ import argparse
 import json
 import platform
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import torch
 
 from adcam_fast.data import make_synthetic, open_dataset
 from adcam_fast.export.backends import create_extractor
+from adcam_fast.kernels.launch import cached_configs
 from adcam_fast.pipeline.label import LabelConfig, label_dataset
 from adcam_fast.training.checkpoint import classifier_config, save_classifier
 
@@ -66,8 +70,14 @@ def main() -> None:
         )
         # Warm-up on a small collection of the same kind (kernels, allocator), then timing.
         warm = make_synthetic(tmp / "warm", 2 * args.batch_size, seed=1, size=args.size)
+        t0 = time.perf_counter()
         label_dataset(open_dataset(f"synthetic:{warm}"), extractor, tmp / "w", cfg, progress=False)
+        warmup_seconds = time.perf_counter() - t0
+        configs_before = cached_configs()
         summary = label_dataset(dataset, extractor, tmp / "out", cfg, progress=False)
+        # Kernel configs first chosen inside the timed run (autotuning, and any compiles it
+        # needs, counted in its time): shape buckets the warm-up did not meet.
+        tuned_in_run = cached_configs() - configs_before
 
     cuda = torch.device(args.device).type == "cuda"
     device = torch.cuda.get_device_name(args.device) if cuda else platform.processor()
@@ -88,6 +98,8 @@ def main() -> None:
             workers=cfg.workers,
             adcam_backend=cfg.adcam_backend,
         ),
+        warmup_seconds=warmup_seconds,
+        configs_tuned_in_timed_run=tuned_in_run,
         images_per_second=summary.images_per_second,
         seconds=summary.seconds,
         stage_seconds=summary.stage_seconds,

@@ -121,6 +121,12 @@ def check_runnable(*tensors: Tensor) -> torch.device:
 _CACHE: dict[tuple, Config] = {}
 
 
+def cached_configs() -> int:
+    """How many config-cache keys have a chosen config; on a GPU with autotuning on, each new
+    key (a first call for its buckets) is one autotuning session."""
+    return len(_CACHE)
+
+
 def autotune_enabled() -> bool:
     """Timing of candidate configs is on unless ``ADCAM_AUTOTUNE=0``."""
     return os.environ.get("ADCAM_AUTOTUNE", "1") != "0"
