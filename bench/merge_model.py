@@ -11,12 +11,11 @@ A float64 model of the schedule of ``coneighbor_topk_kernel`` (no Triton). Per b
 
 Each merge runs the same bitonic network over a (BLOCK_M, width) block, so merges per
 program predict the merge work of a schedule. For whole tiles it also prints the share of
-merges in which no row of the block has more than ``--narrow`` candidates: the merges a
-narrow merge (``narrow`` in `topk_configs`) takes instead, and their mean of that count: the
-passes it makes. Attention:
-softmax of scaled noise (as in bench/kernels.py) and a spatial kind (tokens on a square
-grid attending to neighbours and to their own side of a square object's border). Prints
-one line per case.
+merges in which no row of the block has more than ``--narrow`` candidates (the merges the
+narrow schedule, ``narrow`` in `topk_configs`, takes instead) and the mean of that most
+per row over them (the passes it makes). Attention: softmax of scaled noise (as in
+bench/kernels.py) and a spatial kind (tokens on a square grid attending to neighbours and
+to their own side of a square object's border). Prints one line per case.
 
     python bench/merge_model.py [--sizes 576 2304] [--k 50] [--slots 0 128 256] [--narrow 16]
 """

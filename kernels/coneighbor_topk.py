@@ -237,18 +237,16 @@ def coneighbor_topk_kernel(
             key = ((field >> (C - 1)) << C) | (N - cols)[None, :]
             key = tl.where(row_ok[:, None] & col_ok[None, :], key, -1)
             new = (key > kth[:, None]).to(tl.int32)  # could still enter the top k
-            if LOG_CB == 0 and NARROW == 0:
-                if tl.max(new) > 0:
-                    acc = _merge(acc, key, LOG_KP, LOG_BN)
-                    kth = _kth(acc, K_KEEP, KP)
-            elif LOG_CB == 0:
-                most = tl.max(tl.sum(new, axis=1))  # the most candidates in one row
+            if LOG_CB == 0:
+                # The most candidates in one row (without NARROW, whether there are any).
+                most = tl.max(tl.sum(new, axis=1)) if NARROW > 0 else tl.max(new)
                 if most > NARROW:
                     acc = _merge(acc, key, LOG_KP, LOG_BN)
                     kth = _kth(acc, K_KEEP, KP)
-                elif most > 0:
-                    acc = _merge_largest(acc, tl.where(new > 0, key, -1), most, LOG_KP)
-                    kth = _kth(acc, K_KEEP, KP)
+                elif NARROW > 0:
+                    if most > 0:
+                        acc = _merge_largest(acc, tl.where(new > 0, key, -1), most, LOG_KP)
+                        kth = _kth(acc, K_KEEP, KP)
             else:
                 spot = held[:, None] + tl.cumsum(new, axis=1) - 1
                 tl.store(buf + spot, key, mask=new > 0)

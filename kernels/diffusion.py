@@ -176,14 +176,14 @@ def csr_edges(weights: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]
     B·N and N·(R+1) < 2**31; no host sync.
     """
     b, n, r = indices.shape
-    image = torch.arange(b, device=indices.device, dtype=torch.int32)[:, None]
+    base = n * torch.arange(b, device=indices.device, dtype=torch.int32)[:, None]  # image's
     nodes = torch.arange(n, device=indices.device, dtype=torch.int32).expand(b, n)
     dst = torch.cat([indices.to(torch.int32), nodes[..., None]], -1).reshape(b, -1)
-    key, pos = torch.sort((dst + image * n).view(-1), stable=True)  # one flat int32 sort
+    key, pos = torch.sort((dst + base).view(-1), stable=True)  # one flat int32 sort
     self_w = weights.new_zeros(b, n, 1, dtype=torch.float32)
     wgt = torch.cat([weights.to(torch.float32), self_w], -1).view(-1)[pos].view(b, -1)
-    src = torch.div(pos, r + 1, rounding_mode="floor").view(b, -1) - image * n
-    return src.to(torch.int32), key.view(b, -1) - image * n, wgt
+    src = torch.div(pos, r + 1, rounding_mode="floor").view(b, -1) - base
+    return src.to(torch.int32), key.view(b, -1) - base, wgt
 
 
 def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Config]]:
