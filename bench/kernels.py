@@ -15,9 +15,12 @@ sqrt(A) pass, ``refine_sparse``): achieved TFLOP/s at ``2·B·N³`` flops next t
 ``torch.bmm`` of the same shape and input precision (fp16 sqrt(A)) measured in the same
 run, the time of its passes before the tiles (``take_root``: maximum and sqrt(A)) and of
 the diffusion (kernel 3) alone, and the time of every autotune candidate of kernels 1+2
-(tiling and merge schedule) and of the diffusion. Writes ``kernels.json``, ``kernels.csv``
-and ``kernels.png`` (matplotlib permitting) under ``--out``, with GPU name, versions and
-date.
+(tiling and merge schedule) and of the diffusion. The attention is random (softmax of
+noise); the similarity stage is also timed on spatial attention and on block-diagonal
+attention that needs one merge per program, the stage's floor without merges (kinds of
+bench/merge_model.py). Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png``
+(matplotlib permitting) under ``--out``, with GPU name, its L2 size and SM count, versions
+and date.
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
                             [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import sys
@@ -61,6 +65,7 @@ if ARGS.smoke:  # the interpreter must be chosen before triton is first imported
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from merge_model import KINDS, attention  # noqa: E402
 
 from adcam_fast import ops, reference  # noqa: E402
 from adcam_fast.kernels import adcam_triton  # noqa: E402
@@ -72,12 +77,6 @@ from adcam_fast.reference import EPS  # noqa: E402
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_BYTES = 8 * 2**30  # float64 S + Ã of the reference must fit in this
 TORCH_PATHS = ("reference", "torch", "torch.compile")  # "best torch path": the fastest of these
-
-
-def attention(b: int, n: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
-    """Row-stochastic attention: softmax of scaled normal noise, (B, N, N)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    return (torch.randn(b, n, n, generator=g, device=device) * 3).softmax(-1).to(dtype)
 
 
 def time_ms(fn: Callable[[int], object], repeats: int, cuda: bool) -> float:
@@ -116,7 +115,8 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     cuda = device == "cuda"
     dtype = DTYPES[args.dtype]
     sets = 2 if b * n * n * dtype.itemsize > 2**30 else 4  # rotating input sets
-    As = [attention(b, n, dtype, device, s) for s in range(sets)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    As = [attention(b, n, "random", gen, torch.float32).to(dtype) for _ in range(sets)]
     cams = [torch.rand(b, args.classes, n, device=device) for _ in range(sets)]
     k, steps = args.k, args.steps
     row: dict = {"N": n, "B": b, "k": k, "steps": steps, "K": args.classes, "dtype": args.dtype}
@@ -169,14 +169,37 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
         row["bmm_ms"] = bmm_ms
         row["bmm_tflops"] = flops / bmm_ms / 1e9
     # Every autotune candidate, so that a run shows which tiling and merge schedule wins.
-    for cfg in topk_configs(next_pow2(k))[1]:
-        label = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}_w{cfg.num_warps}"
-                 f"_s{cfg.num_stages}_slots{cfg.slots}_narrow{cfg.narrow}")  # fmt: skip
+    candidates = {
+        (f"{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}"
+         f"_s{c.num_stages}_slots{c.slots}_narrow{c.narrow}"): c
+        for c in topk_configs(next_pow2(k))[1]
+    }  # fmt: skip
+    for label, cfg in candidates.items():
         row[f"topk_{label}_ms"] = time_ms(
             lambda i, cfg=cfg: refine_sparse(As[i % sets], k, EPS, config=cfg),
             args.repeats,
             cuda,
         )
+    # The stage on the other kinds of attention, with the config tuned above: spatial, as
+    # real attention is, and blocks, whose rows find their k best in their first tile, so
+    # that a program merges once: the stage without its merges (its floor), for every
+    # candidate too (``floor_<label>_ms``). Timed against the random rows above, they split
+    # the stage into its merges and the rest (the dot and the loads that feed it).
+    for kind in KINDS[1:]:
+        if kind == "spatial" and math.isqrt(n) ** 2 != n:
+            notes.append(f"spatial skipped: N={n} is not a square")
+            continue
+        other = [attention(b, n, kind, gen, torch.float32).to(dtype) for _ in range(2)]
+        row[f"similarity_{kind}_ms"] = time_ms(
+            lambda i, other=other: refine_sparse(other[i % 2], k, EPS), args.repeats, cuda
+        )
+        for label, cfg in candidates.items() if kind == "blocks" else ():
+            row[f"floor_{label}_ms"] = time_ms(
+                lambda i, cfg=cfg, other=other: refine_sparse(other[i % 2], k, EPS, config=cfg),
+                args.repeats,
+                cuda,
+            )
+        del other  # before the next kind's inputs are made
     # And every diffusion candidate (class block and warps).
     for cfg in diffusion_configs(args.classes, torch.device(device))[1]:
         label = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}_w{cfg.num_warps}"
@@ -225,6 +248,8 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     meta = {
         "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)",
+        "l2_mib": torch.cuda.get_device_properties().L2_cache_size / 2**20 if cuda else None,
+        "sms": torch.cuda.get_device_properties().multi_processor_count if cuda else None,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -253,16 +278,19 @@ def main() -> None:
 
 
 def table(rows: list[dict], device: str) -> str:
-    """A short Markdown table of the rows: times, speed-up, S-stage rate, fastest config."""
+    """A short Markdown table of the rows: times, speed-up, the S stage (rate, and time per
+    attention kind), fastest config."""
     head = ["N", "B", "triton ms", "best torch ms", "speed-up", "S TFLOP/s", "bmm TFLOP/s",
-            "root ms", "diffusion ms", "fastest top-k config"]  # fmt: skip
+            "S ms", "S spatial ms", "S floor ms", "root ms", "diffusion ms",
+            "fastest top-k config"]  # fmt: skip
     lines = [device, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         torch_ms = [r[f"{p}_ms"] for p in TORCH_PATHS if f"{p}_ms" in r]
         configs = {key[5:-3]: v for key, v in r.items() if key.startswith("topk_")}
         cells = [r["N"], r["B"], r.get("triton_ms"), min(torch_ms, default=None),
                  r.get("speedup_vs_best_torch"), r.get("similarity_tflops"), r.get("bmm_tflops"),
-                 r.get("root_ms"), r.get("diffusion_ms"),
+                 r.get("similarity_ms"), r.get("similarity_spatial_ms"),
+                 r.get("similarity_blocks_ms"), r.get("root_ms"), r.get("diffusion_ms"),
                  min(configs, key=configs.get) if configs else None]  # fmt: skip
         shown = [
             f"{c:.3g}" if isinstance(c, float) else "-" if c is None else str(c) for c in cells

@@ -13,9 +13,8 @@ Each merge runs the same bitonic network over a (BLOCK_M, width) block, so merge
 program predict the merge work of a schedule. For whole tiles it also prints the share of
 merges in which no row of the block has more than ``--narrow`` candidates (the merges the
 narrow schedule, ``narrow`` in `topk_configs`, takes instead) and the mean of that most
-per row over them (the passes it makes). Attention: softmax of scaled noise (as in
-bench/kernels.py) and a spatial kind (tokens on a square grid attending to neighbours and
-to their own side of a square object's border). Prints one line per case.
+per row over them (the passes it makes). Attention: the kinds of `attention`, which
+bench/kernels.py times too. Prints one line per case.
 
     python bench/merge_model.py [--sizes 576 2304] [--k 50] [--slots 0 128 256] [--narrow 16]
 """
@@ -29,17 +28,39 @@ import torch
 
 from adcam_fast.kernels.launch import next_pow2
 
+KINDS = ("random", "spatial", "blocks")
+BLOCK = 128
+"""The width of the ``blocks`` kind's diagonal blocks: the widest S tile of the kernels."""
 
-def attention(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """(N, N) row-stochastic attention, float64."""
-    noise = torch.randn(n, n, generator=gen, dtype=torch.float64)
+
+def attention(
+    b: int, n: int, kind: str, gen: torch.Generator, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """(B, N, N) row-stochastic attention of one kind, on ``gen``'s device:
+
+    - ``random``: softmax of 3 × normal noise (the kernel benchmark's default);
+    - ``spatial``: tokens on a square grid (N a square) attending to their neighbours and
+      to their own side of a square object's border, plus noise;
+    - ``blocks``: uniform within aligned diagonal blocks of ``BLOCK`` tokens, zero outside.
+      Every S entry of a row's block is equal and above the rest, so a row's k best all lie
+      in its first (diagonal) tile: the merge floor, a single merge per program for tiles
+      of ``BLOCK`` columns.
+    """
+    device = gen.device
+    if kind == "blocks":
+        block = torch.arange(n, device=device) // BLOCK
+        same = (block[:, None] == block[None, :]).to(dtype)
+        return (same / same.sum(-1, keepdim=True)).expand(b, n, n).contiguous()
+    noise = torch.randn(b, n, n, generator=gen, device=device, dtype=dtype)
     if kind == "random":
         return (3 * noise).softmax(-1)
     side = math.isqrt(n)
-    yx = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"))
-    yx = yx.reshape(2, -1).T.double()
+    if side * side != n:
+        raise ValueError(f"spatial attention needs a square number of tokens, got N={n}")
+    grid = torch.arange(side, device=device, dtype=dtype)
+    yx = torch.stack(torch.meshgrid(grid, grid, indexing="ij")).reshape(2, -1).T
     inside = ((yx - side / 2).abs() < side / 4).all(-1)
-    same = (inside[:, None] == inside[None, :]).double()
+    same = (inside[:, None] == inside[None, :]).to(dtype)
     return (-((torch.cdist(yx, yx) / 3) ** 2) + 2 * same + 0.5 * noise).softmax(-1)
 
 
@@ -89,8 +110,8 @@ def main() -> None:
     args = p.parse_args()
     gen = torch.Generator().manual_seed(0)
     for n in args.sizes:
-        for kind in ("random", "spatial"):
-            R = attention(n, kind, gen).sqrt()
+        for kind in KINDS:
+            R = attention(1, n, kind, gen)[0].sqrt()
             S = R @ R.T
             counts = {s: merges(S, args.k, args.block_m, args.block_n, s) for s in args.slots}
             shown = ", ".join(f"slots {s}: {c:.1f}" for s, (c, _) in counts.items())

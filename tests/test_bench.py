@@ -40,12 +40,29 @@ def test_kernel_benchmark_smoke(tmp_path):
         assert row[f"{name}_ms"] > 0, name
     best_torch = min(row["torch_ms"], row["reference_ms"])  # no torch.compile off CUDA
     assert row["speedup_vs_best_torch"] == pytest.approx(best_torch / row["triton_ms"])
-    timed = {key for key in row if key.startswith("topk_")}
-    assert len(timed) == len(topk_configs(64)[1])  # every autotune candidate
+    n_candidates = len(topk_configs(64)[1])
+    assert len({key for key in row if key.startswith("topk_")}) == n_candidates
+    for kind in ("spatial", "blocks"):  # the stage on the other kinds of attention
+        assert row[f"similarity_{kind}_ms"] > 0, kind
+    floors = {key for key in row if key.startswith("floor_")}  # every candidate's floor
+    assert {key.replace("floor_", "topk_") for key in floors} == {
+        key for key in row if key.startswith("topk_")
+    }
     with open(tmp_path / "kernels.csv", newline="") as f:
         (csv_row,) = list(csv.DictReader(f))
     assert float(csv_row["triton_ms"]) == pytest.approx(row["triton_ms"])
     assert "| 64 | 2 |" in stdout  # the closing table
+
+
+def test_merge_model_blocks_are_the_merge_floor():
+    """bench/merge_model.py: on the blocks kind of attention (the kernel benchmark's floor)
+    a program of 128-column tiles merges once; on random attention, every tile."""
+    stdout = _run("merge_model.py", "--sizes", "256", "--block-n", "128", "--slots", "0")
+    merges = {
+        line.split(":")[0].split()[-1]: float(line.split("slots 0: ")[1].split(";")[0])
+        for line in stdout.splitlines()
+    }
+    assert (merges["random"], merges["blocks"]) == (2.0, 1.0)  # of the 2 tiles of a row
 
 
 def test_pipeline_benchmark_smoke(tmp_path):
