@@ -349,14 +349,16 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     batch measured (the earlier 64×64 tiles, m64n32 wgmma and BLOCK_K = 16 held the
     similarity stage to 9 % of the bmm rate, against 28 % now at N = 2304). There its
     loads ran at about 5.2 TB/s (the bytes of the tile loop over its time, at N = 2304 and
-    4096 alike): above the DRAM's 4.8, so partly from L2. The five-stage candidate takes
-    120 KB of shared memory, so one program per SM (the registers allow two): half the rows
-    in flight, whose rows of R are re-read at every tile (at N = 2304, 39 MB instead of 78,
-    against a 50 MB L2). For larger kp the row block shrinks so that the (BLOCK_M, kp)
-    running list and the merged block stay in registers, and beyond kp = 256 BLOCK_K
-    shrinks so that the (kp, BLOCK_K) column slices fit in shared memory;
-    bench/compile_check.py lists every config's registers, spills and shared memory for
-    sm_90a.
+    4096 alike): above the DRAM's 4.8, so partly from L2. Two candidates test what holds
+    them. Four stages keep three loads in flight per program instead of two (a latency
+    bound). Five stages take 120 KB of shared memory, so one program per SM (the registers
+    allow two): half the rows in flight, whose rows of R are re-read at every tile (at
+    N = 2304, 39 MB instead of 78, against a 50 MB L2). 128×64 tiles and 128×128 with
+    three stages, never within 8 % of the fastest there, are no longer candidates.
+    For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
+    merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
+    (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
+    config's registers, spills and shared memory for sm_90a.
     BLOCK_K is the same in every candidate of one kp: it fixes the order in which S is
     accumulated, so that autotuning does not move S by a rounding (the MMA instruction
     shape may still differ with the tiling or the warps; ``ADCAM_AUTOTUNE=0`` pins the
@@ -367,14 +369,13 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
         default = Config(64, 128, 64, num_warps=4, num_stages=3)
         return default, [
             default,
-            Config(128, 128, 64, num_warps=8, num_stages=3),
+            Config(64, 128, 64, num_warps=4, num_stages=4),
+            Config(64, 128, 64, num_warps=4, num_stages=5),
+            Config(64, 128, 64, num_warps=4, num_stages=3, narrow=16),
             Config(128, 128, 64, num_warps=8, num_stages=4),
-            Config(128, 64, 64, num_warps=8, num_stages=3),
+            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16),
             Config(64, 64, 64, num_warps=8, num_stages=3),
             Config(64, 64, 64, num_warps=8, num_stages=3, slots=128),
-            Config(64, 128, 64, num_warps=4, num_stages=3, narrow=16),
-            Config(64, 128, 64, num_warps=4, num_stages=5),
-            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16),
         ]
     bm = 32 if kp == 128 else 16
     bk, stages = (64, 3) if kp <= 256 else (16, 2)  # a (kp, 64) slice per stage would not fit
