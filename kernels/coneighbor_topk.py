@@ -342,8 +342,13 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     than the network up to about 16 passes (sm_90a SASS, kp = 64: 700 + 145 per pass
     against 3093 instructions per thread); at 16, on the benchmark's random attention, it
     cuts the merge instructions per program by 19 % at N = 2304 and 32 % at N = 4096
-    (bench/merge_model.py counts, bench/kernels_notes.md). Not yet timed on a GPU, so the
-    default does not use it; only for kp <= 64, since the larger builds spill with it.
+    (bench/merge_model.py counts, bench/kernels_notes.md). But the network is straight-line
+    code, about 49 KB of it per merge, where a pass is a loop: if fetching the code rather
+    than issuing it holds the merges, passes pay much further. So narrow = kp is a
+    candidate too (on random attention 76 % of the merges at N = 576, 91 % at 2304), though
+    by the counts it loses (about 5.6k instructions per merge at N = 576, 33.6 passes).
+    Not yet timed on a GPU, so the default uses neither; only for kp <= 64, since the
+    larger builds spill with it.
     For kp <= 64 the default S tile is 64×128 with BLOCK_K = 64, one warpgroup issuing
     m64n128k16 wgmma: on an H200 the fastest candidate or within 8 % of it at every N and
     batch measured (the earlier 64×64 tiles, m64n32 wgmma and BLOCK_K = 16 held the
@@ -372,6 +377,7 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
             Config(64, 128, 64, num_warps=4, num_stages=4),
             Config(64, 128, 64, num_warps=4, num_stages=5),
             Config(64, 128, 64, num_warps=4, num_stages=3, narrow=16),
+            Config(64, 128, 64, num_warps=4, num_stages=3, narrow=64),
             Config(128, 128, 64, num_warps=8, num_stages=4),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16),
             Config(64, 64, 64, num_warps=8, num_stages=3),
