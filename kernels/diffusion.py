@@ -235,9 +235,9 @@ def diffuse_sparse(
         return out.copy_(cams)
     src, dst, wgt = csr_edges(weights, indices)
     scratch = torch.empty(2, b, n, n_cls, dtype=torch.float32, device=cams.device)
-    scratch[0].copy_(cams.transpose(-1, -2))
 
-    def run(cfg: Config) -> None:
+    def run(cfg: Config) -> None:  # from the input each time: steps overwrite its slot
+        scratch[0].copy_(cams.transpose(-1, -2))
         grid = (b, triton.cdiv(n_cls, cfg.block_m))
         groups = torch.empty(
             b * grid[1] * (cfg.block_n // cfg.block_k) * max(n_cls, cfg.block_m),

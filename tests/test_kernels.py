@@ -347,6 +347,34 @@ def test_diffusion_candidates_agree_bitwise(gen):
     assert torch.equal(fewer, outs[0][:, :3])
 
 
+def test_autotuning_leaves_the_result_unchanged(gen, monkeypatch):
+    """On a GPU, the first call of a config key runs every candidate, repeatedly, before the
+    chosen one (`launch.choose_config`): each launch must leave its inputs as it found them.
+    Here that autotuning is replayed under the interpreter (every candidate run twice on
+    the real arguments), and the result must equal a call without it."""
+    from adcam_fast.kernels import diffusion
+
+    def autotune(key, default, candidates, run, device):
+        for cfg in [default, *candidates] * 2:
+            run(cfg)
+        return default
+
+    b, n, r, n_cls = 2, 40, 6, 5
+    A = random_attention(b, n, n, generator=gen)
+    w, idx = torch.rand(b, n, r, generator=gen), torch.randint(0, n, (b, n, r), generator=gen)
+    cams = torch.rand(b, n_cls, n, generator=gen)
+    A, w, idx, cams = to_device(A, w, idx, cams)
+    expected = (
+        coneighbor_topk.refine_sparse(A, 8, reference.EPS),
+        diffusion.diffuse_sparse(w, idx, cams, 3),
+    )
+    monkeypatch.setattr(coneighbor_topk, "choose_config", autotune)
+    monkeypatch.setattr(diffusion, "choose_config", autotune)
+    w_top, idx_top = coneighbor_topk.refine_sparse(A, 8, reference.EPS)
+    assert torch.equal(w_top, expected[0][0]) and torch.equal(idx_top, expected[0][1])
+    assert torch.equal(diffusion.diffuse_sparse(w, idx, cams, 3), expected[1])
+
+
 # ---------------------------------------------------------------- the fused op
 
 
