@@ -536,6 +536,20 @@ def test_gpu_merge_schedules_agree(n):
 
 
 @pytest.mark.gpu
+def test_gpu_autotuned_first_call(monkeypatch):
+    """With autotuning on, the first call of a config key (every candidate timed on the
+    real arguments, repeatedly) gives what the chosen configs give once cached."""
+    monkeypatch.setenv("ADCAM_AUTOTUNE", "1")
+    monkeypatch.setattr(launch, "_CACHE", {})
+    gen = torch.Generator().manual_seed(3)
+    A = random_attention(4, 576, 576, generator=gen, dtype=torch.float32).cuda()
+    cams = torch.rand(4, 20, 576, generator=gen).cuda()
+    first = kernels.adcam_triton(A, cams, 50, 2)
+    assert launch.cached_configs() == 2  # the top-k and the diffusion were autotuned
+    assert torch.equal(first, kernels.adcam_triton(A, cams, 50, 2))
+
+
+@pytest.mark.gpu
 def test_gpu_adcam_large_batch():
     gen = torch.Generator().manual_seed(1)
     b, n, k, n_cls = 128, 576, 50, 20
