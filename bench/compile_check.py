@@ -74,11 +74,11 @@ def sass_instructions(cubin: bytes) -> int:
     return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
 
 
-DIVISIBLE = {"N", "NN", "E", "slot"}
+DIVISIBLE = {"N", "NN", "E", "slot", "span"}
 """Integer arguments that are multiples of 16 at the usual sizes (N = 144, 576, 1296, 2304,
 4096): Triton's launcher specializes them, and every pointer to a torch tensor, as
 16-divisible, which lets loads be vectorized and software-pipelined. The builds here
-assume the same."""
+assume the same (``span``, the diffusion's edges per program, is a multiple of its chunk)."""
 
 
 def compile_one(label: str, fn, signature: dict, constants: dict, cfg: Config) -> bool:
@@ -140,9 +140,9 @@ def diffusion_jobs(quick: bool):
     default, candidates = diffusion_configs(20, torch.device("cuda"))
     for cfg in [default] if quick else _unique(default, candidates):
         signature = dict(
-            SCR="*fp32", SRC="*i32", DST="*i32", WGT="*fp32", SH="*fp32", N="i32", K="i32",
-            E="i32", slot="i32", steps="i32", BLOCK_C="constexpr", LOG_T="constexpr",
-            G="constexpr",
+            SCR="*fp32", SRC="*i32", DST="*i32", WGT="*fp32", WALK="*i32", SH="*fp32",
+            N="i32", K="i32", E="i32", span="i32", slot="i32", step0="i32", steps="i32",
+            BLOCK_C="constexpr", LOG_T="constexpr", G="constexpr",
         )  # fmt: skip
         yield f"diffusion {cfg}", diffusion_kernel, signature, diffusion_constants(cfg), cfg
 

@@ -27,15 +27,22 @@ combination order follows the layout, which changes with BLOCK_C and the warps, 
 interpreter runs a custom combine once per element.) The work per step is O(N·(k+1)·K)
 whatever the in-degrees (a node kept by every row costs no more).
 
-Launch: one program per (image, block of ``BLOCK_C`` classes), all steps in the one
-launch. M lives in two node-major fp32 slots that the steps ping-pong between (the input
-first; a node's classes are contiguous, so one gather reads them together), which stay in
-L2 at the sizes of interest; steps are separated by a CTA barrier, all the ordering needed,
-since each program owns its classes. A torch copy turns the last slot into the (B, K, N)
-output. Nothing is bounded by on-chip memory: more classes than BLOCK_C split over more
-programs (classes are independent), a larger N only lengthens the edge walk. Extra memory:
-2·B·N·K·4 bytes of maps, 4·B·max(K, BLOCK_C)·T bytes for the scan's results, and the CSR,
-12·B·N·(k+1) bytes (more while torch sorts).
+Launch: one program per (image, block of ``BLOCK_C`` classes, part), where the parts cut
+an image's edge list into spans of whole chunks, enough of them to fill the GPU (`split`;
+at B = 128 and 20 classes one part, at small batches many: otherwise a few programs, each
+a chain of dependent chunks, would leave most SMs idle). A part stores the runs that end in
+its span, and begins its walk at the chunk where the run open at its first edge began
+(`walk_starts`), so every sum is formed from the same chunks in the same order as in one
+walk: bitwise the same maps for any number of parts. M lives in two node-major fp32 slots
+that the steps ping-pong between (the input first; a node's classes are contiguous, so one
+gather reads them together), which stay in L2 at the sizes of interest. With one part,
+all steps run in one launch, separated by a CTA barrier, all the ordering needed, since
+each program owns its classes; with more, a step reads what other programs wrote, and
+programs cannot wait on each other, so each step is a launch. A torch copy turns the last
+slot into the (B, K, N) output. Nothing is bounded by on-chip memory: more classes than
+BLOCK_C split over more programs (classes are independent), a larger N only lengthens the
+edge walk. Extra memory: 2·B·N·K·4 bytes of maps, 4·B·max(K, BLOCK_C)·T bytes per part
+for the scan's results, and the CSR, 12·B·N·(k+1) bytes (more while torch sorts).
 """
 
 from __future__ import annotations
@@ -84,11 +91,14 @@ def diffusion_kernel(
     SRC,  # (B, E) int32: edge source i, in CSR order
     DST,  # (B, E) int32: edge destination j, ascending within an image
     WGT,  # (B, E) fp32: edge weight (0 for the self edges)
-    SH,  # (B, programs per image, 2**LOG_T, max(K, BLOCK_C)) fp32: `_previous_column`
+    WALK,  # (B, parts) int32: the chunk-aligned edge where each part's walk begins
+    SH,  # (B, class blocks, parts, 2**LOG_T, max(K, BLOCK_C)) fp32: `_previous_column`
     N,
     K,
     E,
+    span,  # edges per part, a multiple of BLOCK_E: part p stores the runs ending in its span
     slot,  # B * N * K
+    step0,  # the first step of this launch (its maps are in slot step0 % 2)
     steps,
     BLOCK_C: tl.constexpr,
     LOG_T: tl.constexpr,  # 2**LOG_T groups per chunk
@@ -96,21 +106,26 @@ def diffusion_kernel(
 ):
     T: tl.constexpr = 1 << LOG_T
     pid_b = tl.program_id(0)
+    part = tl.program_id(2)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cls < K
     nodes = pid_b.to(tl.int64) * N * K  # this image in a scratch slot
     SRC += pid_b.to(tl.int64) * E
     DST += pid_b.to(tl.int64) * E
     WGT += pid_b.to(tl.int64) * E
+    lo = part * span  # the edges whose runs this program stores: [lo, hi)
+    hi = tl.minimum(lo + span, E)
+    walk = tl.load(WALK + pid_b * tl.num_programs(2) + part)
     group = tl.arange(0, T)
     stride = tl.maximum(K, BLOCK_C)  # of SH's columns (runtime: see `_previous_column`)
-    SH += (pid_b * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * T * stride
+    program = (pid_b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + part
+    SH += program.to(tl.int64) * T * stride
     slot = tl.cast(slot, tl.int64)
-    for t in range(steps):
+    for t in range(step0, step0 + steps):
         read = slot * (t % 2) + nodes
         write = slot * ((t + 1) % 2) + nodes
         carry = tl.zeros((BLOCK_C,), tl.float32)  # the previous chunk's open run, summed
-        for e0 in range(0, E, T * G):
+        for e0 in range(walk, hi, T * G):
             first = e0 + group * G  # each group's first edge
             before = tl.load(DST + first - 1, mask=(first > 0) & (first <= E), other=-1)
             # Within each group, sequentially: sums[g] is the sum of edge g's run over the
@@ -157,7 +172,8 @@ def diffusion_kernel(
             joins = before == dsts[0]
             for g in tl.static_range(G):
                 v = tl.where((joins & ~fresh[g])[None, :], prior + sums[g], sums[g])
-                end = c_ok[:, None] & ((first + g < E) & (dsts[g] != dsts[g + 1]))[None, :]
+                ends = (first + g >= lo) & (first + g < E) & (dsts[g] != dsts[g + 1])
+                end = c_ok[:, None] & ends[None, :]
                 tl.store(SCR + write + dsts[g][None, :] * K + cls[:, None], v, mask=end)
             carry = tl.sum(tl.where((group == T - 1)[None, :], tot, 0.0), axis=1)
         tl.debug_barrier()  # step t's writes before step t+1's reads and overwrites
@@ -184,6 +200,35 @@ def csr_edges(weights: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]
     wgt = torch.cat([weights.to(torch.float32), self_w], -1).view(-1)[pos].view(b, -1)
     src = torch.div(pos, r + 1, rounding_mode="floor").view(b, -1) - base
     return src.to(torch.int32), key.view(b, -1) - base, wgt
+
+
+FILL = 3
+"""Programs per SM that a launch aims at: the default build's 162 registers (sm_90a) on 128
+threads leave room for three."""
+
+
+def walk_starts(dst: Tensor, span: int, chunk: int) -> Tensor:
+    """(B, parts) int32: where the walk of each part of ``span`` edges begins, the chunk (of
+    ``chunk`` edges from the image's first) holding the first edge of the run open at the
+    part's first edge. That run's earlier edges are walked again, from the same chunk
+    boundaries as in one walk over the image, so its sum is the same, bit for bit."""
+    first = dst[:, ::span].contiguous()  # each part's first destination
+    return (torch.searchsorted(dst, first) // chunk * chunk).to(torch.int32)
+
+
+def split(cfg: Config, b: int, n_cls: int, edges: int, device: torch.device) -> tuple[int, int]:
+    """``(parts, span)``: each image's edge list cut into ``parts`` spans of ``span`` edges,
+    whole chunks, one program per (image, class block, part). ``cfg.parts``, or so many
+    that the programs fill every SM ``FILL`` times over (one on the CPU): one program per
+    (image, class block) leaves most of the GPU idle at small batches, each program's
+    walk a chain of dependent chunks."""
+    chunks = triton.cdiv(edges, cfg.block_n)
+    parts = cfg.parts
+    if not parts and device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        parts = FILL * sms // (b * triton.cdiv(n_cls, cfg.block_m))
+    span = triton.cdiv(chunks, min(max(parts, 1), chunks)) * cfg.block_n
+    return triton.cdiv(edges, span), span
 
 
 def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Config]]:
@@ -225,9 +270,10 @@ def diffuse_sparse(
 
     weights (B, N, k) float, indices (B, N, k) int in [0, N), cams (B, K, N) any float, all
     on one device. Returns (B, K, N) fp32. steps = 0 returns a fp32 copy of cams. One
-    torch sort, one kernel launch for the whole batch and all steps, and copies in and out
-    of the node-major maps; no host sync once the config is cached; ``config`` fixes one
-    instead (see `diffusion_configs`).
+    torch sort and a search, one kernel launch for the whole batch (one per step when
+    images are split over programs, see `split`), and copies in and out of the node-major
+    maps; no host sync once the config is cached; ``config`` fixes one instead (see
+    `diffusion_configs`).
     """
     b, n_cls, n = cams.shape
     out = torch.empty(b, n_cls, n, dtype=torch.float32, device=cams.device)
@@ -238,15 +284,20 @@ def diffuse_sparse(
 
     def run(cfg: Config) -> None:  # from the input each time: steps overwrite its slot
         scratch[0].copy_(cams.transpose(-1, -2))
-        grid = (b, triton.cdiv(n_cls, cfg.block_m))
+        parts, span = split(cfg, b, n_cls, src.shape[-1], cams.device)
+        grid = (b, triton.cdiv(n_cls, cfg.block_m), parts)
         groups = torch.empty(
-            b * grid[1] * (cfg.block_n // cfg.block_k) * max(n_cls, cfg.block_m),
+            b * grid[1] * parts * (cfg.block_n // cfg.block_k) * max(n_cls, cfg.block_m),
             dtype=torch.float32, device=cams.device,
         )  # fmt: skip
-        diffusion_kernel[grid](
-            scratch, src, dst, wgt, groups, n, n_cls, src.shape[-1], b * n * n_cls, steps,
-            **diffusion_constants(cfg), num_warps=cfg.num_warps,
-        )  # fmt: skip
+        walk = walk_starts(dst, span, cfg.block_n)
+        # Programs cannot wait on each other: with parts, a launch per step.
+        for step0, n_steps in [(0, steps)] if parts == 1 else [(t, 1) for t in range(steps)]:
+            diffusion_kernel[grid](
+                scratch, src, dst, wgt, walk, groups, n, n_cls, src.shape[-1], span,
+                b * n * n_cls, step0, n_steps, **diffusion_constants(cfg),
+                num_warps=cfg.num_warps,
+            )  # fmt: skip
 
     default, candidates = diffusion_configs(n_cls, cams.device)
     key = ("diffuse", n_bucket(n), next_pow2(indices.shape[-1]), next_pow2(b), next_pow2(n_cls))

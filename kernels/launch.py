@@ -30,8 +30,9 @@ HELP = 'use backend="torch" for the portable path'
 
 @dataclass(frozen=True)
 class Config:
-    """Block sizes, merge schedule (top-k kernel: ``slots``, ``narrow``) and launch options
-    of one kernel variant (unused fields are 0)."""
+    """Block sizes, merge schedule (top-k kernel: ``slots``, ``narrow``), programs per image
+    and class block (diffusion: ``parts``, 0 to fill the GPU) and launch options of one
+    kernel variant (unused fields are 0)."""
 
     block_m: int = 0
     block_n: int = 0
@@ -40,6 +41,7 @@ class Config:
     num_stages: int = 2
     slots: int = 0
     narrow: int = 0
+    parts: int = 0
 
 
 def next_pow2(n: int) -> int:

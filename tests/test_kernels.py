@@ -27,6 +27,8 @@ are compared with the reference elementwise; on every row the weights must be
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import random_attention
@@ -345,6 +347,27 @@ def test_diffusion_candidates_agree_bitwise(gen):
         assert torch.equal(out, outs[0])
     fewer = diffuse_sparse(w, idx, cams[:, :3].contiguous(), 2, config=default)
     assert torch.equal(fewer, outs[0][:, :3])
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_diffusion_parts_agree_bitwise(gen, steps):
+    """An image's edges split over programs (parts, a launch per step) give bitwise the maps
+    of one walk, also when a run spans several parts (a node kept 4 times by every row)."""
+    from adcam_fast.kernels.diffusion import diffuse_sparse
+
+    b, n, r, n_cls = 2, 40, 12, 5
+    idx = torch.randint(0, n, (b, n, r), generator=gen)
+    idx[:, :, :4] = 0  # in-degree >= 160: a run over three chunks of 64 edges
+    w = torch.rand(b, n, r, generator=gen)
+    cams = torch.rand(b, n_cls, n, generator=gen)
+    w, idx, cams = to_device(w, idx, cams)
+    chunked = Config(block_m=8, block_n=64, block_k=4)  # 520 edges: 9 chunks per image
+    one = diffuse_sparse(w, idx, cams, steps, config=chunked)
+    expected = ops.diffuse_sparse(w.double().cpu(), idx.cpu(), cams.double().cpu(), steps)
+    torch.testing.assert_close(one.cpu().double(), expected, **W_TOL)
+    for parts in (2, 3, 5, 9, 20):
+        cfg = dataclasses.replace(chunked, parts=parts)
+        assert torch.equal(diffuse_sparse(w, idx, cams, steps, config=cfg), one), parts
 
 
 def test_autotuning_leaves_the_result_unchanged(gen, monkeypatch):
