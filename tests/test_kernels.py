@@ -559,6 +559,25 @@ def test_gpu_merge_schedules_agree(n):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 8])
+def test_gpu_diffusion_split_is_one_walk(b):
+    """At small batches the diffusion splits each image over programs (a launch per step);
+    on the GPU, with real concurrency, the maps are bitwise those of one walk per image."""
+    from adcam_fast.kernels.diffusion import diffuse_sparse, diffusion_configs, split
+
+    gen = torch.Generator().manual_seed(b)
+    n, k, n_cls = 576, 50, 20
+    w = torch.rand(b, n, k, generator=gen).cuda()
+    idx = torch.randint(0, n, (b, n, k), generator=gen).cuda()
+    idx[:, :, 0] = 0  # a run over several chunks
+    cams = torch.rand(b, n_cls, n, generator=gen).cuda()
+    default = diffusion_configs(n_cls, cams.device)[0]
+    assert split(default, b, n_cls, n * (k + 1), cams.device)[0] > 1
+    one = diffuse_sparse(w, idx, cams, 2, config=dataclasses.replace(default, parts=1))
+    assert torch.equal(diffuse_sparse(w, idx, cams, 2, config=default), one)
+
+
+@pytest.mark.gpu
 def test_gpu_autotuned_first_call(monkeypatch):
     """With autotuning on, the first call of a config key (every candidate timed on the
     real arguments, repeatedly) gives what the chosen configs give once cached."""
