@@ -15,8 +15,8 @@ sqrt(A) pass, ``refine_sparse``): achieved TFLOP/s at ``2·B·N³`` flops next t
 ``torch.bmm`` of the same shape and input precision (fp16 sqrt(A)) measured in the same
 run, the time of its passes before the tiles (``take_root``: maximum and sqrt(A)) and of
 the diffusion (kernel 3) alone, and the time of every autotune candidate of kernels 1+2
-(tiling and merge schedule) and of the diffusion (also unsplit: one program per image and
-class block, ``_parts1``). The attention is random (softmax of noise); the similarity
+(tiling and merge schedule) and of the diffusion (class block, and whether an image is
+split over programs). The attention is random (softmax of noise); the similarity
 stage is also timed on spatial attention and on block-diagonal attention that needs one
 merge per program, the stage's floor without merges (kinds of bench/merge_model.py).
 Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png`` (matplotlib permitting) under
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -201,16 +200,15 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
                 cuda,
             )
         del other  # before the next kind's inputs are made
-    # And every diffusion candidate (class block and warps), each also as one program per
-    # image and class block (parts 1: no split of the edge lists, a launch for all steps).
-    for base in diffusion_configs(args.classes, torch.device(device))[1]:
-        for cfg in (base, dataclasses.replace(base, parts=1)):
-            label = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}_w{cfg.num_warps}"
-            row[f"diffusion_{label}{'_parts1' if cfg.parts else ''}_ms"] = time_ms(
-                lambda i, cfg=cfg: diffuse_sparse(w, idx, cams[i % sets], steps, config=cfg),
-                args.repeats,
-                cuda,
-            )
+    # And every diffusion candidate (class block and warps; parts 1: one program per image
+    # and class block, 0: split to fill the GPU).
+    for cfg in diffusion_configs(args.classes, torch.device(device))[1]:
+        label = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}_w{cfg.num_warps}_parts{cfg.parts}"
+        row[f"diffusion_{label}_ms"] = time_ms(
+            lambda i, cfg=cfg: diffuse_sparse(w, idx, cams[i % sets], steps, config=cfg),
+            args.repeats,
+            cuda,
+        )
     row["notes"] = "; ".join(notes)
     shown = {key: round(v, 3) if isinstance(v, float) else v for key, v in row.items()}
     print(json.dumps(shown), flush=True)

@@ -27,18 +27,21 @@ combination order follows the layout, which changes with BLOCK_C and the warps, 
 interpreter runs a custom combine once per element.) The work per step is O(N·(k+1)·K)
 whatever the in-degrees (a node kept by every row costs no more).
 
-Launch: one program per (image, block of ``BLOCK_C`` classes, part), where the parts cut
-an image's edge list into spans of whole chunks, enough of them to fill the GPU (`split`;
-at B = 128 and 20 classes one part, at small batches many: otherwise a few programs, each
-a chain of dependent chunks, would leave most SMs idle). A part stores the runs that end in
-its span, and begins its walk at the chunk where the run open at its first edge began
+Launch: one program per (image, block of ``BLOCK_C`` classes) by default, all steps in
+one launch. At batches too small for that to fill the GPU, an autotune candidate (`split`)
+cuts each image's edge list into parts of whole chunks, a program each (B = 128 at 20
+classes fills an H200 unsplit; B = 32 would leave 36 SMs idle and the rest at one
+program, each a chain of dependent chunks). A part stores the runs that end in its span,
+and begins its walk at the chunk where the run open at its first edge began
 (`walk_starts`), so every sum is formed from the same chunks in the same order as in one
 walk: bitwise the same maps for any number of parts. M lives in two node-major fp32 slots
 that the steps ping-pong between (the input first; a node's classes are contiguous, so one
 gather reads them together), which stay in L2 at the sizes of interest. With one part,
 all steps run in one launch, separated by a CTA barrier, all the ordering needed, since
 each program owns its classes; with more, a step reads what other programs wrote, and
-programs cannot wait on each other, so each step is a launch. A torch copy turns the last
+programs cannot wait on each other, so each step is a launch (the one launch of DESIGN.md
+§4 is the default, given up only where the autotuner measures the split faster). A torch
+copy turns the last
 slot into the (B, K, N) output. Nothing is bounded by on-chip memory: more classes than
 BLOCK_C split over more programs (classes are independent), a larger N only lengthens the
 edge walk. Extra memory: 2·B·N·K·4 bytes of maps, 4·B·max(K, BLOCK_C)·T bytes per part
@@ -46,6 +49,8 @@ for the scan's results, and the CSR, 12·B·N·(k+1) bytes (more while torch sor
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -218,9 +223,9 @@ def walk_starts(dst: Tensor, span: int, chunk: int) -> Tensor:
 
 def split(cfg: Config, b: int, n_cls: int, edges: int, device: torch.device) -> tuple[int, int]:
     """``(parts, span)``: each image's edge list cut into ``parts`` spans of ``span`` edges,
-    whole chunks, one program per (image, class block, part). ``cfg.parts``, or so many
-    that the programs fill every SM ``FILL`` times over (one on the CPU): one program per
-    (image, class block) leaves most of the GPU idle at small batches, each program's
+    whole chunks, one program per (image, class block, part). ``cfg.parts``, or for 0 so
+    many that the programs fill every SM ``FILL`` times over (one on the CPU): one program
+    per (image, class block) leaves most of the GPU idle at small batches, each program's
     walk a chain of dependent chunks."""
     chunks = triton.cdiv(edges, cfg.block_n)
     parts = cfg.parts
@@ -245,14 +250,19 @@ def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Co
     fastest of the earlier kernel's candidates, and as fast as BLOCK_E = 256, G = 8; longer
     chunks (1024) and G = 8 at 512 were slower (bench/kernels_notes.md). None spills in
     the sm_90a builds (bench/compile_check.py).
+    Each runs one program per image and class block, all steps in one launch (``parts``
+    1); one more candidate, the default split over enough programs to fill the GPU
+    (``parts`` 0, see `split`: bitwise the same maps, a launch per step), is what the
+    autotuner can take at batches too small to fill the GPU otherwise.
     Interpreter: all classes and long chunks (its cost is per operation).
     """
     if device.type != "cuda":
-        return Config(block_m=min(32, next_pow2(n_cls)), block_n=2048, block_k=4), []
-    blocks = [Config(block_m=8, block_n=512, block_k=16, num_warps=4),
-              Config(block_m=4, block_n=512, block_k=16, num_warps=4),
-              Config(block_m=16, block_n=512, block_k=16, num_warps=8)]  # fmt: skip
-    return blocks[0], [c for c in blocks if c.block_m // 2 < max(n_cls, 8)]
+        return Config(block_m=min(32, next_pow2(n_cls)), block_n=2048, block_k=4, parts=1), []
+    blocks = [Config(block_m=8, block_n=512, block_k=16, num_warps=4, parts=1),
+              Config(block_m=4, block_n=512, block_k=16, num_warps=4, parts=1),
+              Config(block_m=16, block_n=512, block_k=16, num_warps=8, parts=1)]  # fmt: skip
+    split_default = dataclasses.replace(blocks[0], parts=0)
+    return blocks[0], [c for c in blocks if c.block_m // 2 < max(n_cls, 8)] + [split_default]
 
 
 def diffusion_constants(cfg: Config) -> dict[str, int]:

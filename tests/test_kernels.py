@@ -325,7 +325,8 @@ def test_diffusion_configs_few_builds_one_order():
         assert {(c.block_n, c.block_k) for c in candidates} == {(512, 16)}
         assert all(c.block_m // 2 < max(n_cls, 8) for c in candidates)  # no half-empty block
         seen.update(candidates)
-    assert sorted((c.block_m, c.num_warps) for c in seen) == [(4, 4), (8, 4), (16, 8)]
+    blocks = sorted((c.block_m, c.num_warps, c.parts) for c in seen)
+    assert blocks == [(4, 4, 1), (8, 4, 0), (8, 4, 1), (16, 8, 1)]  # 0: the split default
 
 
 def test_diffusion_candidates_agree_bitwise(gen):
@@ -342,7 +343,7 @@ def test_diffusion_candidates_agree_bitwise(gen):
     w, idx, cams = to_device(w, idx, cams)
     default, candidates = diffusion_configs(n_cls, torch.device("cuda"))
     outs = [diffuse_sparse(w, idx, cams, 2, config=c) for c in candidates]
-    assert len(outs) == 3
+    assert len(outs) == 4
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
     fewer = diffuse_sparse(w, idx, cams[:, :3].contiguous(), 2, config=default)
@@ -561,8 +562,8 @@ def test_gpu_merge_schedules_agree(n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("b", [1, 8])
 def test_gpu_diffusion_split_is_one_walk(b):
-    """At small batches the diffusion splits each image over programs (a launch per step);
-    on the GPU, with real concurrency, the maps are bitwise those of one walk per image."""
+    """At small batches the split candidate cuts each image over programs (a launch per
+    step); on the GPU, with real concurrency, the maps are bitwise those of one walk."""
     from adcam_fast.kernels.diffusion import diffuse_sparse, diffusion_configs, split
 
     gen = torch.Generator().manual_seed(b)
@@ -571,10 +572,11 @@ def test_gpu_diffusion_split_is_one_walk(b):
     idx = torch.randint(0, n, (b, n, k), generator=gen).cuda()
     idx[:, :, 0] = 0  # a run over several chunks
     cams = torch.rand(b, n_cls, n, generator=gen).cuda()
-    default = diffusion_configs(n_cls, cams.device)[0]
-    assert split(default, b, n_cls, n * (k + 1), cams.device)[0] > 1
-    one = diffuse_sparse(w, idx, cams, 2, config=dataclasses.replace(default, parts=1))
-    assert torch.equal(diffuse_sparse(w, idx, cams, 2, config=default), one)
+    default = diffusion_configs(n_cls, cams.device)[0]  # one program per image
+    split_default = dataclasses.replace(default, parts=0)
+    assert split(split_default, b, n_cls, n * (k + 1), cams.device)[0] > 1
+    one = diffuse_sparse(w, idx, cams, 2, config=default)
+    assert torch.equal(diffuse_sparse(w, idx, cams, 2, config=split_default), one)
 
 
 @pytest.mark.gpu
