@@ -350,7 +350,7 @@ def test_diffusion_candidates_agree_bitwise(gen):
     assert torch.equal(fewer, outs[0][:, :3])
 
 
-@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("steps", [1, 2])
 def test_diffusion_parts_agree_bitwise(gen, steps):
     """An image's edges split over programs (parts, a launch per step) give bitwise the maps
     of one walk, also when a run spans several parts (a node kept 4 times by every row)."""
@@ -366,7 +366,7 @@ def test_diffusion_parts_agree_bitwise(gen, steps):
     one = diffuse_sparse(w, idx, cams, steps, config=chunked)
     expected = ops.diffuse_sparse(w.double().cpu(), idx.cpu(), cams.double().cpu(), steps)
     torch.testing.assert_close(one.cpu().double(), expected, **W_TOL)
-    for parts in (2, 3, 5, 9, 20):
+    for parts in (2, 3, 9):  # 9: a chunk per part
         cfg = dataclasses.replace(chunked, parts=parts)
         assert torch.equal(diffuse_sparse(w, idx, cams, steps, config=cfg), one), parts
 
