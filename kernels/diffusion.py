@@ -27,25 +27,24 @@ combination order follows the layout, which changes with BLOCK_C and the warps, 
 interpreter runs a custom combine once per element.) The work per step is O(N·(k+1)·K)
 whatever the in-degrees (a node kept by every row costs no more).
 
-Launch: one program per (image, block of ``BLOCK_C`` classes) by default, all steps in
-one launch. At batches too small for that to fill the GPU, an autotune candidate (`split`)
-cuts each image's edge list into parts of whole chunks, a program each (B = 128 at 20
-classes fills an H200 unsplit; B = 32 would leave 36 SMs idle and the rest at one
-program, each a chain of dependent chunks). A part stores the runs that end in its span,
-and begins its walk at the chunk where the run open at its first edge began
-(`walk_starts`), so every sum is formed from the same chunks in the same order as in one
-walk: bitwise the same maps for any number of parts. M lives in two node-major fp32 slots
-that the steps ping-pong between (the input first; a node's classes are contiguous, so one
-gather reads them together), which stay in L2 at the sizes of interest. With one part,
-all steps run in one launch, separated by a CTA barrier, all the ordering needed, since
-each program owns its classes; with more, a step reads what other programs wrote, and
-programs cannot wait on each other, so each step is a launch (the one launch of DESIGN.md
-§4 is the default, given up only where the autotuner measures the split faster). A torch
-copy turns the last
-slot into the (B, K, N) output. Nothing is bounded by on-chip memory: more classes than
-BLOCK_C split over more programs (classes are independent), a larger N only lengthens the
-edge walk. Extra memory: 2·B·N·K·4 bytes of maps, 4·B·max(K, BLOCK_C)·T bytes per part
-for the scan's results, and the CSR, 12·B·N·(k+1) bytes (more while torch sorts).
+Launch: one program per (image, block of ``BLOCK_C`` classes) by default, all steps in one
+launch. At batches too small for that to fill the GPU, an autotune candidate (`split`) cuts
+each image's edge list into parts of whole chunks, a program each (B = 128 at 20 classes
+fills an H200 unsplit; B = 32 would leave 36 SMs idle and the rest at one program, each a
+chain of dependent chunks). A part stores the runs that end in its span, and begins its
+walk at the chunk where the run open at its first edge began (`walk_starts`), so every sum
+is formed from the same chunks in the same order as in one walk: bitwise the same maps for
+any number of parts. M lives in two node-major fp32 slots that the steps ping-pong between
+(the input first; a node's classes are contiguous, so one gather reads them together),
+which stay in L2 at the sizes of interest. With one part, all steps run in one launch,
+separated by a CTA barrier, all the ordering needed, since each program owns its classes;
+with more, a step reads what other programs wrote, and programs cannot wait on each other,
+so each step is a launch (the one launch of DESIGN.md §4 is the default, given up only
+where the autotuner measures the split faster). A torch copy turns the last slot into the
+(B, K, N) output. Nothing is bounded by on-chip memory: more classes than BLOCK_C split
+over more programs (classes are independent), a larger N only lengthens the edge walk.
+Extra memory: 2·B·N·K·4 bytes of maps, 4·B·max(K, BLOCK_C)·T bytes per part for the scan's
+results, and the CSR, 12·B·N·(k+1) bytes (more while torch sorts).
 """
 
 from __future__ import annotations
