@@ -14,13 +14,14 @@ extra device memory of each, and for the similarity stage alone (kernels 1+2 wit
 sqrt(A) pass, ``refine_sparse``): achieved TFLOP/s at ``2·B·N³`` flops next to a dense
 ``torch.bmm`` of the same shape and input precision (fp16 sqrt(A)) measured in the same
 run, the time of its passes before the tiles (``take_root``: maximum and sqrt(A)) and of
-the diffusion (kernel 3) alone, and the time of every autotune candidate of kernels 1+2
-(tiling and merge schedule) and of the diffusion (class block, and whether an image is
-split over programs). The attention is random (softmax of noise); the similarity
-stage is also timed on spatial attention and on block-diagonal attention that needs one
-merge per program, the stage's floor without merges (kinds of bench/merge_model.py).
-Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png`` (matplotlib permitting) under
-``--out``, with GPU name, its L2 size and SM count, versions and date.
+the diffusion (kernel 3) alone and of its CSR sort, and the time of every autotune
+candidate of kernels 1+2 (tiling and merge schedule) and of the diffusion (class block, and
+whether an image is split over programs). The attention is random (softmax of noise); the
+similarity stage is also timed on spatial attention and on block-diagonal attention that
+needs one merge per program, the stage's floor without merges (kinds of
+bench/merge_model.py). Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png``
+(matplotlib permitting) under ``--out``, with GPU name, its L2 size and SM count, versions
+and date.
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
                             [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
@@ -70,7 +71,7 @@ from merge_model import KINDS, attention  # noqa: E402
 from adcam_fast import ops, reference  # noqa: E402
 from adcam_fast.kernels import adcam_triton  # noqa: E402
 from adcam_fast.kernels.coneighbor_topk import refine_sparse, take_root, topk_configs  # noqa: E402
-from adcam_fast.kernels.diffusion import diffuse_sparse, diffusion_configs  # noqa: E402
+from adcam_fast.kernels.diffusion import csr_edges, diffuse_sparse, diffusion_configs  # noqa: E402
 from adcam_fast.kernels.launch import next_pow2  # noqa: E402
 from adcam_fast.reference import EPS  # noqa: E402
 
@@ -152,7 +153,8 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
         row["speedup_vs_best_torch"] = min(torch_ms) / row["triton_ms"]
 
     # The similarity stage alone (kernels 1+2), against a dense bmm of the same shape; and
-    # its parts: the passes before the tiles (maximum, sqrt(A)), and the diffusion after it.
+    # its parts: the passes before the tiles (maximum, sqrt(A)), and the diffusion after it,
+    # with the sort that makes its CSR timed apart too.
     flops = 2 * b * n**3
     sim_ms = time_ms(lambda i: refine_sparse(As[i % sets], k, EPS), args.repeats, cuda)
     row["similarity_ms"] = sim_ms
@@ -163,6 +165,7 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     row["diffusion_ms"] = time_ms(
         lambda i: diffuse_sparse(w, idx, cams[i % sets], steps), args.repeats, cuda
     )
+    row["csr_ms"] = time_ms(lambda i: csr_edges(w, idx), args.repeats, cuda)
     if cuda:
         R = [a.sqrt().half() for a in As]  # the kernel's dot reads sqrt(A) in fp16
         bmm_ms = time_ms(lambda i: torch.bmm(R[i % sets], R[i % sets].mT), args.repeats, True)
