@@ -250,10 +250,11 @@ def main() -> None:
     elif not cuda:
         sys.exit("no CUDA GPU: run with --smoke for the CPU (interpreter) smoke configuration")
     device = "cuda" if cuda else "cpu"
+    props = torch.cuda.get_device_properties(device) if cuda else None
     meta = {
         "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)",
-        "l2_mib": torch.cuda.get_device_properties().L2_cache_size / 2**20 if cuda else None,
-        "sms": torch.cuda.get_device_properties().multi_processor_count if cuda else None,
+        "l2_mib": getattr(props, "L2_cache_size", 0) / 2**20 if props else None,
+        "sms": props.multi_processor_count if props else None,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
