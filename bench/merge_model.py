@@ -53,7 +53,7 @@ def attention(
         return (same / same.sum(-1, keepdim=True)).expand(b, n, n).contiguous()
     noise = torch.randn(b, n, n, generator=gen, device=device, dtype=dtype)
     if kind == "random":
-        return (3 * noise).softmax(-1)
+        return noise.mul_(3).softmax(-1)  # in place: at B = 128, N = 4096, 8.6 GB each
     side = math.isqrt(n)
     if side * side != n:
         raise ValueError(f"spatial attention needs a square number of tokens, got N={n}")
@@ -61,7 +61,7 @@ def attention(
     yx = torch.stack(torch.meshgrid(grid, grid, indexing="ij")).reshape(2, -1).T
     inside = ((yx - side / 2).abs() < side / 4).all(-1)
     same = (inside[:, None] == inside[None, :]).to(dtype)
-    return (-((torch.cdist(yx, yx) / 3) ** 2) + 2 * same + 0.5 * noise).softmax(-1)
+    return noise.mul_(0.5).add_(2 * same - (torch.cdist(yx, yx) / 3) ** 2).softmax(-1)
 
 
 def merges(
