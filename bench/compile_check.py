@@ -5,13 +5,14 @@ assembled by the ``ptxas`` that ships with Triton: registers, spill stores, shar
 whether the S tile uses wgmma or mma, and the number of SASS instructions (nvdisasm, also
 shipped with Triton), a static size of the code. This is the evidence a CPU-only machine
 can give that the kernels build for the GPU (the interpreter tests run them, but never
-compile them).
+compile them). It also checks that the diffusion's launches specialize alike whatever the
+class count (`class_count_variants`), so that a batch of new class counts compiles nothing.
 
     python bench/compile_check.py            # every default and autotune candidate (minutes)
     python bench/compile_check.py --quick    # the default configurations at k = 50 (seconds)
 
 Must run without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled). Prints one
-line per configuration and exits non-zero if any fails to compile.
+line per configuration and check, and exits non-zero if any fails.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from adcam_fast.kernels.coneighbor_topk import (
     coneighbor_topk_kernel,
@@ -156,15 +159,35 @@ def root_jobs():
         yield f"root {name}", root_kernel, signature, constants, Config()
 
 
+def class_count_variants(batch: int = 32, n: int = 576, k: int = 50) -> int:
+    """Launch specializations of `diffusion_kernel` over class counts K = 1..64 (B = 32,
+    N = 576, k = 50), as Triton's launcher forms them for sm_90a: integer arguments equal
+    to 1 or divisible by 16 are specialized, and each distinct specialization is a compile
+    at run time. A batch's class count depends on its images, so it must add none."""
+    kernel = diffusion_kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(HOPPER))
+    f32, i32 = torch.empty(16, dtype=torch.float32), torch.empty(16, dtype=torch.int32)
+    cfg = diffusion_configs(20, torch.device("cuda"))[0]
+    edges = n * (k + 1)
+    span = triton.cdiv(edges, cfg.block_n) * cfg.block_n
+    seen = set()
+    for n_cls in range(1, 65):
+        args = (f32, i32, i32, f32, i32, f32, n, n_cls, edges, span, batch * n * n_cls, 0, 2)
+        seen.add(str(binder(*args, **diffusion_constants(cfg))[1]))
+    return len(seen)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="default configurations only")
     args = p.parse_args()
     jobs = [*root_jobs(), *topk_jobs(args.quick), *diffusion_jobs(args.quick)]
     ok = [compile_one(*job) for job in jobs]
-    print(
-        f"{sum(ok)} of {len(ok)} configurations compiled for sm_90a (triton {triton.__version__})"
-    )
+    variants = class_count_variants()
+    ok.append(variants == 1)
+    print(f"{'OK  ' if ok[-1] else 'FAIL'} diffusion: {variants} launch specialization(s) "
+          "over class counts 1..64")  # fmt: skip
+    print(f"{sum(ok)} of {len(ok)} checks passed for sm_90a (triton {triton.__version__})")
     return 0 if all(ok) else 1
 
 
