@@ -6,8 +6,10 @@ code as the command (DataLoader decode -> extractor per scale and flip -> AD-CAM
 writer threads). Stage times come from the run's summary.json: ``forward`` and ``adcam``
 are device times (synchronised per batch), ``decode_wait`` / ``write_wait`` are the time the
 main loop waited for the loader / the writers; ``configs_tuned_in_timed_run`` counts the
-Triton kernel configs first chosen (autotuned) inside the timed run, whose cost that run
-then includes. Results: bench/results/pipeline_<device>.json.
+Triton kernel configs first chosen (autotuned) inside the timed run, and
+``kernel_builds_in_timed_run`` the Triton kernels built there (compiled, or loaded from
+Triton's disk cache: a launch specialization not met before), whose cost that run then
+includes. Results: bench/results/pipeline_<device>.json.
 
     python bench/pipeline.py                      # CPU: nano model, 64 images of 128 px
     python bench/pipeline.py --model conformer_small_patch16 --images 512 --size 448 \\
@@ -38,6 +40,28 @@ def random_checkpoint(model: str, class_names: list[str], crop: int, path: Path)
     """A classifier checkpoint of timm ``model`` with random weights, saved at ``path``."""
     net = timm.create_model(model, num_classes=len(class_names), drop_last_block=True)
     return save_classifier(net, classifier_config(model, len(class_names), crop), class_names, path)
+
+
+class KernelBuilds:
+    """Counts Triton kernel builds (in-process cache misses) while active, through Triton's
+    post-compile hook; the previous hook is restored on exit."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __enter__(self) -> KernelBuilds:
+        import triton
+
+        self._knobs = triton.knobs.runtime
+        self._previous = self._knobs.jit_post_compile_hook
+        self._knobs.jit_post_compile_hook = self._hook
+        return self
+
+    def _hook(self, **kwargs: object) -> None:
+        self.count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._knobs.jit_post_compile_hook = self._previous
 
 
 def main() -> None:
@@ -74,7 +98,8 @@ def main() -> None:
         label_dataset(open_dataset(f"synthetic:{warm}"), extractor, tmp / "w", cfg, progress=False)
         warmup_seconds = time.perf_counter() - t0
         configs_before = cached_configs()
-        summary = label_dataset(dataset, extractor, tmp / "out", cfg, progress=False)
+        with KernelBuilds() as builds:
+            summary = label_dataset(dataset, extractor, tmp / "out", cfg, progress=False)
         # Kernel configs first chosen inside the timed run (autotuning, and any compiles it
         # needs, counted in its time): shape buckets the warm-up did not meet.
         tuned_in_run = cached_configs() - configs_before
@@ -100,6 +125,7 @@ def main() -> None:
         ),
         warmup_seconds=warmup_seconds,
         configs_tuned_in_timed_run=tuned_in_run,
+        kernel_builds_in_timed_run=builds.count,
         images_per_second=summary.images_per_second,
         seconds=summary.seconds,
         stage_seconds=summary.stage_seconds,

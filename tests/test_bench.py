@@ -72,6 +72,23 @@ def test_pipeline_benchmark_smoke(tmp_path):
     assert (result["written"], result["failed"]) == (4, 0)
     assert result["images_per_second"] > 0
     assert result["configs_tuned_in_timed_run"] == 0  # configs are only autotuned on a GPU
+    assert result["kernel_builds_in_timed_run"] == 0  # and no Triton kernel is built on a CPU
+
+
+def test_pipeline_counts_kernel_builds(monkeypatch):
+    """bench/pipeline.py counts Triton kernel builds through the post-compile hook (called
+    here as Triton calls it after a build) and restores the hook it found."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(BENCH))
+    from pipeline import KernelBuilds
+
+    before = triton.knobs.runtime.jit_post_compile_hook
+    built = dict(key="k", repr="r", fn=None, compile={}, is_manual_warmup=False)
+    with KernelBuilds() as builds:
+        for _ in range(2):
+            triton.knobs.runtime.jit_post_compile_hook(**built, already_compiled=False)
+    assert builds.count == 2
+    assert triton.knobs.runtime.jit_post_compile_hook is before
 
 
 def test_train_benchmark_smoke(tmp_path):
