@@ -168,12 +168,13 @@ def class_count_variants(batch: int = 32, n: int = 576, k: int = 50) -> int:
     binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(HOPPER))
     f32, i32 = torch.empty(16, dtype=torch.float32), torch.empty(16, dtype=torch.int32)
     cfg = diffusion_configs(20, torch.device("cuda"))[0]
+    constants = diffusion_constants(cfg)
     edges = n * (k + 1)
     span = triton.cdiv(edges, cfg.block_n) * cfg.block_n
     seen = set()
     for n_cls in range(1, 65):
         args = (f32, i32, i32, f32, i32, f32, n, n_cls, edges, span, batch * n * n_cls, 0, 2)
-        seen.add(str(binder(*args, **diffusion_constants(cfg))[1]))
+        seen.add(str(binder(*args, **constants)[1]))
     return len(seen)
 
 

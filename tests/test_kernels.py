@@ -108,6 +108,19 @@ def to_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(DEVICE) for t in tensors]
 
 
+def hub_inputs(
+    gen: torch.Generator, b: int, n: int, r: int, n_cls: int, hub_places: int = 1
+) -> list[torch.Tensor]:
+    """A sparse Ã (weights, indices: (B, N, r)) whose every row keeps node 0 in its first
+    ``hub_places`` places (in-degree >= N·hub_places: a run over several groups and chunks
+    of the diffusion's edge walk), and maps (B, K, N); on DEVICE."""
+    idx = torch.randint(0, n, (b, n, r), generator=gen)
+    idx[:, :, :hub_places] = 0
+    w = torch.rand(b, n, r, generator=gen)
+    cams = torch.rand(b, n_cls, n, generator=gen)
+    return to_device(w, idx, cams)
+
+
 # ---------------------------------------------------------------- refinement (kernels 1+2)
 
 
@@ -314,7 +327,7 @@ def test_diffuse_sparse_many_classes_and_no_alias(gen):
 
 
 def test_diffusion_configs_few_builds_one_order():
-    """On a GPU every class count maps to the same three configs (a new count compiles
+    """On a GPU every class count maps to the same four configs (a new count compiles
     nothing new), and every candidate sums in the same order (same chunk and group)."""
     from adcam_fast.kernels.diffusion import diffusion_configs
 
@@ -335,12 +348,8 @@ def test_diffusion_candidates_agree_bitwise(gen):
     does another class count's masking."""
     from adcam_fast.kernels.diffusion import diffuse_sparse, diffusion_configs
 
-    b, n, r, n_cls = 2, 40, 12, 11
-    idx = torch.randint(0, n, (b, n, r), generator=gen)
-    idx[:, :, 0] = 0  # in-degree >= n for node 0: a run over several groups and chunks
-    w = torch.rand(b, n, r, generator=gen)
-    cams = torch.rand(b, n_cls, n, generator=gen)
-    w, idx, cams = to_device(w, idx, cams)
+    n_cls = 11
+    w, idx, cams = hub_inputs(gen, 2, 40, 12, n_cls)
     default, candidates = diffusion_configs(n_cls, torch.device("cuda"))
     outs = [diffuse_sparse(w, idx, cams, 2, config=c) for c in candidates]
     assert len(outs) == 4
@@ -356,12 +365,7 @@ def test_diffusion_parts_agree_bitwise(gen, steps):
     of one walk, also when a run spans several parts (a node kept 4 times by every row)."""
     from adcam_fast.kernels.diffusion import diffuse_sparse
 
-    b, n, r, n_cls = 2, 40, 12, 5
-    idx = torch.randint(0, n, (b, n, r), generator=gen)
-    idx[:, :, :4] = 0  # in-degree >= 160: a run over three chunks of 64 edges
-    w = torch.rand(b, n, r, generator=gen)
-    cams = torch.rand(b, n_cls, n, generator=gen)
-    w, idx, cams = to_device(w, idx, cams)
+    w, idx, cams = hub_inputs(gen, 2, 40, 12, 5, hub_places=4)  # a run over three chunks
     chunked = Config(block_m=8, block_n=64, block_k=4, parts=1)  # 520 edges: 9 chunks an image
     one = diffuse_sparse(w, idx, cams, steps, config=chunked)
     expected = ops.diffuse_sparse(w.double().cpu(), idx.cpu(), cams.double().cpu(), steps)
@@ -566,12 +570,8 @@ def test_gpu_diffusion_split_is_one_walk(b):
     step); on the GPU, with real concurrency, the maps are bitwise those of one walk."""
     from adcam_fast.kernels.diffusion import diffuse_sparse, diffusion_configs, split
 
-    gen = torch.Generator().manual_seed(b)
     n, k, n_cls = 576, 50, 20
-    w = torch.rand(b, n, k, generator=gen).cuda()
-    idx = torch.randint(0, n, (b, n, k), generator=gen).cuda()
-    idx[:, :, 0] = 0  # a run over several chunks
-    cams = torch.rand(b, n_cls, n, generator=gen).cuda()
+    w, idx, cams = hub_inputs(torch.Generator().manual_seed(b), b, n, k, n_cls)
     default = diffusion_configs(n_cls, cams.device)[0]  # one program per image
     split_default = dataclasses.replace(default, parts=0)
     assert split(split_default, b, n_cls, n * (k + 1), cams.device)[0] > 1
