@@ -299,7 +299,10 @@ def diffuse_sparse(
             b * grid[1] * parts * (cfg.block_n // cfg.block_k) * max(n_cls, cfg.block_m),
             dtype=torch.float32, device=cams.device,
         )  # fmt: skip
-        walk = walk_starts(dst, span, cfg.block_n)
+        if parts == 1:  # one walk from each image's first edge: no search needed
+            walk = torch.zeros(b, 1, dtype=torch.int32, device=cams.device)
+        else:
+            walk = walk_starts(dst, span, cfg.block_n)
         # Programs cannot wait on each other: with parts, a launch per step.
         for step0, n_steps in [(0, steps)] if parts == 1 else [(t, 1) for t in range(steps)]:
             diffusion_kernel[grid](
