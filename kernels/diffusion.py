@@ -15,7 +15,8 @@ and independent of each other; only the gather of ``M(:, i)`` for ``BLOCK_C`` cl
 waits on the source. Within a group, the runs are summed edge by edge (G steps, in
 registers); across the T groups, the sums of the runs open at each group's end are combined
 by a segmented Hillis-Steele scan (log2(T) rounds of ``tl.gather``; whether a run spans
-groups is read from the sorted destinations), to which the partial sum of the run left open
+groups is read from the sorted destinations, loaded with the walk's loads so that no
+global load waits behind the scan's CTA barriers), to which the partial sum of the run left open
 by the previous chunk is added, and the result returns to the walk's register layout
 through a small per-program scratch (`_previous_column`), so that the G gathers of a
 chunk are issued together, with no CTA barrier between them. Each node's total is stored
@@ -132,6 +133,13 @@ def diffusion_kernel(
         for e0 in range(walk, hi, T * G):
             first = e0 + group * G  # each group's first edge
             before = tl.load(DST + first - 1, mask=(first > 0) & (first <= E), other=-1)
+            # The scan's keys, here so that they are in flight with the walk's loads: the
+            # destination of the last edge of group r - 2**s, for each round s.
+            keys = ()
+            for s in tl.static_range(LOG_T):
+                back = first - (1 << s) * G + G - 1
+                keys += (tl.load(DST + back, mask=(group >= 1 << s) & (back < E), other=-1),)
+            after = tl.load(DST + first + G, mask=first + G < E, other=-1)
             # Within each group, sequentially: sums[g] is the sum of edge g's run over the
             # group's edges up to g, fresh[g] whether a run starts at one of edges 1..g.
             sums = ()
@@ -158,16 +166,14 @@ def diffusion_kernel(
                 sums += (acc,)
                 fresh += (opened,)
                 dsts += (dst,)
-            dsts += (tl.load(DST + first + G, mask=first + G < E, other=-1),)
+            dsts += (after,)
             # Across the groups: tot becomes the sum of the run open at each group's end, over
             # the whole chunk and the carry (segmented Hillis-Steele over the T groups; a run
             # spans groups r-d..r iff group r-d ends on the same node as group r).
             tail = dsts[G - 1]
             tot = tl.where(((group == 0) & (tail == before))[None, :], carry[:, None] + acc, acc)
             for s in tl.static_range(LOG_T):
-                back = first - (1 << s) * G + G - 1  # the last edge of group r - 2**s
-                key = tl.load(DST + back, mask=(group >= 1 << s) & (back < E), other=-1)
-                same = (group >= 1 << s) & (key == tail)
+                same = (group >= 1 << s) & (keys[s] == tail)
                 tot = tl.where(same[None, :], _columns_back(tot, 1 << s) + tot, tot)
             # The run open at each group's first edge, summed before the group.
             prior = tl.where(
