@@ -7,21 +7,23 @@ warm-up, rotating over several input sets so that repeats do not run from L2) of
   budget, and said so),
 - ``torch``: ``ops.adcam_torch``, the sparse portable path,
 - ``torch.compile``: the same under ``torch.compile(dynamic=True)``,
-- ``triton``: ``kernels.adcam_triton`` (configs autotuned on first use),
+- ``triton``: ``kernels.adcam_triton`` (configs autotuned on first use), and the same
+  calls replayed from CUDA graphs (``triton_graph``: without the host's work, whose part
+  ``triton_host_ms`` gives),
 
-the speed-up of triton over the best torch path (the fastest of the three above), the peak
-extra device memory of each, and for the similarity stage alone (kernels 1+2 with their
-sqrt(A) pass, ``refine_sparse``): achieved TFLOP/s at ``2·B·N³`` flops next to a dense
-``torch.bmm`` of the same shape and input precision (fp16 sqrt(A)) measured in the same
-run, the time of its passes before the tiles (``take_root``: maximum and sqrt(A)) and of
-the diffusion (kernel 3) alone and of its CSR sort, and the time of every autotune
-candidate of kernels 1+2 (tiling and merge schedule) and of the diffusion (class block, and
-whether an image is split over programs). The attention is random (softmax of noise); the
-similarity stage is also timed on spatial attention and on block-diagonal attention that
-needs one merge per program, the stage's floor without merges (kinds of
-bench/merge_model.py). Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png``
-(matplotlib permitting) under ``--out``, with GPU name, its L2 size and SM count, versions
-and date.
+the speed-up of triton (eager, and replayed) over the best torch path (the fastest of the
+three eager torch paths above), the peak extra device memory of each, and for the
+similarity stage alone (kernels 1+2 with their sqrt(A) pass, ``refine_sparse``): achieved
+TFLOP/s at ``2·B·N³`` flops next to a dense ``torch.bmm`` of the same shape and input
+precision (fp16 sqrt(A)) measured in the same run, the time of its passes before the tiles
+(``take_root``: maximum and sqrt(A)) and of the diffusion (kernel 3) alone and of its CSR
+sort, and the time of every autotune candidate of kernels 1+2 (tiling and merge schedule)
+and of the diffusion (class block, and whether an image is split over programs). The
+attention is random (softmax of noise); the similarity stage is also timed on spatial
+attention and on block-diagonal attention that needs one merge per program, the stage's
+floor without merges (kinds of bench/merge_model.py). Writes ``kernels.json``,
+``kernels.csv`` and ``kernels.png`` (matplotlib permitting) under ``--out``, with GPU
+name, its L2 size and SM count, versions and date.
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
                             [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
@@ -98,6 +100,37 @@ def time_ms(fn: Callable[[int], object], repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
+def host_ms(fn: Callable[[int], object], repeats: int, cuda: bool) -> float:
+    """Median milliseconds until ``fn(i)`` returns to the host, the device idle at each call:
+    the host's part of a call (checks, Python, launches). Where it is close to the
+    `time_ms` of the same call, the host, not the GPU, sets the pace."""
+    times = []
+    for i in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(i)
+        times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def graphed(fn: Callable[[int], object], sets: int) -> Callable[[int], object]:
+    """``fn`` for each of the ``sets`` input sets captured in a CUDA graph (after a warm-up
+    call, which caches the autotuned configs): ``i -> replay of set i % sets``, the call
+    without host work. The captured calls' outputs stay allocated with their graphs."""
+    graphs = []
+    for i in range(sets):
+        fn(i)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(i)
+        graphs.append(graph)
+    return lambda i: graphs[i % sets].replay()
+
+
 def peak_mib(fn: Callable[[], object], cuda: bool) -> float | None:
     """Peak device memory added while ``fn()`` runs (CUDA only), MiB."""
     if not cuda:
@@ -147,9 +180,20 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
         except torch.OutOfMemoryError:
             notes.append(f"{name}: out of memory")
             torch.cuda.empty_cache()
+    # How much of the triton path is host work: its host time alone, and the same calls
+    # replayed from CUDA graphs (no host work at all; the kernels are graph-capturable).
+    triton_path = paths["triton"]
+    row["triton_host_ms"] = host_ms(triton_path, args.repeats, cuda)
+    if cuda:
+        try:
+            row["triton_graph_ms"] = time_ms(graphed(triton_path, sets), args.repeats, cuda)
+        except RuntimeError as e:  # a capture that fails is noted, the row kept
+            notes.append(f"triton graph: {str(e)[:200]}")
     torch_ms = [row[f"{p}_ms"] for p in TORCH_PATHS if f"{p}_ms" in row]
     if torch_ms and "triton_ms" in row:
         row["speedup_vs_best_torch"] = min(torch_ms) / row["triton_ms"]
+    if torch_ms and "triton_graph_ms" in row:
+        row["graph_speedup_vs_best_torch"] = min(torch_ms) / row["triton_graph_ms"]
 
     # The similarity stage alone (kernels 1+2), against a dense bmm of the same shape; and
     # its parts: the passes before the tiles (maximum, sqrt(A)), and the diffusion after it,
@@ -288,15 +332,18 @@ def main() -> None:
 def table(rows: list[dict], device: str) -> str:
     """A short Markdown table of the rows: times, speed-up, the S stage (rate, and time per
     attention kind), fastest config."""
-    head = ["N", "B", "triton ms", "best torch ms", "speed-up", "S TFLOP/s", "bmm TFLOP/s",
+    head = ["N", "B", "triton ms", "host ms", "graph ms", "best torch ms", "speed-up",
+            "graph speed-up", "S TFLOP/s", "bmm TFLOP/s",
             "S ms", "S spatial ms", "S floor ms", "root ms", "diffusion ms",
             "fastest top-k config"]  # fmt: skip
     lines = [device, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         torch_ms = [r[f"{p}_ms"] for p in TORCH_PATHS if f"{p}_ms" in r]
         configs = {key[5:-3]: v for key, v in r.items() if key.startswith("topk_")}
-        cells = [r["N"], r["B"], r.get("triton_ms"), min(torch_ms, default=None),
-                 r.get("speedup_vs_best_torch"), r.get("similarity_tflops"), r.get("bmm_tflops"),
+        cells = [r["N"], r["B"], r.get("triton_ms"), r.get("triton_host_ms"),
+                 r.get("triton_graph_ms"), min(torch_ms, default=None),
+                 r.get("speedup_vs_best_torch"), r.get("graph_speedup_vs_best_torch"),
+                 r.get("similarity_tflops"), r.get("bmm_tflops"),
                  r.get("similarity_ms"), r.get("similarity_spatial_ms"),
                  r.get("similarity_blocks_ms"), r.get("root_ms"), r.get("diffusion_ms"),
                  min(configs, key=configs.get) if configs else None]  # fmt: skip
