@@ -336,30 +336,20 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     many slots per row (a multiple of the merge width ``max(BLOCK_N, kp)``, so that a tile
     fits after a merge). Parking saves merges (bench/merge_model.py) but adds a prefix sum
     and a scattered store to every tile; on an H200 it was the slower schedule at N = 576
-    and 2304 (bench/kernels_notes.md), so it stays a candidate, not the default.
+    and 2304 (bench/kernels_notes.md), so it is a candidate only for kp > 64.
     ``narrow`` (with slots 0; at most kp) merges a tile whose rows each hold at most that
-    many candidates by `_merge_largest`, the rest whole. A pass-by-pass merge is cheaper
-    than the network up to about 16 passes (sm_90a SASS, kp = 64: 700 + 145 per pass
-    against 3093 instructions per thread); at 16, on the benchmark's random attention, it
-    cuts the merge instructions per program by 19 % at N = 2304 and 32 % at N = 4096
-    (bench/merge_model.py counts, bench/kernels_notes.md). But the network is straight-line
-    code, about 49 KB of it per merge, where a pass is a loop: if fetching the code rather
-    than issuing it holds the merges, passes pay much further. So narrow = kp is a
-    candidate too (on random attention 76 % of the merges at N = 576, 91 % at 2304), though
-    by the counts it loses (about 5.6k instructions per merge at N = 576, 33.6 passes).
-    Not yet timed on a GPU, so the default uses neither; only for kp <= 64, since the
-    larger builds spill with it.
-    For kp <= 64 the default S tile is 64×128 with BLOCK_K = 64, one warpgroup issuing
-    m64n128k16 wgmma: on an H200 the fastest candidate or within 8 % of it at every N and
-    batch measured (the earlier 64×64 tiles, m64n32 wgmma and BLOCK_K = 16 held the
-    similarity stage to 9 % of the bmm rate, against 28 % now at N = 2304). There its
-    loads ran at about 5.2 TB/s (the bytes of the tile loop over its time, at N = 2304 and
-    4096 alike): above the DRAM's 4.8, so partly from L2. Two candidates test what holds
-    them. Four stages keep three loads in flight per program instead of two (a latency
-    bound). Five stages take 120 KB of shared memory, so one program per SM (the registers
-    allow two): half the rows in flight, whose rows of R are re-read at every tile (at
-    N = 2304, 39 MB instead of 78, against a 50 MB L2). 128×64 tiles and 128×128 with
-    three stages, never within 8 % of the fastest there, are no longer candidates.
+    many candidates by `_merge_largest`, the rest whole: cheaper than the network up to
+    about 16 passes (sm_90a SASS, kp = 64: 700 + 145 per pass against 3093 instructions per
+    thread); only for kp <= 64, since the larger builds spill with it.
+    For kp <= 64 the default S tile is 64×128 with BLOCK_K = 64 and three stages, one
+    warpgroup issuing m64n128k16 wgmma. The candidates are those that were the fastest
+    somewhere on an H200 (B = 1, 32, 128; N = 576, 1296, 2304, 4096; fp32 random attention;
+    bench/kernels_notes.md), each within 1.4 times the fastest at B >= 32: four and five
+    stages, narrow = 16, and 128×128 with four stages and
+    narrow = 16 (the fastest at N = 2304). There the stage ran at 70 to 90 % of its time on
+    attention that needs one merge per program, so the tile loop and its loads, not the
+    merges, hold it. Parking, 64×64 tiles, narrow = 64 and whole-tile 128×128 were never
+    the fastest and are no longer candidates.
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
@@ -377,11 +367,7 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
             Config(64, 128, 64, num_warps=4, num_stages=4),
             Config(64, 128, 64, num_warps=4, num_stages=5),
             Config(64, 128, 64, num_warps=4, num_stages=3, narrow=16),
-            Config(64, 128, 64, num_warps=4, num_stages=3, narrow=64),
-            Config(128, 128, 64, num_warps=8, num_stages=4),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16),
-            Config(64, 64, 64, num_warps=8, num_stages=3),
-            Config(64, 64, 64, num_warps=8, num_stages=3, slots=128),
         ]
     bm = 32 if kp == 128 else 16
     bk, stages = (64, 3) if kp <= 256 else (16, 2)  # a (kp, 64) slice per stage would not fit

@@ -213,8 +213,8 @@ def csr_edges(weights: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]
 
 
 FILL = 3
-"""Programs per SM that a launch aims at: the default build's 162 registers (sm_90a) on 128
-threads leave room for three."""
+"""Programs per SM that a split launch aims at: the 8-class build's 162 registers (sm_90a)
+on 128 threads leave room for three (the 4-class build's 96 for five)."""
 
 
 def walk_starts(dst: Tensor, span: int, chunk: int) -> Tensor:
@@ -245,29 +245,24 @@ def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Co
     """Default and candidate configs: BLOCK_C = ``block_m`` classes, chunks of BLOCK_E =
     ``block_n`` edges in groups of G = ``block_k`` (BLOCK_E / G a power of two).
 
-    GPU: a class block of 8 (one 32-byte sector per gathered node) on 4 warps by default;
-    4 classes on 4 warps (more programs per image, half the registers), and 16 on 8 warps
-    when the classes fill more than half of them (fewer programs), as candidates. The
-    blocks are these whatever the class count (fewer classes run as masked lanes), so a
-    class count not seen before compiles nothing new. BLOCK_E = 512 and G = 16 in every
-    candidate: the order of the sums depends on BLOCK_E and G only, so the autotuned choice
-    never changes the result. On an H200 (B = 128, K = 20, k = 50) this default was the
-    fastest of the earlier kernel's candidates, and as fast as BLOCK_E = 256, G = 8; longer
-    chunks (1024) and G = 8 at 512 were slower (bench/kernels_notes.md). None spills in
-    the sm_90a builds (bench/compile_check.py).
-    Each runs one program per image and class block, all steps in one launch (``parts``
-    1); one more candidate, the default split over enough programs to fill the GPU
-    (``parts`` 0, see `split`: bitwise the same maps, a launch per step), is what the
-    autotuner can take at batches too small to fill the GPU otherwise.
+    GPU: a class block of 4 on 4 warps, one program per image and class block, all steps in
+    one launch (``parts`` 1), by default; the same and a block of 8 split over enough
+    programs to fill the GPU (``parts`` 0, see `split`: bitwise the same maps, a launch per
+    step) as candidates. On an H200 (K = 20, k = 50, T = 2; bench/kernels_notes.md) the
+    default was the fastest candidate at B = 128 for every N (1.07 to 1.34 times faster
+    than 8 classes), and the splits at B = 1 and 32 (up to 6.5 times faster at B = 1,
+    N = 4096); 16 classes on 8 warps and 8 unsplit were never the fastest. The blocks are
+    these whatever the class count (fewer classes run as masked lanes), so a class count
+    not seen before compiles nothing new. BLOCK_E = 512 and G = 16 in every candidate: the
+    order of the sums depends on BLOCK_E and G only, so the autotuned choice never changes
+    the result. None spills in the sm_90a builds (bench/compile_check.py).
     Interpreter: all classes and long chunks (its cost is per operation).
     """
     if device.type != "cuda":
         return Config(block_m=min(32, next_pow2(n_cls)), block_n=2048, block_k=4, parts=1), []
-    blocks = [Config(block_m=8, block_n=512, block_k=16, num_warps=4, parts=1),
-              Config(block_m=4, block_n=512, block_k=16, num_warps=4, parts=1),
-              Config(block_m=16, block_n=512, block_k=16, num_warps=8, parts=1)]  # fmt: skip
-    split_default = dataclasses.replace(blocks[0], parts=0)
-    return blocks[0], [c for c in blocks if c.block_m // 2 < max(n_cls, 8)] + [split_default]
+    default = Config(block_m=4, block_n=512, block_k=16, num_warps=4, parts=1)
+    split_8 = Config(block_m=8, block_n=512, block_k=16, num_warps=4, parts=0)
+    return default, [default, dataclasses.replace(default, parts=0), split_8]
 
 
 def diffusion_constants(cfg: Config) -> dict[str, int]:
