@@ -7,8 +7,10 @@
 # the end-to-end labelling benchmark (pipeline_cuda.json), training throughput
 # (train_cuda.json) and the extractor backends, eager torch and any ONNX Runtime GPU
 # provider (backends_<gpu>.{json,md}; torch.compile of the extractor is left out: its
-# first compile alone outlasts the step). STEPS="gpu_tests
-# kernels" (say) runs a subset of the GPU steps.
+# first compile alone outlasts the step) and, where Nsight Compute is installed, a profile
+# of the kernels of one call (profile.log: speed of light, occupancy, warp stalls, memory;
+# N = 576 and 2304, B = 128). STEPS="gpu_tests kernels" (say) runs a subset of the GPU
+# steps.
 # A failed step does not stop the next; without a CUDA GPU the GPU steps are skipped. Exits
 # non-zero if any step failed or was skipped. PYTHON picks the interpreter (default python3).
 # ARCHIVE, if given, is rewritten with all of RESULTS_DIR after every step (one file to fetch
@@ -44,7 +46,7 @@ print(\"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch
 import setuptools; print(\"setuptools\", setuptools.__version__)'"
 step install 60 "$py" -m pip install --no-deps --no-build-isolation -e .
 if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
-  want() { [[ " ${STEPS:-gpu_tests kernels pipeline train backends} " == *" $1 "* ]]; }
+  want() { [[ " ${STEPS:-gpu_tests kernels pipeline train backends profile} " == *" $1 "* ]]; }
   export PYTHONUNBUFFERED=1
   # The goals' sizes first: the torch paths' budget goes there. torch.compile is left out:
   # on an H200 it was slower than eager at both goal sizes, and its compiles cost the step.
@@ -58,6 +60,20 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
   want train && step train 45 "$py" bench/train.py --device cuda --out "$out"
   want backends && step backends 45 "$py" bench/backends.py --out "$out" \
     --model conformer_small_patch16 --sizes 384 --batch 16 --no-compile
+  # The second call's kernels (the first compiles); each replayed once per metric pass.
+  ncu_kernels() {  # N KERNEL_REGEX SKIP COUNT
+    ncu --section SpeedOfLight --section Occupancy --section WarpStateStats \
+      --section MemoryWorkloadAnalysis -k "regex:$2" --launch-skip "$3" --launch-count "$4" \
+      "$py" bench/profile_kernels.py --n "$1" --b 128
+  }
+  if want profile; then
+    if command -v ncu >/dev/null; then
+      step profile 90 bash -c "$(declare -f ncu_kernels)
+        py=$py; ncu_kernels 576 'root|topk|diffusion' 3 3 && ncu_kernels 2304 topk 1 1"
+    else
+      echo "== profile: no ncu on PATH, skipped"
+    fi
+  fi
 else
   echo "== no CUDA GPU visible: gpu_tests and bench skipped"
   failed+=("gpu:skipped")

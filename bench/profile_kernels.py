@@ -1,0 +1,44 @@
+"""One AD-CAM call through the Triton kernels, for a profiler (Nsight Compute or Systems).
+
+Random attention (bench/merge_model.py's ``random`` kind, fp32) and maps at one (N, B),
+default configs (``ADCAM_AUTOTUNE=0``: no candidate launches in the profile), one warm-up
+call (compiles) and then ``--calls`` profiled ones. bench/gpu_check.sh runs it under
+``ncu`` when the machine has it:
+
+    ncu -k regex:'topk|diffusion' -c 2 python bench/profile_kernels.py --n 576 --b 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from merge_model import attention
+
+from adcam_fast.kernels import adcam_triton
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=576)
+    p.add_argument("--b", type=int, default=128)
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--classes", type=int, default=20)
+    p.add_argument("--calls", type=int, default=1)
+    args = p.parse_args()
+    os.environ["ADCAM_AUTOTUNE"] = "0"  # the default configs: no candidates in the profile
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
+    A = attention(args.b, args.n, "random", gen, torch.float32)
+    cams = torch.rand(args.b, args.classes, args.n, generator=gen, device=device)
+    for _ in range(1 + args.calls):
+        adcam_triton(A, cams, args.k, args.steps)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(f"{1 + args.calls} calls at N={args.n}, B={args.b} on {device}")
+
+
+if __name__ == "__main__":
+    main()
