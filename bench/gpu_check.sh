@@ -10,7 +10,7 @@
 # first compile alone outlasts the step) and, where Nsight Compute is installed, a profile
 # of the kernels of one call (profile.log: speed of light, occupancy, warp stalls, memory;
 # N = 576 and 2304, B = 128). STEPS="gpu_tests kernels" (say) runs a subset of the GPU
-# steps.
+# steps, KERNEL_SIZES="576 2304" (say) a subset of the benchmark's sizes.
 # A failed step does not stop the next; without a CUDA GPU the GPU steps are skipped. Exits
 # non-zero if any step failed or was skipped. PYTHON picks the interpreter (default python3).
 # ARCHIVE, if given, is rewritten with all of RESULTS_DIR after every step (one file to fetch
@@ -51,7 +51,7 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
   # The goals' sizes first: the torch paths' budget goes there. torch.compile is left out:
   # on an H200 it was slower than eager at both goal sizes, and its compiles cost the step.
   want kernels && step kernels 230 "$py" bench/kernels.py --out "$out" --budget-s 90 \
-    --sizes 576 2304 1296 4096 --no-compile
+    --sizes ${KERNEL_SIZES:-576 2304 1296 4096} --no-compile
   want gpu_tests && step gpu_tests 100 "$py" -m pytest -m gpu tests/ -q -rs \
     -p no:cacheprovider --junitxml="$out/gpu_tests.xml"
   want pipeline && step pipeline 90 "$py" bench/pipeline.py --out "$out" \
@@ -69,7 +69,7 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
   if want profile; then
     if command -v ncu >/dev/null; then
       step profile 90 bash -c "$(declare -f ncu_kernels)
-        py=$py; ncu_kernels 576 'root|topk|diffusion' 3 3 && ncu_kernels 2304 topk 1 1"
+        py=$py; ncu_kernels 576 'root|topk|diffusion' 5 5 && ncu_kernels 2304 topk 1 1"
     else
       echo "== profile: no ncu on PATH, skipped"
     fi
