@@ -77,7 +77,7 @@ def sass_instructions(cubin: bytes) -> int:
     return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
 
 
-DIVISIBLE = {"N", "NN", "E", "EP", "slot", "span"}
+DIVISIBLE = {"N", "NN", "E", "slot", "span"}
 """Integer arguments that are multiples of 16 at the usual sizes (N = 144, 576, 1296, 2304,
 4096): Triton's launcher specializes them, and every pointer to a torch tensor, as
 16-divisible, which lets loads be vectorized and software-pipelined. The builds here
@@ -144,7 +144,7 @@ def diffusion_jobs(quick: bool):
     for cfg in [default] if quick else _unique(default, candidates):
         signature = dict(
             SCR="*fp32", SRC="*i32", DST="*i32", WGT="*fp32", WALK="*i32", SH="*fp32",
-            N="i32", K="i32", E="i32", EP="i32", span="i32", slot="i32", step0="i32", steps="i32",
+            N="i32", K="i32", E="i32", span="i32", slot="i32", step0="i32", steps="i32",
             BLOCK_C="constexpr", LOG_T="constexpr", G="constexpr",
         )  # fmt: skip
         yield f"diffusion {cfg}", diffusion_kernel, signature, diffusion_constants(cfg), cfg
@@ -173,7 +173,7 @@ def class_count_variants(batch: int = 32, n: int = 576, k: int = 50) -> int:
     span = triton.cdiv(edges, cfg.block_n) * cfg.block_n
     seen = set()
     for n_cls in range(1, 65):
-        args = (f32, i32, i32, f32, i32, f32, n, n_cls, edges, span, span, batch * n * n_cls, 0, 2)
+        args = (f32, i32, i32, f32, i32, f32, n, n_cls, edges, span, batch * n * n_cls, 0, 2)
         seen.add(str(binder(*args, **constants)[1]))
     return len(seen)
 

@@ -93,15 +93,14 @@ def _previous_column(SH, x, stride):
 @triton.jit(do_not_specialize=["K", "slot"])  # a class count of 1 (or 16) compiles nothing new
 def diffusion_kernel(
     SCR,  # (2, B, N, K) fp32 maps, node-major: slot 0 the input; step t writes slot (t+1)%2
-    SRC,  # (B, EP) int32: edge source i, in CSR order, chunk-major (`chunk_major`)
-    DST,  # (B, EP) int32: edge destination j, ascending within an image (in CSR order)
-    WGT,  # (B, EP) fp32: edge weight (0 for the self edges)
+    SRC,  # (B, E) int32: edge source i, in CSR order
+    DST,  # (B, E) int32: edge destination j, ascending within an image
+    WGT,  # (B, E) fp32: edge weight (0 for the self edges)
     WALK,  # (B, parts) int32: the chunk-aligned edge where each part's walk begins
     SH,  # (B, class blocks, parts, 2**LOG_T, max(K, BLOCK_C)) fp32: `_previous_column`
     N,
     K,
-    E,  # edges per image; EP, the rows' length, is E in whole chunks
-    EP,
+    E,
     span,  # edges per part, a multiple of BLOCK_E: part p stores the runs ending in its span
     slot,  # B * N * K
     step0,  # the first step of this launch (its maps are in slot step0 % 2)
@@ -116,9 +115,9 @@ def diffusion_kernel(
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cls < K
     nodes = pid_b.to(tl.int64) * N * K  # this image in a scratch slot
-    SRC += pid_b.to(tl.int64) * EP
-    DST += pid_b.to(tl.int64) * EP
-    WGT += pid_b.to(tl.int64) * EP
+    SRC += pid_b.to(tl.int64) * E
+    DST += pid_b.to(tl.int64) * E
+    WGT += pid_b.to(tl.int64) * E
     lo = part * span  # the edges whose runs this program stores: [lo, hi)
     hi = tl.minimum(lo + span, E)
     walk = tl.load(WALK + pid_b * tl.num_programs(2) + part)
@@ -132,29 +131,15 @@ def diffusion_kernel(
         write = slot * ((t + 1) % 2) + nodes
         carry = tl.zeros((BLOCK_C,), tl.float32)  # the previous chunk's open run, summed
         for e0 in range(walk, hi, T * G):
-            # Edge e0 + r·G + g (group r's g-th; in CSR order, which the masks and sums
-            # follow) is stored at e0 + g·T + r: a chunk's g-th edges of all groups lie
-            # together, so each load of the walk reads consecutive words.
             first = e0 + group * G  # each group's first edge
-            last = e0 + (G - 1) * T + group  # where each group's last edge is stored
-            before = tl.load(
-                DST + tl.where(group > 0, last - 1, e0 - 1),
-                mask=(first > 0) & (first <= E),
-                other=-1,
-            )
+            before = tl.load(DST + first - 1, mask=(first > 0) & (first <= E), other=-1)
             # The scan's keys, here so that they are in flight with the walk's loads: the
             # destination of the last edge of group r - 2**s, for each round s.
             keys = ()
             for s in tl.static_range(LOG_T):
                 back = first - (1 << s) * G + G - 1
-                keys += (
-                    tl.load(DST + last - (1 << s), mask=(group >= 1 << s) & (back < E), other=-1),
-                )
-            after = tl.load(
-                DST + e0 + group + 1 + tl.where(group == T - 1, T * G - T, 0),
-                mask=first + G < E,
-                other=-1,
-            )
+                keys += (tl.load(DST + back, mask=(group >= 1 << s) & (back < E), other=-1),)
+            after = tl.load(DST + first + G, mask=first + G < E, other=-1)
             # Within each group, sequentially: sums[g] is the sum of edge g's run over the
             # group's edges up to g, fresh[g] whether a run starts at one of edges 1..g.
             sums = ()
@@ -163,10 +148,9 @@ def diffusion_kernel(
             opened = group < 0
             for g in tl.static_range(G):
                 e_ok = first + g < E
-                at = e0 + g * T + group
-                src = tl.load(SRC + at, mask=e_ok, other=0)
-                dst = tl.load(DST + at, mask=e_ok, other=-1)
-                w = tl.load(WGT + at, mask=e_ok, other=0.0)
+                src = tl.load(SRC + first + g, mask=e_ok, other=0)
+                dst = tl.load(DST + first + g, mask=e_ok, other=-1)
+                w = tl.load(WGT + first + g, mask=e_ok, other=0.0)
                 m = tl.load(
                     SCR + read + src[None, :] * K + cls[:, None],
                     mask=c_ok[:, None] & e_ok[None, :],
@@ -226,19 +210,6 @@ def csr_edges(weights: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]
     wgt = torch.cat([weights.to(torch.float32), self_w], -1).view(-1)[pos].view(b, -1)
     src = torch.div(pos, r + 1, rounding_mode="floor").view(b, -1) - base
     return src.to(torch.int32), key.view(b, -1) - base, wgt
-
-
-def chunk_major(x: Tensor, chunk: int, group: int) -> Tensor:
-    """A (B, E) edge array in the kernel's load order: zero-padded to whole chunks of
-    ``chunk`` edges, each chunk's (chunk/group, group) block transposed, so that edge
-    ``c·chunk + r·group + g`` lies at ``c·chunk + g·(chunk/group) + r``.
-
-    The walk's lane r sums group r's ``group`` consecutive edges one by one; in CSR order
-    the lanes' g-th edges lie ``group`` words apart (a 32-byte sector each, for 16), here
-    side by side: one load reads them together."""
-    b, e = x.shape
-    x = torch.nn.functional.pad(x, (0, -e % chunk))
-    return x.view(b, -1, chunk // group, group).transpose(-1, -2).reshape(b, -1)
 
 
 FILL = 3
@@ -319,16 +290,11 @@ def diffuse_sparse(
     if steps == 0 or out.numel() == 0:
         return out.copy_(cams)
     src, dst, wgt = csr_edges(weights, indices)
-    edges = src.shape[-1]
     scratch = torch.empty(2, b, n, n_cls, dtype=torch.float32, device=cams.device)
-    layouts: dict[tuple[int, int], list[Tensor]] = {}  # (chunk, group): the arrays, chunk-major
 
     def run(cfg: Config) -> None:  # from the input each time: steps overwrite its slot
         scratch[0].copy_(cams.transpose(-1, -2))
-        parts, span = split(cfg, b, n_cls, edges, cams.device)
-        shape = (cfg.block_n, cfg.block_k)  # the same for every GPU candidate
-        if shape not in layouts:
-            layouts[shape] = [chunk_major(x, *shape) for x in (src, dst, wgt)]
+        parts, span = split(cfg, b, n_cls, src.shape[-1], cams.device)
         grid = (b, triton.cdiv(n_cls, cfg.block_m), parts)
         groups = torch.empty(
             b * grid[1] * parts * (cfg.block_n // cfg.block_k) * max(n_cls, cfg.block_m),
@@ -341,9 +307,8 @@ def diffuse_sparse(
         # Programs cannot wait on each other: with parts, a launch per step.
         for step0, n_steps in [(0, steps)] if parts == 1 else [(t, 1) for t in range(steps)]:
             diffusion_kernel[grid](
-                scratch, *layouts[shape], walk, groups, n, n_cls, edges,
-                layouts[shape][0].shape[-1], span, b * n * n_cls, step0, n_steps,
-                **diffusion_constants(cfg),
+                scratch, src, dst, wgt, walk, groups, n, n_cls, src.shape[-1], span,
+                b * n * n_cls, step0, n_steps, **diffusion_constants(cfg),
                 num_warps=cfg.num_warps,
             )  # fmt: skip
 
