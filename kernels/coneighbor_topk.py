@@ -345,11 +345,11 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     warpgroup issuing m64n128k16 wgmma. The candidates are those that were the fastest
     somewhere on an H200 (B = 1, 32, 128; N = 576, 1296, 2304, 4096; fp32 random attention;
     bench/kernels_notes.md), each within 1.4 times the fastest at B >= 32: four and five
-    stages, narrow = 16, and 128×128 with four stages and
-    narrow = 16 (the fastest at N = 2304). There the stage ran at 70 to 90 % of its time on
-    attention that needs one merge per program, so the tile loop and its loads, not the
-    merges, hold it. Parking, 64×64 tiles, narrow = 64 and whole-tile 128×128 were never
-    the fastest and are no longer candidates.
+    stages, narrow = 16, and 128×128 with four stages and narrow = 16 (the fastest at
+    N = 2304). There the stage ran at 70 to 90 % of its time on attention that needs one
+    merge per program, so the tile loop and its loads, not the merges, hold it. Parking,
+    64×64 tiles, narrow = 64 and whole-tile 128×128 were never the fastest and are no
+    longer candidates.
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every

@@ -15,9 +15,9 @@ and independent of each other; only the gather of ``M(:, i)`` for ``BLOCK_C`` cl
 waits on the source. Within a group, the runs are summed edge by edge (G steps, in
 registers); across the T groups, the sums of the runs open at each group's end are combined
 by a segmented Hillis-Steele scan (log2(T) rounds of ``tl.gather``; whether a run spans
-groups is read from the sorted destinations, loaded with the walk's loads so that no
-global load waits behind the scan's CTA barriers), to which the partial sum of the run left open
-by the previous chunk is added, and the result returns to the walk's register layout
+groups is read from the sorted destinations, loaded with the walk's loads, ahead of the
+scan's CTA barriers), to which the partial sum of the run left open by the previous chunk
+is added, and the result returns to the walk's register layout
 through a small per-program scratch (`_previous_column`), so that the G gathers of a
 chunk are issued together, with no CTA barrier between them. Each node's total is stored
 from its run's last edge.
