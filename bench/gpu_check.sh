@@ -8,8 +8,8 @@
 # (train_cuda.json) and the extractor backends, eager torch and any ONNX Runtime GPU
 # provider (backends_<gpu>.{json,md}; torch.compile of the extractor is left out: its
 # first compile alone outlasts the step) and, where Nsight Compute is installed, a profile
-# of the kernels of one call (profile.log: speed of light, occupancy, warp stalls, memory;
-# N = 576 and 2304, B = 128). STEPS="gpu_tests kernels" (say) runs a subset of the GPU
+# of the kernels of one call (profile.log: speed of light, occupancy, warp states, memory;
+# N = 576 and 2304, B = 128; and each stall reason's cycles per issue at N = 576). STEPS="gpu_tests kernels" (say) runs a subset of the GPU
 # steps, KERNEL_SIZES="576 2304" (say) a subset of the benchmark's sizes.
 # A failed step does not stop the next; without a CUDA GPU the GPU steps are skipped. Exits
 # non-zero if any step failed or was skipped. PYTHON picks the interpreter (default python3).
@@ -68,8 +68,11 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
   }
   if want profile; then
     if command -v ncu >/dev/null; then
-      step profile 90 bash -c "$(declare -f ncu_kernels)
-        py=$py; ncu_kernels 576 'root|topk|diffusion' 5 5 && ncu_kernels 2304 topk 1 1"
+      step profile 120 bash -c "$(declare -f ncu_kernels)
+        py=$py; ncu_kernels 576 'root|topk|diffusion' 3 3 && ncu_kernels 2304 topk 1 1
+        ncu --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+          -k 'regex:topk|diffusion' --launch-skip 2 --launch-count 2 \
+          \$py bench/profile_kernels.py --n 576 --b 128"
     else
       echo "== profile: no ncu on PATH, skipped"
     fi

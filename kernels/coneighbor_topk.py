@@ -65,8 +65,11 @@ MAX_TOPK = 1024
 S_FLOOR_BITS = tl.constexpr((127 - 62) << 23)
 """The fp32 bits of 2**-62: smaller S values share the lowest key field (see the module)."""
 
-ROOT_CHUNK = 2**25
-"""Entries of sqrt(A) held at a time (64 MiB of fp16), in whole images (at least one)."""
+ROOT_CHUNK = 2**26
+"""Entries of sqrt(A) held at a time (128 MiB of fp16), in whole images (at least one): a
+launch per 202 images at N = 576, 39 at 1296, 12 at 2304. Fewer, fuller launches pay: on
+an H200, chunks of 2**27 took the stage 0.95 times the time of 2**25 at N = 576 and 0.82
+at 1296 (B = 128; mixed at 2304; bench/kernels_notes.md)."""
 
 
 @triton.jit
