@@ -40,7 +40,14 @@ from adcam_fast.kernels.coneighbor_topk import (
     topk_configs,
     topk_constants,
 )
-from adcam_fast.kernels.diffusion import diffusion_configs, diffusion_constants, diffusion_kernel
+from adcam_fast.kernels.diffusion import (
+    CSR_BLOCK,
+    diffusion_configs,
+    diffusion_constants,
+    diffusion_kernel,
+    edge_arrays_kernel,
+    edge_keys_kernel,
+)
 from adcam_fast.kernels.launch import Config
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -159,6 +166,16 @@ def root_jobs():
         yield f"root {name}", root_kernel, signature, constants, Config()
 
 
+def csr_jobs():
+    keys = dict(IDX="*i32", KEY="*i32", N="i32", R="i32", EDGES="i32", BLOCK="constexpr")
+    yield "csr keys", edge_keys_kernel, keys, dict(BLOCK=CSR_BLOCK), Config()
+    arrays = dict(
+        POS="*i64", KEY="*i32", W="*fp32", SRC="*i32", DST="*i32", WGT="*fp32",
+        N="i32", R="i32", EDGES="i32", BLOCK="constexpr",
+    )  # fmt: skip
+    yield "csr arrays", edge_arrays_kernel, arrays, dict(BLOCK=CSR_BLOCK), Config()
+
+
 def class_count_variants(batch: int = 32, n: int = 576, k: int = 50) -> int:
     """Launch specializations of `diffusion_kernel` over class counts K = 1..64 (B = 32,
     N = 576, k = 50), as Triton's launcher forms them for sm_90a: integer arguments equal
@@ -182,7 +199,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="default configurations only")
     args = p.parse_args()
-    jobs = [*root_jobs(), *topk_jobs(args.quick), *diffusion_jobs(args.quick)]
+    jobs = [*root_jobs(), *topk_jobs(args.quick), *csr_jobs(), *diffusion_jobs(args.quick)]
     ok = [compile_one(*job) for job in jobs]
     variants = class_count_variants()
     ok.append(variants == 1)

@@ -189,27 +189,63 @@ def diffusion_kernel(
         tl.debug_barrier()  # step t's writes before step t+1's reads and overwrites
 
 
+CSR_BLOCK = 1024
+"""Edges per program of the two CSR kernels."""
+
+
+@triton.jit
+def edge_keys_kernel(IDX, KEY, N, R, EDGES, BLOCK: tl.constexpr):
+    """KEY[p] = N·image + destination of edge p of the row-major edge list (all images):
+    row q = p // (R+1) (= N·image + i), place r = p % (R+1); IDX[q, r] for r < R, i for
+    the self edge r = R."""
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: EDGES < 2**31
+    ok = p < EDGES
+    row, place = p // (R + 1), p % (R + 1)
+    i = row % N
+    j = tl.load(IDX + row * R + place, mask=ok & (place < R), other=0)
+    tl.store(KEY + p, (row - i + tl.where(place < R, j, i)).to(tl.int32), mask=ok)
+
+
+@triton.jit
+def edge_arrays_kernel(POS, KEY, W, SRC, DST, WGT, N, R, EDGES, BLOCK: tl.constexpr):
+    """Edge p of the sorted list, which was edge POS[p] of the row-major one: SRC = its
+    row's node, DST = its key's node, WGT = its weight (W[row, r], 0 for the self edge)."""
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = p < EDGES
+    pos = tl.load(POS + p, mask=ok, other=0).to(tl.int32)
+    row, place = pos // (R + 1), pos % (R + 1)
+    w = tl.load(W + row * R + place, mask=ok & (place < R), other=0.0).to(tl.float32)
+    tl.store(SRC + p, (row % N).to(tl.int32), mask=ok)
+    tl.store(DST + p, tl.load(KEY + p, mask=ok, other=0) % N, mask=ok)
+    tl.store(WGT + p, w, mask=ok)
+
+
 def csr_edges(weights: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Column-wise CSR of a sparse Ã, per image: ``(src, dst, wgt)``, each (B, N·(R+1)).
 
-    weights, indices: (B, N, R). The row-major edge list holds ``i → indices[i, r]`` with
-    weight ``weights[i, r]`` at position ``i·(R+1) + r`` and a zero-weight self edge
-    ``i → i`` at ``i·(R+1) + R``; sorted by destination (``dst`` ascending, int32), ``src``
-    (int32) and ``wgt`` (fp32) are the sources and weights in that order. The sort is stable
-    (ties keep row-major order), so the CSR, and with it every sum of the kernel, is
-    reproducible. One flat int32 sort of ``N·image + destination`` serves the whole batch
-    (on an H200 0.5 to 0.65 times the time of a sort per image; bench/kernels_notes.md);
-    B·N and N·(R+1) < 2**31; no host sync.
+    weights, indices: (B, N, R), B·N >= 1. The row-major edge list holds
+    ``i → indices[i, r]`` with weight ``weights[i, r]`` at position ``i·(R+1) + r`` and a
+    zero-weight self edge ``i → i`` at ``i·(R+1) + R``; sorted by destination (``dst``
+    ascending, int32), ``src`` (int32) and ``wgt`` (fp32) are the sources and weights in
+    that order. The sort is stable (ties keep row-major order), so the CSR, and with it
+    every sum of the kernel, is reproducible. One flat int32 sort of ``N·image +
+    destination`` serves the whole batch (on an H200 0.5 to 0.65 times the time of a sort
+    per image; bench/kernels_notes.md), between two kernels that make its keys and read
+    the arrays off its permutation (a dozen torch ops before); B·N·(R+1) < 2**31; no host
+    sync.
     """
     b, n, r = indices.shape
-    base = n * torch.arange(b, device=indices.device, dtype=torch.int32)[:, None]  # image's
-    nodes = torch.arange(n, device=indices.device, dtype=torch.int32).expand(b, n)
-    dst = torch.cat([indices.to(torch.int32), nodes[..., None]], -1).reshape(b, -1)
-    key, pos = torch.sort((dst + base).view(-1), stable=True)  # one flat int32 sort
-    self_w = weights.new_zeros(b, n, 1, dtype=torch.float32)
-    wgt = torch.cat([weights.to(torch.float32), self_w], -1).view(-1)[pos].view(b, -1)
-    src = torch.div(pos, r + 1, rounding_mode="floor").view(b, -1) - base
-    return src.to(torch.int32), key.view(b, -1) - base, wgt
+    indices, weights = indices.contiguous(), weights.contiguous()
+    edges = b * n * (r + 1)
+    key = torch.empty(edges, dtype=torch.int32, device=indices.device)
+    src, dst = torch.empty_like(key), torch.empty_like(key)
+    wgt = torch.empty(edges, dtype=torch.float32, device=indices.device)
+    grid = (triton.cdiv(edges, CSR_BLOCK),)
+    with on_device(indices.device):
+        edge_keys_kernel[grid](indices, key, n, r, edges, BLOCK=CSR_BLOCK)
+        key, pos = torch.sort(key, stable=True)  # one flat int32 sort
+        edge_arrays_kernel[grid](pos, key, weights, src, dst, wgt, n, r, edges, BLOCK=CSR_BLOCK)
+    return src.view(b, -1), dst.view(b, -1), wgt.view(b, -1)
 
 
 FILL = 3
@@ -279,9 +315,10 @@ def diffuse_sparse(
     """Launch kernel 3 on a batch: T = ``steps`` applications of ``M ← M · Ã``.
 
     weights (B, N, k) float, indices (B, N, k) int in [0, N), cams (B, K, N) any float, all
-    on one device. Returns (B, K, N) fp32. steps = 0 returns a fp32 copy of cams. One
-    torch sort and a search, one kernel launch for the whole batch (one per step when
-    images are split over programs, see `split`), and copies in and out of the node-major
+    on one device. Returns (B, K, N) fp32. steps = 0 returns a fp32 copy of cams. The CSR
+    (two small kernels and one torch sort), a search when images are split, one kernel
+    launch for the whole batch (one per step when images are split over programs, see
+    `split`), and copies in and out of the node-major
     maps; no host sync once the config is cached; ``config`` fixes one instead (see
     `diffusion_configs`).
     """

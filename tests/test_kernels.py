@@ -326,6 +326,40 @@ def test_diffuse_sparse_many_classes_and_no_alias(gen):
     assert torch.equal(same, cams_d) and same.data_ptr() != cams_d.data_ptr()
 
 
+def csr_reference(weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`diffusion.csr_edges` in torch: each row's edges and a zero-weight self edge, row-major,
+    stably sorted by ``N·image + destination``; the sources, destinations and weights."""
+    b, n, r = indices.shape
+    base = n * torch.arange(b, dtype=torch.int32, device=indices.device)[:, None]
+    nodes = torch.arange(n, dtype=torch.int32, device=indices.device).expand(b, n)
+    dst = torch.cat([indices.to(torch.int32), nodes[..., None]], -1).reshape(b, -1) + base
+    key, pos = torch.sort(dst.view(-1), stable=True)
+    self_w = torch.zeros(b, n, 1, dtype=torch.float32, device=weights.device)
+    wgt = torch.cat([weights.float(), self_w], -1).view(-1)[pos].view(b, -1)
+    src = torch.div(pos, r + 1, rounding_mode="floor").view(b, -1) - base
+    return src.to(torch.int32), key.view(b, -1) - base, wgt
+
+
+@pytest.mark.parametrize(
+    ("b", "n", "r", "index_dtype", "dtype"),
+    [(3, 37, 5, torch.int64, torch.float16), (1, 9, 1, torch.int32, torch.float32),
+     (2, 130, 12, torch.int32, torch.bfloat16)],
+)  # fmt: skip
+def test_csr_edges_match_torch(gen, b, n, r, index_dtype, dtype):
+    """The CSR kernels build bitwise the arrays of the torch reference, hub nodes (long runs)
+    and non-contiguous inputs included."""
+    from adcam_fast.kernels.diffusion import csr_edges
+
+    idx = torch.randint(0, n, (b, n, r), generator=gen, dtype=index_dtype)
+    idx[:, :, 0] = 2  # a node every row keeps
+    w = torch.rand(b, n, r, generator=gen).to(dtype)
+    want = csr_reference(w, idx)
+    for w_in, idx_in in [(w, idx), (w.mT.contiguous().mT, idx.mT.contiguous().mT)]:
+        got = csr_edges(*to_device(w_in, idx_in))
+        for g, e in zip(got, want, strict=True):
+            assert g.dtype == e.dtype and torch.equal(g.cpu(), e)
+
+
 def test_diffusion_configs_few_builds_one_order():
     """On a GPU every class count maps to the same three configs (a new count compiles
     nothing new), and every candidate sums in the same order (same chunk and group)."""
