@@ -101,7 +101,7 @@ def compile_one(label: str, fn, signature: dict, constants: dict, cfg: Config) -
         kernel = triton.compile(
             ASTSource(fn, signature, constants, attrs),
             target=HOPPER,
-            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+            options=cfg.launch_options(),
         )
     except Exception as e:  # report every failure, then go on with the next configuration
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[:500]}")

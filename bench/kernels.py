@@ -230,7 +230,8 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     # Every autotune candidate, so that a run shows which tiling and merge schedule wins.
     candidates = {
         (f"{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}"
-         f"_s{c.num_stages}_slots{c.slots}_narrow{c.narrow}"): c
+         f"_s{c.num_stages}_slots{c.slots}_narrow{c.narrow}"
+         + (f"_r{c.maxnreg}" if c.maxnreg else "")): c
         for c in topk_configs(next_pow2(k))[1]
     }  # fmt: skip
     for label, cfg in candidates.items():

@@ -352,7 +352,10 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     N = 2304). There the stage ran at 70 to 90 % of its time on attention that needs one
     merge per program, so the tile loop and its loads, not the merges, hold it. Parking,
     64×64 tiles, narrow = 64 and whole-tile 128×128 were never the fastest and are no
-    longer candidates.
+    longer candidates. The loop is latency-bound at two programs per SM, its registers'
+    limit (255 per thread; Nsight Compute: 6.2 cycles per issued instruction per warp), so
+    one more candidate caps them at 168, which fits three programs per SM for 36 bytes of
+    spills (sm_90a, Triton 3.6; not yet timed).
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
@@ -371,6 +374,7 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
             Config(64, 128, 64, num_warps=4, num_stages=5),
             Config(64, 128, 64, num_warps=4, num_stages=3, narrow=16),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16),
+            Config(64, 128, 64, num_warps=4, num_stages=3, maxnreg=168),
         ]
     bm = 32 if kp == 128 else 16
     bk, stages = (64, 3) if kp <= 256 else (16, 2)  # a (kp, 64) slice per stage would not fit
@@ -477,7 +481,7 @@ def _topk(
                 coneighbor_topk_kernel[grid](
                     r, A[lo:hi], top, buf, w[lo:hi], idx[lo:hi], n, n.bit_length(), keep, eps,
                     **topk_constants(kp, cfg, refine),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                    **cfg.launch_options(),
                 )  # fmt: skip
 
             key = ("topk", n_bucket(n), kp, next_pow2(chunk), A.dtype, refine)  # one per batch

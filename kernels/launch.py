@@ -32,7 +32,7 @@ HELP = 'use backend="torch" for the portable path'
 class Config:
     """Block sizes, merge schedule (top-k kernel: ``slots``, ``narrow``), programs per image
     and class block (diffusion: ``parts``, 0 to fill the GPU) and launch options of one
-    kernel variant (unused fields are 0)."""
+    kernel variant (unused fields are 0; ``maxnreg`` 0 leaves the registers to ptxas)."""
 
     block_m: int = 0
     block_n: int = 0
@@ -42,6 +42,12 @@ class Config:
     slots: int = 0
     narrow: int = 0
     parts: int = 0
+    maxnreg: int = 0
+
+    def launch_options(self) -> dict[str, int]:
+        """Triton's launch (and compile) options of this variant."""
+        options = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        return options | ({"maxnreg": self.maxnreg} if self.maxnreg else {})
 
 
 def next_pow2(n: int) -> int:

@@ -576,12 +576,13 @@ def test_gpu_tensors_on_a_device_that_is_not_current():
 @pytest.mark.parametrize("n", [576, 2304])
 def test_gpu_merge_schedules_agree(n):
     """On the GPU (real CTA barriers and caches), the merge schedules (whole tiles, narrow,
-    parked) on the default tiling keep bitwise the same columns."""
+    parked) on the default tiling, and the default with its registers capped (spills), keep
+    bitwise the same columns."""
     gen = torch.Generator().manual_seed(n + 1)
     A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
     default = coneighbor_topk.topk_configs(64)[0]
-    narrow, parked = (dataclasses.replace(default, **s) for s in ({"narrow": 16}, {"slots": 128}))
-    schedules = [default, narrow, parked]
+    variants = ({"narrow": 16}, {"slots": 128}, {"maxnreg": 168})
+    schedules = [default, *(dataclasses.replace(default, **v) for v in variants)]
     outs = [coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=c) for c in schedules]
     check_refinement(A, 50, *outs[0])
     for w, idx in outs[1:]:
