@@ -6,7 +6,8 @@ code as the command (DataLoader decode -> extractor per scale and flip -> AD-CAM
 writer threads). Stage times come from the run's summary.json: ``forward`` and ``adcam``
 are device times (synchronised per batch), ``decode_wait`` / ``write_wait`` are the time the
 main loop waited for the loader / the writers; ``configs_tuned_in_timed_run`` counts the
-Triton kernel configs first chosen (autotuned) inside the timed run, and
+Triton kernel configs first chosen (autotuned) inside the timed run (``..._keys``: their
+config keys, kernel and size buckets), and
 ``kernel_builds_in_timed_run`` the Triton kernels built there (compiled, or loaded from
 Triton's disk cache: a launch specialization not met before), whose cost that run then
 includes. Results: bench/results/pipeline_<device>.json.
@@ -97,12 +98,12 @@ def main() -> None:
         t0 = time.perf_counter()
         label_dataset(open_dataset(f"synthetic:{warm}"), extractor, tmp / "w", cfg, progress=False)
         warmup_seconds = time.perf_counter() - t0
-        configs_before = cached_configs()
+        configs_before = set(cached_configs())
         with KernelBuilds() as builds:
             summary = label_dataset(dataset, extractor, tmp / "out", cfg, progress=False)
         # Kernel configs first chosen inside the timed run (autotuning, and any compiles it
         # needs, counted in its time): shape buckets the warm-up did not meet.
-        tuned_in_run = cached_configs() - configs_before
+        tuned_in_run = [str(key) for key in cached_configs() if key not in configs_before]
 
     cuda = torch.device(args.device).type == "cuda"
     device = torch.cuda.get_device_name(args.device) if cuda else platform.processor()
@@ -124,7 +125,8 @@ def main() -> None:
             adcam_backend=cfg.adcam_backend,
         ),
         warmup_seconds=warmup_seconds,
-        configs_tuned_in_timed_run=tuned_in_run,
+        configs_tuned_in_timed_run=len(tuned_in_run),
+        configs_tuned_in_timed_run_keys=tuned_in_run,
         kernel_builds_in_timed_run=builds.count,
         images_per_second=summary.images_per_second,
         seconds=summary.seconds,

@@ -129,10 +129,11 @@ def check_runnable(*tensors: Tensor) -> torch.device:
 _CACHE: dict[tuple, Config] = {}
 
 
-def cached_configs() -> int:
-    """How many config-cache keys have a chosen config; on a GPU with autotuning on, each new
-    key (a first call for its buckets) is one autotuning session."""
-    return len(_CACHE)
+def cached_configs() -> list[tuple]:
+    """The config-cache keys that have a chosen config (kernel, its size buckets, device); on
+    a GPU with autotuning on, each new key (a first call for its buckets) is one autotuning
+    session."""
+    return list(_CACHE)
 
 
 def autotune_enabled() -> bool:

@@ -73,6 +73,7 @@ def test_pipeline_benchmark_smoke(tmp_path):
     assert (result["written"], result["failed"]) == (4, 0)
     assert result["images_per_second"] > 0
     assert result["configs_tuned_in_timed_run"] == 0  # configs are only autotuned on a GPU
+    assert result["configs_tuned_in_timed_run_keys"] == []
     assert result["kernel_builds_in_timed_run"] == 0  # and no Triton kernel is built on a CPU
 
 

@@ -615,7 +615,7 @@ def test_gpu_autotuned_first_call(monkeypatch):
     A = random_attention(4, 576, 576, generator=gen, dtype=torch.float32).cuda()
     cams = torch.rand(4, 20, 576, generator=gen).cuda()
     first = kernels.adcam_triton(A, cams, 50, 2)
-    assert launch.cached_configs() == 2  # the top-k and the diffusion were autotuned
+    assert len(launch.cached_configs()) == 2  # the top-k and the diffusion were autotuned
     assert torch.equal(first, kernels.adcam_triton(A, cams, 50, 2))
 
 
