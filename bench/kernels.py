@@ -17,13 +17,14 @@ similarity stage alone (kernels 1+2 with their sqrt(A) pass, ``refine_sparse``):
 TFLOP/s at ``2·B·N³`` flops next to a dense ``torch.bmm`` of the same shape and input
 precision (fp16 sqrt(A)) measured in the same run, the time of its passes before the tiles
 (``take_root``: maximum and sqrt(A)) and of the diffusion (kernel 3) alone and of its CSR
-sort, and the time of every autotune candidate of kernels 1+2 (tiling and merge schedule)
-and of the diffusion (class block, and whether an image is split over programs). The
-attention is random (softmax of noise); the similarity stage is also timed on spatial
-attention and on block-diagonal attention that needs one merge per program, the stage's
-floor without merges (kinds of bench/merge_model.py). Writes ``kernels.json``,
-``kernels.csv`` and ``kernels.png`` (matplotlib permitting) under ``--out``, with GPU
-name, its L2 size and SM count, versions and date.
+sort, each with its host part (``<stage>_host_ms``), and the time of every autotune
+candidate of kernels 1+2 (tiling and merge schedule) and of the diffusion (class block,
+and whether an image is split over programs). The attention is random (softmax of noise);
+the similarity stage is also timed on spatial attention and on block-diagonal attention
+that needs one merge per program, the stage's floor without merges (kinds of
+bench/merge_model.py). Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png``
+(matplotlib permitting) under ``--out``, with GPU name, its L2 size and SM count, versions
+and date.
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
                             [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
@@ -195,12 +196,17 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     if torch_ms and "triton_graph_ms" in row:
         row["graph_speedup_vs_best_torch"] = min(torch_ms) / row["triton_graph_ms"]
 
+    def stage(name: str, fn: Callable[[int], object]) -> float:
+        """Times one stage into the row: ``<name>_ms`` and its host part ``<name>_host_ms``."""
+        row[f"{name}_host_ms"] = host_ms(fn, args.repeats, cuda)
+        row[f"{name}_ms"] = time_ms(fn, args.repeats, cuda)
+        return row[f"{name}_ms"]
+
     # The similarity stage alone (kernels 1+2), against a dense bmm of the same shape; and
     # its parts: the passes before the tiles (maximum, sqrt(A)), and the diffusion after it,
     # with the sort that makes its CSR timed apart too.
     flops = 2 * b * n**3
-    sim_ms = time_ms(lambda i: refine_sparse(As[i % sets], k, EPS), args.repeats, cuda)
-    row["similarity_ms"] = sim_ms
+    sim_ms = stage("similarity", lambda i: refine_sparse(As[i % sets], k, EPS))
     row["similarity_tflops"] = flops / sim_ms / 1e9
     root = torch.empty(As[0].shape, dtype=torch.float16, device=device)
     if b * n * n > coneighbor_topk.ROOT_CHUNK:  # in chunks of images: with 4 times larger
@@ -214,13 +220,11 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
             )
         finally:
             coneighbor_topk.ROOT_CHUNK = saved
-    row["root_ms"] = time_ms(lambda i, r=root: take_root(As[i % sets], r), args.repeats, cuda)
+    stage("root", lambda i, r=root: take_root(As[i % sets], r))
     root = None
     w, idx = refine_sparse(As[0], k, EPS, torch.int32)
-    row["diffusion_ms"] = time_ms(
-        lambda i: diffuse_sparse(w, idx, cams[i % sets], steps), args.repeats, cuda
-    )
-    row["csr_ms"] = time_ms(lambda i: csr_edges(w, idx), args.repeats, cuda)
+    stage("diffusion", lambda i: diffuse_sparse(w, idx, cams[i % sets], steps))
+    stage("csr", lambda i: csr_edges(w, idx))
     if cuda:
         R = [a.sqrt().half() for a in As]  # the kernel's dot reads sqrt(A) in fp16
         bmm_ms = time_ms(lambda i: torch.bmm(R[i % sets], R[i % sets].mT), args.repeats, True)

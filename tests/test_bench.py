@@ -39,6 +39,8 @@ def test_kernel_benchmark_smoke(tmp_path):
     names = ("reference", "torch", "triton", "triton_host", "similarity", "root", "diffusion")
     for name in (*names, "csr"):
         assert row[f"{name}_ms"] > 0, name
+    for name in ("similarity", "root", "diffusion", "csr"):  # each stage's host part too
+        assert row[f"{name}_host_ms"] > 0, name
     best_torch = min(row["torch_ms"], row["reference_ms"])  # no torch.compile off CUDA
     assert row["speedup_vs_best_torch"] == pytest.approx(best_torch / row["triton_ms"])
     n_candidates = len(topk_configs(64)[1])
