@@ -45,7 +45,8 @@ where the autotuner measures the split faster). A torch copy turns the last slot
 (B, K, N) output. Nothing is bounded by on-chip memory: more classes than BLOCK_C split
 over more programs (classes are independent), a larger N only lengthens the edge walk.
 Extra memory: 2·B·N·K·4 bytes of maps, 4·B·max(K, BLOCK_C)·T bytes per part for the scan's
-results, and the CSR, 12·B·N·(k+1) bytes (more while torch sorts).
+results, and the CSR, 12·B·N·(k+1) bytes (28·B·N·(k+1) while it is built, with the sort's
+keys and permutation and its temporary storage).
 """
 
 from __future__ import annotations
