@@ -46,7 +46,7 @@ where the autotuner measures the split faster). A torch copy turns the last slot
 over more programs (classes are independent), a larger N only lengthens the edge walk.
 Extra memory: 2·B·N·K·4 bytes of maps, 4·B·max(K, BLOCK_C)·T bytes per part for the scan's
 results, and the CSR, 12·B·N·(k+1) bytes (28·B·N·(k+1) while it is built, with the sort's
-keys and permutation and its temporary storage).
+keys and permutation, plus the sort's own temporary storage).
 """
 
 from __future__ import annotations
