@@ -9,8 +9,9 @@
 # provider (backends_<gpu>.{json,md}; torch.compile of the extractor is left out: its
 # first compile alone outlasts the step) and, where Nsight Compute is installed, a profile
 # of the kernels of one call (profile.log: speed of light, occupancy, warp states, memory;
-# N = 576 and 2304, B = 128; and each stall reason's cycles per issue at N = 576). STEPS="gpu_tests kernels" (say) runs a subset of the GPU
-# steps, KERNEL_SIZES="576 2304" (say) a subset of the benchmark's sizes.
+# N = 576 and 2304, B = 128; and each stall reason's cycles per issue at N = 576).
+# STEPS="gpu_tests kernels" (say) runs a subset of the GPU steps, KERNEL_SIZES="576 2304"
+# (say) a subset of the benchmark's sizes.
 # A failed step does not stop the next; without a CUDA GPU the GPU steps are skipped. Exits
 # non-zero if any step failed or was skipped. PYTHON picks the interpreter (default python3).
 # ARCHIVE, if given, is rewritten with all of RESULTS_DIR after every step (one file to fetch
@@ -61,18 +62,20 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
   want backends && step backends 45 "$py" bench/backends.py --out "$out" \
     --model conformer_small_patch16 --sizes 384 --batch 16 --no-compile
   # The second call's kernels (the first compiles); each replayed once per metric pass.
-  ncu_kernels() {  # N KERNEL_REGEX SKIP COUNT
-    ncu --section SpeedOfLight --section Occupancy --section WarpStateStats \
-      --section MemoryWorkloadAnalysis -k "regex:$2" --launch-skip "$3" --launch-count "$4" \
-      "$py" bench/profile_kernels.py --n "$1" --b 128
+  ncu_kernels() {  # N KERNEL_REGEX SKIP COUNT NCU_OPTION...
+    local n=$1 regex=$2 skip=$3 count=$4
+    shift 4
+    ncu "$@" -k "regex:$regex" --launch-skip "$skip" --launch-count "$count" \
+      "$py" bench/profile_kernels.py --n "$n" --b 128
   }
+  sections="--section SpeedOfLight --section Occupancy"
+  sections+=" --section WarpStateStats --section MemoryWorkloadAnalysis"
+  stalls="--metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
   if want profile; then
     if command -v ncu >/dev/null; then
       step profile 120 bash -c "$(declare -f ncu_kernels)
-        py=$py; ncu_kernels 576 'root|topk|diffusion' 3 3 && ncu_kernels 2304 topk 1 1
-        ncu --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-          -k 'regex:topk|diffusion' --launch-skip 2 --launch-count 2 \
-          \$py bench/profile_kernels.py --n 576 --b 128"
+        py=$py; ncu_kernels 576 'root|topk|diffusion' 3 3 $sections &&
+        ncu_kernels 2304 topk 1 1 $sections; ncu_kernels 576 'topk|diffusion' 2 2 $stalls"
     else
       echo "== profile: no ncu on PATH, skipped"
     fi

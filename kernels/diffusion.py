@@ -17,9 +17,9 @@ registers); across the T groups, the sums of the runs open at each group's end a
 by a segmented Hillis-Steele scan (log2(T) rounds of ``tl.gather``; whether a run spans
 groups is read from the sorted destinations, loaded with the walk's loads, ahead of the
 scan's CTA barriers), to which the partial sum of the run left open by the previous chunk
-is added, and the result returns to the walk's register layout
-through a small per-program scratch (`_previous_column`), so that the G gathers of a
-chunk are issued together, with no CTA barrier between them. Each node's total is stored
+is added, and the result returns to the walk's register layout through a small
+per-program scratch (`_previous_column`), so that the G gathers of a chunk are issued
+together, with no CTA barrier between them. Each node's total is stored
 from its run's last edge.
 Every node is written by exactly one lane, and every sum has an order fixed by lane
 indices alone, set by BLOCK_E and G (not by BLOCK_C, the warps or the register layout
@@ -319,9 +319,8 @@ def diffuse_sparse(
     on one device. Returns (B, K, N) fp32. steps = 0 returns a fp32 copy of cams. The CSR
     (two small kernels and one torch sort), a search when images are split, one kernel
     launch for the whole batch (one per step when images are split over programs, see
-    `split`), and copies in and out of the node-major
-    maps; no host sync once the config is cached; ``config`` fixes one instead (see
-    `diffusion_configs`).
+    `split`), and copies in and out of the node-major maps; no host sync once the config
+    is cached; ``config`` fixes one instead (see `diffusion_configs`).
     """
     b, n_cls, n = cams.shape
     out = torch.empty(b, n_cls, n, dtype=torch.float32, device=cams.device)
@@ -347,7 +346,7 @@ def diffuse_sparse(
             diffusion_kernel[grid](
                 scratch, src, dst, wgt, walk, groups, n, n_cls, src.shape[-1], span,
                 b * n * n_cls, step0, n_steps, **diffusion_constants(cfg),
-                num_warps=cfg.num_warps,
+                **cfg.launch_options(),
             )  # fmt: skip
 
     default, candidates = diffusion_configs(n_cls, cams.device)

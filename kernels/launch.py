@@ -32,13 +32,15 @@ HELP = 'use backend="torch" for the portable path'
 class Config:
     """Block sizes, merge schedule (top-k kernel: ``slots``, ``narrow``), programs per image
     and class block (diffusion: ``parts``, 0 to fill the GPU) and launch options of one
-    kernel variant (unused fields are 0; ``maxnreg`` 0 leaves the registers to ptxas)."""
+    kernel variant (unused fields are 0; ``maxnreg`` 0 leaves the registers to ptxas;
+    ``num_stages`` defaults to Triton's own CUDA default, so that a kernel launched without
+    it builds as its Config says)."""
 
     block_m: int = 0
     block_n: int = 0
     block_k: int = 0
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
     slots: int = 0
     narrow: int = 0
     parts: int = 0
