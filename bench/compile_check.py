@@ -2,8 +2,9 @@
 
 Each kernel configuration is compiled by ``triton.compile`` for a CUDA target, and the PTX is
 assembled by the ``ptxas`` that ships with Triton: registers, spill stores, shared memory,
-whether the S tile uses wgmma or mma, and the number of SASS instructions (nvdisasm, also
-shipped with Triton), a static size of the code. This is the evidence a CPU-only machine
+whether the S tile uses wgmma or mma, how operands arrive (the copy engine, TMA; ``cp.async``;
+or plain loads), and the number of SASS instructions (nvdisasm, also shipped with Triton), a
+static size of the code. This is the evidence a CPU-only machine
 can give that the kernels build for the GPU (the interpreter tests run them, but never
 compile them). It also checks that the diffusion's launches specialize alike whatever the
 class count (`class_count_variants`), so that a batch of new class counts compiles nothing.
@@ -109,10 +110,11 @@ def compile_one(label: str, fn, signature: dict, constants: dict, cfg: Config) -
     ptx = kernel.asm["ptx"]
     r = resources(ptx)
     mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
+    copy = "tma" if "cp.async.bulk.tensor" in ptx else "cp.async" if "cp.async" in ptx else "ld"
     print(
         f"OK   {label}: warps={cfg.num_warps} stages={cfg.num_stages} "
         f"shared={kernel.metadata.shared} registers={r['registers']} spill={r['spill']} mma={mma} "
-        f"sass={sass_instructions(kernel.asm['cubin'])}"
+        f"loads={copy} sass={sass_instructions(kernel.asm['cubin'])}"
     )
     return True
 
@@ -132,8 +134,13 @@ def topk_jobs(quick: bool):
             for cfg in [default] if quick else _unique(default, candidates):
                 # The refinement epilogue; and for the default, TOP(S, k) alone (full sweep).
                 for refine in (True,) if quick or cfg != default else (True, False):
+                    rm, rn = (
+                        f"tensordesc<fp16[{rows}, {cfg.block_k}]>" if cfg.tma else "constexpr"
+                        for rows in (cfg.block_m, cfg.block_n)
+                    )
                     signature = dict(
-                        R="*fp16", A=f"*{name}", TOP=top or "constexpr", BUF="*i32", W="*fp32",
+                        R="*fp16", RM=rm, RN=rn, A=f"*{name}", TOP=top or "constexpr",
+                        BUF="*i32", W="*fp32",
                         IDX="*i32", N="i32", C="i32", K_KEEP="i32", eps="fp32",
                         LOG_KP="constexpr", BLOCK_M="constexpr", LOG_BN="constexpr",
                         BLOCK_K="constexpr", LOG_CB="constexpr", NARROW="constexpr",
@@ -142,6 +149,8 @@ def topk_jobs(quick: bool):
                     constants = topk_constants(kp, cfg, refine)
                     if top is None:
                         constants["TOP"] = None
+                    if not cfg.tma:
+                        constants |= dict(RM=None, RN=None)
                     label = f"topk {name} kp={kp} {cfg}" + ("" if refine else " TOP(S,k)")
                     yield label, coneighbor_topk_kernel, signature, constants, cfg
 

@@ -235,8 +235,9 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     candidates = {
         (f"{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}"
          f"_s{c.num_stages}_slots{c.slots}_narrow{c.narrow}"
-         + (f"_r{c.maxnreg}" if c.maxnreg else "")): c
+         + (f"_r{c.maxnreg}" if c.maxnreg else "") + ("_tma" if c.tma else "")): c
         for c in topk_configs(next_pow2(k))[1]
+        if not c.tma or n % 8 == 0  # the copy engine needs rows of R on 16 bytes
     }  # fmt: skip
     for label, cfg in candidates.items():
         row[f"topk_{label}_ms"] = time_ms(

@@ -19,6 +19,10 @@ per tile would cost more than its dot), in chunks of whole images of at most
 keeps R < 1: the same relative rounding (2**-11) as the tf32 a fp32 dot would use, for
 fp32, fp16 and bf16 attention alike, at half the bytes and twice the tensor-core rate.
 The scale multiplies a whole image's S by one constant, so no row's order changes.
+The slices arrive by masked pointer loads, or (config ``tma``) by the copy engine from two
+TMA descriptors of R viewed as (B·N, N): the same values where S is used, since slices
+past row N hold the next image's rows (zeros after the last one), and the keys of rows and
+columns >= N are masked anyway; the accumulation order is the same, so S is bitwise the same.
 
 Top-k keys: S >= 0, so the bits of an fp32 value read as an integer order like the value.
 With ``f = max(bits(S_ij) - bits(2**-62), 0)`` (< 2**30, since S < 2**64) and
@@ -56,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2, on_device
 
@@ -186,6 +191,8 @@ def _exponent(TOP, b):
 @triton.jit
 def coneighbor_topk_kernel(
     R,  # (B, N, N) fp16 root of A (`root_kernel`): S up to a per-image constant
+    RM,  # TensorDescriptor of R as (B·N, N), blocks (BLOCK_M, BLOCK_K); None: pointer loads
+    RN,  # the same, blocks (BLOCK_N, BLOCK_K)
     A,  # (B, N, N) attention, fp32 / fp16 / bf16: the refinement reads it at the kept columns
     TOP,  # (B,) the largest entry per image, as given to `root_kernel` (None for fp16 A)
     BUF,  # (B, grid_m * BLOCK_M, 2**LOG_CB) int32 scratch: parked candidate keys
@@ -225,16 +232,21 @@ def coneighbor_topk_kernel(
                 kth = _kth(acc, K_KEEP, KP)
                 held = tl.zeros((BLOCK_M,), tl.int32)
         if t < n_tiles:
-            cols = ((first + t) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+            col0 = ((first + t) % n_tiles) * BLOCK_N
+            cols = col0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
             s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for k0 in range(0, N, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                k_ok = kk < N
-                r = tl.load(R + img + rows[:, None] * N + kk[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-                c = tl.load(R + img + cols[:, None] * N + kk[None, :],
-                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                if RM is not None:  # the copy engine; rows past N: another image's, or 0
+                    r = RM.load([pid_b * N + pid_m * BLOCK_M, k0])
+                    c = RN.load([pid_b * N + col0, k0])
+                else:
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = kk < N
+                    r = tl.load(R + img + rows[:, None] * N + kk[None, :],
+                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                    c = tl.load(R + img + cols[:, None] * N + kk[None, :],
+                                mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
                 s = tl.dot(r, tl.trans(c), s)
             field = tl.maximum(s.to(tl.int32, bitcast=True) - S_FLOOR_BITS, 0)
             key = ((field >> (C - 1)) << C) | (N - cols)[None, :]
@@ -353,9 +365,12 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     merge per program, so the tile loop and its loads, not the merges, hold it. Parking,
     64×64 tiles, narrow = 64 and whole-tile 128×128 were never the fastest and are no
     longer candidates. The loop is latency-bound at two programs per SM, its registers'
-    limit (255 per thread; Nsight Compute: 6.2 cycles per issued instruction per warp), so
-    one more candidate caps them at 168, which fits three programs per SM for 36 bytes of
-    spills (sm_90a, Triton 3.6; not yet timed).
+    limit (255 per thread; Nsight Compute: 6.2 cycles per issued instruction per warp).
+    Three candidates (not yet timed) take R's slices by the copy engine (``tma``: TMA
+    descriptors, needs N divisible by 8), which frees the registers of the address
+    arithmetic (sm_90a, Triton 3.6: 231 instead of 255, no spills): the default tiling, the
+    same capped at 168 registers (three programs per SM, for 8 bytes of spills; 36 with
+    pointer loads) and the 128×128 one.
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
@@ -374,7 +389,9 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
             Config(64, 128, 64, num_warps=4, num_stages=5),
             Config(64, 128, 64, num_warps=4, num_stages=3, narrow=16),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16),
-            Config(64, 128, 64, num_warps=4, num_stages=3, maxnreg=168),
+            Config(64, 128, 64, num_warps=4, num_stages=3, tma=True),
+            Config(64, 128, 64, num_warps=4, num_stages=3, maxnreg=168, tma=True),
+            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True),
         ]
     bm = 32 if kp == 128 else 16
     bk, stages = (64, 3) if kp <= 256 else (16, 2)  # a (kp, 64) slice per stage would not fit
@@ -464,6 +481,11 @@ def _topk(
         raise ValueError(f"the triton backend supports k <= {MAX_TOPK}{whole}, got k={k}")
     kp = next_pow2(keep)
     default, candidates = topk_configs(kp)
+    aligned = n % 8 == 0  # rows of R on 16 bytes, as the copy engine (TMA) needs
+    if not aligned:
+        candidates = [c for c in candidates if not c.tma]
+        if config is not None and config.tma:
+            raise ValueError(f"a config with tma needs N divisible by 8, got N={n}")
     chunk = max(1, min(b, ROOT_CHUNK // (n * n)))
     root = torch.empty(chunk, n, n, dtype=torch.float16, device=A.device)
     with on_device(A.device):
@@ -478,12 +500,19 @@ def _topk(
                 grid = (triton.cdiv(n, cfg.block_m), hi - lo)
                 parked = grid[0] * cfg.block_m * cfg.slots * grid[1]  # whole tiles: none
                 buf = torch.empty(max(parked, 1), dtype=torch.int32, device=A.device)
+                rm = rn = None
+                if cfg.tma:
+                    rm, rn = (
+                        TensorDescriptor.from_tensor(r.view(-1, n), [rows, cfg.block_k])
+                        for rows in (cfg.block_m, cfg.block_n)
+                    )
                 coneighbor_topk_kernel[grid](
-                    r, A[lo:hi], top, buf, w[lo:hi], idx[lo:hi], n, n.bit_length(), keep, eps,
+                    r, rm, rn, A[lo:hi], top, buf, w[lo:hi], idx[lo:hi], n, n.bit_length(),
+                    keep, eps,
                     **topk_constants(kp, cfg, refine),
                     **cfg.launch_options(),
                 )  # fmt: skip
 
-            key = ("topk", n_bucket(n), kp, next_pow2(chunk), A.dtype, refine)  # one per batch
+            key = ("topk", n_bucket(n), aligned, kp, next_pow2(chunk), A.dtype, refine)
             run(config or choose_config(key, default, candidates, run, A.device))
     return w, idx

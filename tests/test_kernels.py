@@ -231,6 +231,20 @@ def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
         assert torch.equal(idx, outs[0][1]) and torch.equal(w, outs[0][0])
 
 
+@pytest.mark.parametrize(("n", "dtype"), [(72, torch.float32), (40, torch.bfloat16)])
+def test_refine_tma_loads_agree(gen, n, dtype):
+    """R's slices by the copy engine (TMA descriptors over all images' rows: a row block
+    that runs past N reads the next image, or zeros after the last) give bitwise the
+    outputs of masked pointer loads; N not divisible by 8 is refused."""
+    (A,) = to_device(random_attention(3, n, n, generator=gen, dtype=dtype))
+    loads, tma = Config(32, 32, 16), Config(32, 32, 16, tma=True)
+    outs = [coneighbor_topk.refine_sparse(A, 6, reference.EPS, config=c) for c in (loads, tma)]
+    check_refinement(A, 6, *outs[1])
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    with pytest.raises(ValueError, match="divisible by 8"):
+        coneighbor_topk.refine_sparse(A[:, 2:, 2:].contiguous(), 6, reference.EPS, config=tma)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_refine_in_chunks_of_images(gen, monkeypatch, dtype):
     """Batches larger than ROOT_CHUNK go in chunks of whole images: same result."""
@@ -576,12 +590,12 @@ def test_gpu_tensors_on_a_device_that_is_not_current():
 @pytest.mark.parametrize("n", [576, 2304])
 def test_gpu_merge_schedules_agree(n):
     """On the GPU (real CTA barriers and caches), the merge schedules (whole tiles, narrow,
-    parked) on the default tiling, and the default with its registers capped (spills), keep
-    bitwise the same columns."""
+    parked) on the default tiling, the default with its registers capped (spills) and with
+    its operands by the copy engine (TMA), keep bitwise the same columns."""
     gen = torch.Generator().manual_seed(n + 1)
     A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
     default = coneighbor_topk.topk_configs(64)[0]
-    variants = ({"narrow": 16}, {"slots": 128}, {"maxnreg": 168})
+    variants = ({"narrow": 16}, {"slots": 128}, {"maxnreg": 168}, {"tma": True})
     schedules = [default, *(dataclasses.replace(default, **v) for v in variants)]
     outs = [coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=c) for c in schedules]
     check_refinement(A, 50, *outs[0])
