@@ -9,7 +9,8 @@
 # provider (backends_<gpu>.{json,md}; torch.compile of the extractor is left out: its
 # first compile alone outlasts the step) and, where Nsight Compute is installed, a profile
 # of the kernels of one call (profile.log: speed of light, occupancy, warp states, memory;
-# N = 576 and 2304, B = 128; and each stall reason's cycles per issue at N = 576).
+# N = 576 and 2304, B = 128; and each stall reason's cycles per issue at N = 576), and the
+# stalls per SASS instruction of the top-k and diffusion kernels (sass.log, sass.ncu-rep).
 # STEPS="gpu_tests kernels" (say) runs a subset of the GPU steps, KERNEL_SIZES="576 2304"
 # (say) a subset of the benchmark's sizes.
 # A failed step does not stop the next; without a CUDA GPU the GPU steps are skipped. Exits
@@ -47,7 +48,7 @@ print(\"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch
 import setuptools; print(\"setuptools\", setuptools.__version__)'"
 step install 60 "$py" -m pip install --no-deps --no-build-isolation -e .
 if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
-  want() { [[ " ${STEPS:-gpu_tests kernels pipeline train backends profile} " == *" $1 "* ]]; }
+  want() { [[ " ${STEPS:-gpu_tests kernels pipeline train backends profile sass} " == *" $1 "* ]]; }
   export PYTHONUNBUFFERED=1
   # The goals' sizes first: the torch paths' budget goes there. torch.compile is left out:
   # on an H200 it was slower than eager at both goal sizes, and its compiles cost the step.
@@ -79,6 +80,13 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
     else
       echo "== profile: no ncu on PATH, skipped"
     fi
+  fi
+  # Where each kernel's warps stall, per SASS instruction (warp-state samples and executed
+  # instructions; Nsight Compute's source page as CSV), for the walk and the tile loop.
+  if want sass && command -v ncu >/dev/null; then
+    step sass 90 bash -c "$(declare -f ncu_kernels)
+      py=$py; ncu_kernels 576 'topk|diffusion' 2 2 --section SourceCounters -f -o '$out/sass' &&
+      ncu --import '$out/sass.ncu-rep' --page source --print-source sass --csv"
   fi
 else
   echo "== no CUDA GPU visible: gpu_tests and bench skipped"
