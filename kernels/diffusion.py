@@ -97,7 +97,7 @@ def diffusion_kernel(
     SRC,  # (B, E) int32: edge source i, in CSR order
     DST,  # (B, E) int32: edge destination j, ascending within an image
     WGT,  # (B, E) fp32: edge weight (0 for the self edges)
-    WALK,  # (B, parts) int32: the chunk-aligned edge where each part's walk begins
+    WALK,  # (B, parts) int32: the chunk-aligned edge where each part's walk begins (None: 0)
     SH,  # (B, class blocks, parts, 2**LOG_T, max(K, BLOCK_C)) fp32: `_previous_column`
     N,
     K,
@@ -121,7 +121,10 @@ def diffusion_kernel(
     WGT += pid_b.to(tl.int64) * E
     lo = part * span  # the edges whose runs this program stores: [lo, hi)
     hi = tl.minimum(lo + span, E)
-    walk = tl.load(WALK + pid_b * tl.num_programs(2) + part)
+    if WALK is None:  # one part per image, walked from its first edge
+        walk = 0
+    else:
+        walk = tl.load(WALK + pid_b * tl.num_programs(2) + part)
     group = tl.arange(0, T)
     stride = tl.maximum(K, BLOCK_C)  # of SH's columns (runtime: see `_previous_column`)
     program = (pid_b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + part
@@ -337,10 +340,7 @@ def diffuse_sparse(
             b * grid[1] * parts * (cfg.block_n // cfg.block_k) * max(n_cls, cfg.block_m),
             dtype=torch.float32, device=cams.device,
         )  # fmt: skip
-        if parts == 1:  # one walk from each image's first edge: no search needed
-            walk = torch.zeros(b, 1, dtype=torch.int32, device=cams.device)
-        else:
-            walk = walk_starts(dst, span, cfg.block_n)
+        walk = None if parts == 1 else walk_starts(dst, span, cfg.block_n)
         # Programs cannot wait on each other: with parts, a launch per step.
         for step0, n_steps in [(0, steps)] if parts == 1 else [(t, 1) for t in range(steps)]:
             diffusion_kernel[grid](
