@@ -24,7 +24,8 @@ the similarity stage is also timed on spatial attention and on block-diagonal at
 that needs one merge per program, the stage's floor without merges (kinds of
 bench/merge_model.py). Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png``
 (matplotlib permitting) under ``--out``, with GPU name, its L2 size and SM count, versions
-and date.
+and date, and the host's unit costs: one bare Triton launch and one small torch op
+(microseconds), beside each row's count of torch ops per call (``triton_torch_ops``).
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
                             [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
@@ -69,11 +70,18 @@ if ARGS.smoke:  # the interpreter must be chosen before triton is first imported
 import torch  # noqa: E402
 import triton  # noqa: E402
 from merge_model import KINDS, attention  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from adcam_fast import ops, reference  # noqa: E402
 from adcam_fast.kernels import adcam_triton, coneighbor_topk  # noqa: E402
 from adcam_fast.kernels.coneighbor_topk import refine_sparse, take_root, topk_configs  # noqa: E402
-from adcam_fast.kernels.diffusion import csr_edges, diffuse_sparse, diffusion_configs  # noqa: E402
+from adcam_fast.kernels.diffusion import (  # noqa: E402
+    CSR_BLOCK,
+    csr_edges,
+    diffuse_sparse,
+    diffusion_configs,
+    edge_keys_kernel,
+)
 from adcam_fast.kernels.launch import next_pow2  # noqa: E402
 from adcam_fast.reference import EPS  # noqa: E402
 
@@ -115,6 +123,41 @@ def host_ms(fn: Callable[[int], object], repeats: int, cuda: bool) -> float:
     if cuda:
         torch.cuda.synchronize()
     return statistics.median(times)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched inside the block (``count``): a call's torch ops, each
+    a host dispatch (and most of them a kernel launch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_unit_costs(device: str, repeats: int) -> dict[str, float]:
+    """Host microseconds, the device idle, of one bare launch of a Triton kernel of ours
+    (`edge_keys_kernel` over 16 edges) and of one small torch op (an in-place add): the
+    units that ``triton_host_ms`` and the stages' host parts are made of, with the count of
+    torch ops per call (``triton_torch_ops``) and the Triton launches (five per call when a
+    batch is one chunk and an image one part). Under the interpreter these are not launch
+    costs, and its own tensor copies add to the count."""
+    cuda = device == "cuda"
+    idx = torch.zeros(4, 3, dtype=torch.int32, device=device)
+    key = torch.empty(16, dtype=torch.int32, device=device)
+    x = torch.zeros(1, device=device)
+
+    def launch(i: int) -> None:
+        edge_keys_kernel[(1,)](idx, key, 4, 3, 16, BLOCK=CSR_BLOCK)
+
+    launch(0)  # compiles
+    return {
+        "triton_launch_host_us": 1e3 * host_ms(launch, repeats, cuda),
+        "torch_op_host_us": 1e3 * host_ms(lambda i: x.add_(1), repeats, cuda),
+    }
 
 
 def graphed(fn: Callable[[int], object], sets: int) -> Callable[[int], object]:
@@ -185,6 +228,9 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     # replayed from CUDA graphs (no host work at all; the kernels are graph-capturable).
     triton_path = paths["triton"]
     row["triton_host_ms"] = host_ms(triton_path, args.repeats, cuda)
+    with CountOps() as ops_in_call:
+        triton_path(0)
+    row["triton_torch_ops"] = ops_in_call.count
     if cuda:
         try:
             row["triton_graph_ms"] = time_ms(graphed(triton_path, sets), args.repeats, cuda)
@@ -325,6 +371,7 @@ def main() -> None:
         "argv": sys.argv[1:],
         "time": "median ms over repeats, CUDA events (CPU: perf_counter)",
         "similarity_tflops": "2·B·N³ / time of coneighbor_topk.refine_sparse (kernels 1+2)",
+        **host_unit_costs(device, args.repeats),
     }
     print(json.dumps(meta), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

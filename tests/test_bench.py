@@ -34,11 +34,13 @@ def test_kernel_benchmark_smoke(tmp_path):
     stdout = _run("kernels.py", "--smoke", "--out", str(tmp_path), TRITON_INTERPRET="1")
     result = json.loads((tmp_path / "kernels.json").read_text())
     assert result["meta"]["device"] == "cpu (Triton interpreter)"
+    assert result["meta"]["triton_launch_host_us"] > 0 and result["meta"]["torch_op_host_us"] > 0
     (row,) = result["rows"]
     assert (row["N"], row["B"], row["k"]) == (64, 2, 50)
     names = ("reference", "torch", "triton", "triton_host", "similarity", "root", "diffusion")
     for name in (*names, "csr"):
         assert row[f"{name}_ms"] > 0, name
+    assert row["triton_torch_ops"] > 0  # a call's torch ops, counted
     for name in ("similarity", "root", "diffusion", "csr"):  # each stage's host part too
         assert row[f"{name}_host_ms"] > 0, name
     best_torch = min(row["torch_ms"], row["reference_ms"])  # no torch.compile off CUDA
