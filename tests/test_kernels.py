@@ -590,17 +590,31 @@ def test_gpu_tensors_on_a_device_that_is_not_current():
 @pytest.mark.parametrize("n", [576, 2304])
 def test_gpu_merge_schedules_agree(n):
     """On the GPU (real CTA barriers and caches), the merge schedules (whole tiles, narrow,
-    parked) on the default tiling, the default with its registers capped (spills) and with
-    its operands by the copy engine (TMA), keep bitwise the same columns."""
+    parked) on the default tiling, and the default with its registers capped (spills), keep
+    bitwise the same columns."""
     gen = torch.Generator().manual_seed(n + 1)
     A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
     default = coneighbor_topk.topk_configs(64)[0]
-    variants = ({"narrow": 16}, {"slots": 128}, {"maxnreg": 168}, {"tma": True})
+    variants = ({"narrow": 16}, {"slots": 128}, {"maxnreg": 168})
     schedules = [default, *(dataclasses.replace(default, **v) for v in variants)]
     outs = [coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=c) for c in schedules]
     check_refinement(A, 50, *outs[0])
     for w, idx in outs[1:]:
         assert torch.equal(idx, outs[0][1]) and torch.equal(w, outs[0][0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [576, 2304])
+def test_gpu_tma_candidates_agree(n):
+    """Each candidate that takes R by the copy engine (TMA) gives bitwise the output of its
+    config with pointer loads (and no register cap)."""
+    gen = torch.Generator().manual_seed(n + 2)
+    A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
+    for cfg in (c for c in coneighbor_topk.topk_configs(64)[1] if c.tma):
+        loads = dataclasses.replace(cfg, tma=False, maxnreg=0)
+        w, idx = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=cfg)
+        w_ref, idx_ref = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=loads)
+        assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref), cfg
 
 
 @pytest.mark.gpu
