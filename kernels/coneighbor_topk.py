@@ -20,9 +20,9 @@ keeps R < 1: the same relative rounding (2**-11) as the tf32 a fp32 dot would us
 fp32, fp16 and bf16 attention alike, at half the bytes and twice the tensor-core rate.
 The scale multiplies a whole image's S by one constant, so no row's order changes.
 The slices arrive by masked pointer loads, or (config ``tma``) by the copy engine from two
-TMA descriptors of R viewed as (B·N, N): the same values where S is used, since slices
-past row N hold the next image's rows (zeros after the last one), and the keys of rows and
-columns >= N are masked anyway; the accumulation order is the same, so S is bitwise the same.
+TMA descriptors of R viewed as (B·N, N): the same values wherever S is used (slices past
+row N hold the next image's rows, or zeros after the last image, and the keys of rows and
+columns >= N are masked), in the same order, so the same S; tests check both bitwise.
 
 Top-k keys: S >= 0, so the bits of an fp32 value read as an integer order like the value.
 With ``f = max(bits(S_ij) - bits(2**-62), 0)`` (< 2**30, since S < 2**64) and
