@@ -252,6 +252,11 @@ def csr_edges(weights: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return src.view(b, -1), dst.view(b, -1), wgt.view(b, -1)
 
 
+CLASS_BLOCK = 4
+"""Classes per program of the GPU default. The config cache keys a class count by its
+number of such blocks (as a power of two): counts that give the same programs (1 to 4, say,
+where a batch's images have few labels) share one autotuning."""
+
 FILL = 3
 """Programs per SM that a split launch aims at: the 8-class build's 162 registers (sm_90a)
 on 128 threads leave room for three (the 4-class build's 96 for five)."""
@@ -300,7 +305,7 @@ def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Co
     """
     if device.type != "cuda":
         return Config(block_m=min(32, next_pow2(n_cls)), block_n=2048, block_k=4, parts=1), []
-    default = Config(block_m=4, block_n=512, block_k=16, num_warps=4, parts=1)
+    default = Config(block_m=CLASS_BLOCK, block_n=512, block_k=16, num_warps=4, parts=1)
     split_8 = Config(block_m=8, block_n=512, block_k=16, num_warps=4, parts=0)
     return default, [default, dataclasses.replace(default, parts=0), split_8]
 
@@ -350,7 +355,8 @@ def diffuse_sparse(
             )  # fmt: skip
 
     default, candidates = diffusion_configs(n_cls, cams.device)
-    key = ("diffuse", n_bucket(n), next_pow2(indices.shape[-1]), next_pow2(b), next_pow2(n_cls))
+    blocks = next_pow2(triton.cdiv(n_cls, CLASS_BLOCK))
+    key = ("diffuse", n_bucket(n), next_pow2(indices.shape[-1]), next_pow2(b), blocks)
     with on_device(cams.device):
         run(config or choose_config(key, default, candidates, run, cams.device))
     return out.copy_(scratch[steps % 2].transpose(-1, -2))

@@ -450,6 +450,25 @@ def test_autotuning_leaves_the_result_unchanged(gen, monkeypatch):
     assert torch.equal(diffusion.diffuse_sparse(w, idx, cams, 3), expected[1])
 
 
+def test_diffusion_config_key_counts_class_blocks(gen, monkeypatch):
+    """Class counts that give the same programs share a config-cache key, so a labelling
+    run whose batches carry 1 to 4 labels autotunes the diffusion once per size."""
+    from adcam_fast.kernels import diffusion
+
+    keys = []
+
+    def record(key, default, candidates, run, device):
+        keys.append(key)
+        return default
+
+    monkeypatch.setattr(diffusion, "choose_config", record)
+    w, idx = to_device(torch.rand(1, 8, 3, generator=gen), torch.randint(0, 8, (1, 8, 3)))
+    for n_cls in (1, 3, 4, 5, 8, 9):
+        (cams,) = to_device(torch.rand(1, n_cls, 8, generator=gen))
+        diffusion.diffuse_sparse(w, idx, cams, 1)
+    assert keys[0] == keys[1] == keys[2] != keys[3] == keys[4] != keys[5]
+
+
 # ---------------------------------------------------------------- the fused op
 
 
