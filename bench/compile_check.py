@@ -4,10 +4,10 @@ Each kernel configuration is compiled by ``triton.compile`` for a CUDA target, a
 assembled by the ``ptxas`` that ships with Triton: registers, spill stores, shared memory,
 whether the S tile uses wgmma or mma, how operands arrive (the copy engine, TMA; ``cp.async``;
 or plain loads), and the number of SASS instructions (nvdisasm, also shipped with Triton), a
-static size of the code. This is the evidence a CPU-only machine
-can give that the kernels build for the GPU (the interpreter tests run them, but never
-compile them). It also checks that the diffusion's launches specialize alike whatever the
-class count (`class_count_variants`), so that a batch of new class counts compiles nothing.
+static size of the code. This is the evidence a CPU-only machine can give that the kernels
+build for the GPU (the interpreter tests run them, but never compile them). It also checks
+that the diffusion's launches specialize alike whatever the class count
+(`class_count_variants`), so that a batch of new class counts compiles nothing.
 
     python bench/compile_check.py            # every default and autotune candidate (minutes)
     python bench/compile_check.py --quick    # the default configurations at k = 50 (seconds)
