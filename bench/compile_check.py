@@ -159,9 +159,10 @@ def diffusion_jobs(quick: bool):
     default, candidates = diffusion_configs(20, torch.device("cuda"))
     for cfg in [default] if quick else _unique(default, candidates):
         signature = dict(
-            SCR="*fp32", SRC="*i32", DST="*i32", WGT="*fp32",
+            SCR="*fp32", OUT="*fp32", SRC="*i32", DST="*i32", WGT="*fp32",
             WALK="constexpr" if cfg.parts == 1 else "*i32", SH="*fp32",
             N="i32", K="i32", E="i32", span="i32", slot="i32", step0="i32", steps="i32",
+            last="i32",
             BLOCK_C="constexpr", LOG_T="constexpr", G="constexpr",
         )  # fmt: skip
         constants = diffusion_constants(cfg) | ({"WALK": None} if cfg.parts == 1 else {})
@@ -201,7 +202,8 @@ def class_count_variants(batch: int = 32, n: int = 576, k: int = 50) -> int:
     span = triton.cdiv(edges, cfg.block_n) * cfg.block_n
     seen = set()
     for n_cls in range(1, 65):
-        args = (f32, i32, i32, f32, None, f32, n, n_cls, edges, span, batch * n * n_cls, 0, 2)
+        args = (f32, f32, i32, i32, f32, None, f32, n, n_cls, edges, span, batch * n * n_cls)
+        args += (0, 2, 1)  # all steps of T = 2 in one launch
         seen.add(str(binder(*args, **constants)[1]))
     return len(seen)
 

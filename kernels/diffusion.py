@@ -41,10 +41,10 @@ which stay in L2 at the sizes of interest. With one part, all steps run in one l
 separated by a CTA barrier, all the ordering needed, since each program owns its classes;
 with more, a step reads what other programs wrote, and programs cannot wait on each other,
 so each step is a launch (the one launch of DESIGN.md §4 is the default, given up only
-where the autotuner measures the split faster). A torch copy turns the last slot into the
-(B, K, N) output. Nothing is bounded by on-chip memory: more classes than BLOCK_C split
+where the autotuner measures the split faster). The last step writes the (B, K, N) output
+itself. Nothing is bounded by on-chip memory: more classes than BLOCK_C split
 over more programs (classes are independent), a larger N only lengthens the edge walk.
-Extra memory: 2·B·N·K·4 bytes of maps, 4·B·max(K, BLOCK_C)·T bytes per part for the scan's
+Extra memory: min(T, 2)·B·N·K·4 bytes of maps, 4·B·max(K, BLOCK_C)·T bytes per part for the scan's
 results, and the CSR, 12·B·N·(k+1) bytes (28·B·N·(k+1) while it is built, with the sort's
 keys and permutation, plus the sort's own temporary storage).
 """
@@ -91,9 +91,11 @@ def _previous_column(SH, x, stride):
     return y
 
 
-@triton.jit(do_not_specialize=["K", "slot"])  # a class count of 1 (or 16) compiles nothing new
+@triton.jit(do_not_specialize=["K", "slot", "last"])  # a class count of 1 compiles nothing new
 def diffusion_kernel(
-    SCR,  # (2, B, N, K) fp32 maps, node-major: slot 0 the input; step t writes slot (t+1)%2
+    SCR,  # (min(T, 2), B, N, K) fp32 maps, node-major: slot 0 the input; step t < last writes
+    #       slot (t+1)%2
+    OUT,  # (B, K, N) fp32: what step ``last`` writes
     SRC,  # (B, E) int32: edge source i, in CSR order
     DST,  # (B, E) int32: edge destination j, ascending within an image
     WGT,  # (B, E) fp32: edge weight (0 for the self edges)
@@ -106,6 +108,7 @@ def diffusion_kernel(
     slot,  # B * N * K
     step0,  # the first step of this launch (its maps are in slot step0 % 2)
     steps,
+    last,  # T - 1
     BLOCK_C: tl.constexpr,
     LOG_T: tl.constexpr,  # 2**LOG_T groups per chunk
     G: tl.constexpr,  # consecutive edges per group
@@ -132,7 +135,12 @@ def diffusion_kernel(
     slot = tl.cast(slot, tl.int64)
     for t in range(step0, step0 + steps):
         read = slot * (t % 2) + nodes
-        write = slot * ((t + 1) % 2) + nodes
+        final = t == last  # into the output, class-major; else the next slot, node-major
+        write = tl.where(
+            final, OUT + pid_b.to(tl.int64) * K * N, SCR + slot * ((t + 1) % 2) + nodes
+        )
+        node_stride = tl.where(final, 1, K)
+        class_stride = tl.where(final, N, 1)
         carry = tl.zeros((BLOCK_C,), tl.float32)  # the previous chunk's open run, summed
         for e0 in range(walk, hi, T * G):
             first = e0 + group * G  # each group's first edge
@@ -188,7 +196,8 @@ def diffusion_kernel(
                 v = tl.where((joins & ~fresh[g])[None, :], prior + sums[g], sums[g])
                 ends = (first + g >= lo) & (first + g < E) & (dsts[g] != dsts[g + 1])
                 end = c_ok[:, None] & ends[None, :]
-                tl.store(SCR + write + dsts[g][None, :] * K + cls[:, None], v, mask=end)
+                at = write + dsts[g][None, :] * node_stride + cls[:, None] * class_stride
+                tl.store(at, v, mask=end)
             carry = tl.sum(tl.where((group == T - 1)[None, :], tot, 0.0), axis=1)
         tl.debug_barrier()  # step t's writes before step t+1's reads and overwrites
 
@@ -259,7 +268,7 @@ where a batch's images have few labels) share one autotuning."""
 
 FILL = 3
 """Programs per SM that a split launch aims at: the 8-class build's 162 registers (sm_90a)
-on 128 threads leave room for three (the 4-class build's 96 for five)."""
+on 128 threads leave room for three (the 4-class build's 90 for five)."""
 
 
 def walk_starts(dst: Tensor, span: int, chunk: int) -> Tensor:
@@ -327,7 +336,7 @@ def diffuse_sparse(
     on one device. Returns (B, K, N) fp32. steps = 0 returns a fp32 copy of cams. The CSR
     (two small kernels and one torch sort), a search when images are split, one kernel
     launch for the whole batch (one per step when images are split over programs, see
-    `split`), and copies in and out of the node-major maps; no host sync once the config
+    `split`), and a copy into the node-major maps; no host sync once the config
     is cached; ``config`` fixes one instead (see `diffusion_configs`).
     """
     b, n_cls, n = cams.shape
@@ -335,7 +344,7 @@ def diffuse_sparse(
     if steps == 0 or out.numel() == 0:
         return out.copy_(cams)
     src, dst, wgt = csr_edges(weights, indices)
-    scratch = torch.empty(2, b, n, n_cls, dtype=torch.float32, device=cams.device)
+    scratch = torch.empty(min(steps, 2), b, n, n_cls, dtype=torch.float32, device=cams.device)
 
     def run(cfg: Config) -> None:  # from the input each time: steps overwrite its slot
         scratch[0].copy_(cams.transpose(-1, -2))
@@ -349,8 +358,8 @@ def diffuse_sparse(
         # Programs cannot wait on each other: with parts, a launch per step.
         for step0, n_steps in [(0, steps)] if parts == 1 else [(t, 1) for t in range(steps)]:
             diffusion_kernel[grid](
-                scratch, src, dst, wgt, walk, groups, n, n_cls, src.shape[-1], span,
-                b * n * n_cls, step0, n_steps, **diffusion_constants(cfg),
+                scratch, out, src, dst, wgt, walk, groups, n, n_cls, src.shape[-1], span,
+                b * n * n_cls, step0, n_steps, steps - 1, **diffusion_constants(cfg),
                 **cfg.launch_options(),
             )  # fmt: skip
 
@@ -359,4 +368,4 @@ def diffuse_sparse(
     key = ("diffuse", n_bucket(n), next_pow2(indices.shape[-1]), next_pow2(b), blocks)
     with on_device(cams.device):
         run(config or choose_config(key, default, candidates, run, cams.device))
-    return out.copy_(scratch[steps % 2].transpose(-1, -2))
+    return out
