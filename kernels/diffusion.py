@@ -91,7 +91,7 @@ def _previous_column(SH, x, stride):
     return y
 
 
-@triton.jit(do_not_specialize=["K", "slot", "last"])  # a class count of 1 compiles nothing new
+@triton.jit(do_not_specialize=["K", "slot", "last"])  # no new class count or T compiles anew
 def diffusion_kernel(
     SCR,  # (min(T, 2), B, N, K) fp32 maps, node-major: slot 0 the input; step t < last writes
     #       slot (t+1)%2
