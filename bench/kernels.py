@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from unittest import mock
 
 
 def parse_args() -> argparse.Namespace:
@@ -256,16 +257,12 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     row["similarity_tflops"] = flops / sim_ms / 1e9
     root = torch.empty(As[0].shape, dtype=torch.float16, device=device)
     if b * n * n > coneighbor_topk.ROOT_CHUNK:  # in chunks of images: with 4 times larger
-        saved, coneighbor_topk.ROOT_CHUNK = (
-            coneighbor_topk.ROOT_CHUNK,
-            4 * coneighbor_topk.ROOT_CHUNK,
-        )
-        try:  # (fewer, fuller launches, against 4 times the memory for sqrt(A))
+        # ones (fewer, fuller launches, against 4 times the memory for sqrt(A))
+        chunk4x = 4 * coneighbor_topk.ROOT_CHUNK
+        with mock.patch.object(coneighbor_topk, "ROOT_CHUNK", chunk4x):
             row["similarity_chunk4x_ms"] = time_ms(
                 lambda i: refine_sparse(As[i % sets], k, EPS), args.repeats, cuda
             )
-        finally:
-            coneighbor_topk.ROOT_CHUNK = saved
     stage("root", lambda i, r=root: take_root(As[i % sets], r))
     root = None
     w, idx = refine_sparse(As[0], k, EPS, torch.int32)
@@ -283,7 +280,7 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
          f"_s{c.num_stages}_slots{c.slots}_narrow{c.narrow}"
          + (f"_r{c.maxnreg}" if c.maxnreg else "") + ("_tma" if c.tma else "")): c
         for c in topk_configs(next_pow2(k))[1]
-        if not c.tma or n % 8 == 0  # the copy engine needs rows of R on 16 bytes
+        if not c.tma or coneighbor_topk.tma_fits(n)
     }  # fmt: skip
     for label, cfg in candidates.items():
         row[f"topk_{label}_ms"] = time_ms(

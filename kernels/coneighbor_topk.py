@@ -457,6 +457,12 @@ def similarity_topk(
     return _topk(A, k, 0.0, index_dtype, config, refine=False)
 
 
+def tma_fits(n: int) -> bool:
+    """Whether the copy engine can take R's slices at size N: TMA needs each row of R on 16
+    bytes, N divisible by 8 (the ``tma`` configs run only then)."""
+    return n % 8 == 0
+
+
 def take_root(A: Tensor, out: Tensor) -> Tensor | None:
     """The passes before the tiles: ``out = fp16(sqrt(A · 2**-e))`` by `root_kernel`, for A
     (B, N, N) contiguous; returns the per-image maxima it scaled by (None for fp16 A)."""
@@ -482,7 +488,7 @@ def _topk(
         raise ValueError(f"the triton backend supports k <= {MAX_TOPK}{whole}, got k={k}")
     kp = next_pow2(keep)
     default, candidates = topk_configs(kp)
-    aligned = n % 8 == 0  # rows of R on 16 bytes, as the copy engine (TMA) needs
+    aligned = tma_fits(n)
     if not aligned:
         candidates = [c for c in candidates if not c.tma]
         if config is not None and config.tma:

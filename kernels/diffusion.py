@@ -42,10 +42,10 @@ separated by a CTA barrier, all the ordering needed, since each program owns its
 with more, a step reads what other programs wrote, and programs cannot wait on each other,
 so each step is a launch (the one launch of DESIGN.md §4 is the default, given up only
 where the autotuner measures the split faster). The last step writes the (B, K, N) output
-itself. Nothing is bounded by on-chip memory: more classes than BLOCK_C split
-over more programs (classes are independent), a larger N only lengthens the edge walk.
-Extra memory: min(T, 2)·B·N·K·4 bytes of maps, 4·B·max(K, BLOCK_C)·T bytes per part for the scan's
-results, and the CSR, 12·B·N·(k+1) bytes (28·B·N·(k+1) while it is built, with the sort's
+itself. Nothing is bounded by on-chip memory: more classes than BLOCK_C split over more
+programs (classes are independent), a larger N only lengthens the edge walk.
+Extra memory: min(T, 2)·B·N·K·4 bytes of maps, 4·B·max(K, BLOCK_C)·T bytes per part for
+the scan's results, and the CSR, 12·B·N·(k+1) bytes (28·B·N·(k+1) while it is built, with the sort's
 keys and permutation, plus the sort's own temporary storage).
 """
 
@@ -134,7 +134,7 @@ def diffusion_kernel(
     SH += program.to(tl.int64) * T * stride
     slot = tl.cast(slot, tl.int64)
     for t in range(step0, step0 + steps):
-        read = slot * (t % 2) + nodes
+        read = SCR + slot * (t % 2) + nodes
         final = t == last  # into the output, class-major; else the next slot, node-major
         write = tl.where(
             final, OUT + pid_b.to(tl.int64) * K * N, SCR + slot * ((t + 1) % 2) + nodes
@@ -164,7 +164,7 @@ def diffusion_kernel(
                 dst = tl.load(DST + first + g, mask=e_ok, other=-1)
                 w = tl.load(WGT + first + g, mask=e_ok, other=0.0)
                 m = tl.load(
-                    SCR + read + src[None, :] * K + cls[:, None],
+                    read + src[None, :] * K + cls[:, None],
                     mask=c_ok[:, None] & e_ok[None, :],
                     other=0.0,
                 )
