@@ -131,7 +131,8 @@ def topk_jobs(quick: bool):
         top = None if name == "fp16" else f"*{name}"  # the launcher passes no maxima for fp16
         for kp in (64,) if quick else (1, 64, 128, 256, 1024):
             default, candidates = topk_configs(kp)
-            for cfg in [default] if quick else _unique(default, candidates):
+            aligned = topk_configs(kp, aligned=True)[1]
+            for cfg in [default] if quick else _unique(default, candidates + aligned):
                 # The refinement epilogue; and for the default, TOP(S, k) alone (full sweep).
                 for refine in (True,) if quick or cfg != default else (True, False):
                     rm, rn = (

@@ -70,11 +70,12 @@ MAX_TOPK = 1024
 S_FLOOR_BITS = tl.constexpr((127 - 62) << 23)
 """The fp32 bits of 2**-62: smaller S values share the lowest key field (see the module)."""
 
-ROOT_CHUNK = 2**26
-"""Entries of sqrt(A) held at a time (128 MiB of fp16), in whole images (at least one): a
-launch per 202 images at N = 576, 39 at 1296, 12 at 2304. Fewer, fuller launches pay: on
-an H200, chunks of 2**27 took the stage 0.95 times the time of 2**25 at N = 576 and 0.82
-at 1296 (B = 128; mixed at 2304; bench/kernels_notes.md)."""
+ROOT_CHUNK = 2**28
+"""Entries of sqrt(A) held at a time (512 MiB of fp16, at most half the bytes of fp32
+attention), in whole images (at least one): a launch per 809 images at N = 576, 159 at
+1296, 50 at 2304. Fewer, fuller launches pay (fewer part-filled waves of programs): on an
+H200, chunks of 2**28 took the stage 0.91 times the time of 2**26 at N = 2304 and 0.93 at
+1296 (B = 128), 0.88 at 2304, B = 32 (bench/kernels_notes.md)."""
 
 
 @triton.jit
@@ -343,8 +344,9 @@ def root_kernel(A, TOP, R, NN, BLOCK: tl.constexpr):
     tl.store(R + img + offs, tl.sqrt_rn(a).to(tl.float16), mask=ok)
 
 
-def topk_configs(kp: int) -> tuple[Config, list[Config]]:
-    """Default and candidate configs for a running top-``kp``.
+def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, list[Config]]:
+    """Default and candidate configs for a running top-``kp`` at a size N that the copy
+    engine can read (``aligned``, see `tma_fits`) or not.
 
     ``slots`` (kernel argument ``LOG_CB``) chooses the merge schedule: 0 merges every tile
     that holds a candidate (needs ``BLOCK_N >= kp``); otherwise candidates are parked in that
@@ -366,12 +368,15 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     64×64 tiles, narrow = 64 and whole-tile 128×128 were never the fastest and are no
     longer candidates. The loop is latency-bound at two programs per SM, its registers'
     limit (255 per thread; Nsight Compute: 6.2 cycles per issued instruction per warp).
-    Three candidates (not yet timed) take R's slices by the copy engine (``tma``: TMA
-    descriptors, needs N divisible by 8), which drops the loads' address and mask
-    arithmetic (sm_90a, Triton 3.6: the K step 134 → 87 instructions, 231 registers instead
-    of 255 at three stages, no spills): four stages, the twin of the pointer-load one; three
-    stages capped at 168 registers (three programs per SM, for 8 bytes of spills; 36 with
-    pointer loads); and the 128×128 one.
+    Where N is divisible by 8 (`tma_fits`), R's slices come by the copy engine instead
+    (``tma``: TMA descriptors), which drops the loads' address and mask arithmetic (sm_90a,
+    Triton 3.6: the K step 134 → 87 instructions, 231 registers instead of 255 at three
+    stages, no spills), and the candidates are the TMA twins of three of the above: four
+    stages (the default), three stages capped at 168 registers (three programs per SM, for
+    8 bytes of spills) and 128×128. On an H200 (`gpu6`) the fastest of them took 0.89 to
+    0.93 times the time of the fastest pointer-load candidate at B = 128 (N = 576, 1296,
+    2304), 0.89 to 0.98 at B = 32 and 0.92 to 1.02 at B = 1; the TMA default, 0.78 to 1.08
+    times that of the pointer-load default.
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
@@ -382,6 +387,13 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
     default for bitwise reproducibility across processes). For given S, every schedule
     keeps the same columns.
     """
+    if kp <= 64 and aligned:
+        default = Config(64, 128, 64, num_warps=4, num_stages=4, tma=True)
+        return default, [
+            default,
+            Config(64, 128, 64, num_warps=4, num_stages=3, maxnreg=168, tma=True),
+            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True),
+        ]
     if kp <= 64:
         default = Config(64, 128, 64, num_warps=4, num_stages=3)
         return default, [
@@ -390,9 +402,6 @@ def topk_configs(kp: int) -> tuple[Config, list[Config]]:
             Config(64, 128, 64, num_warps=4, num_stages=5),
             Config(64, 128, 64, num_warps=4, num_stages=3, narrow=16),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16),
-            Config(64, 128, 64, num_warps=4, num_stages=4, tma=True),
-            Config(64, 128, 64, num_warps=4, num_stages=3, maxnreg=168, tma=True),
-            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True),
         ]
     bm = 32 if kp == 128 else 16
     bk, stages = (64, 3) if kp <= 256 else (16, 2)  # a (kp, 64) slice per stage would not fit
@@ -487,12 +496,10 @@ def _topk(
         whole = " (or k >= N)" if refine else ""
         raise ValueError(f"the triton backend supports k <= {MAX_TOPK}{whole}, got k={k}")
     kp = next_pow2(keep)
-    default, candidates = topk_configs(kp)
     aligned = tma_fits(n)
-    if not aligned:
-        candidates = [c for c in candidates if not c.tma]
-        if config is not None and config.tma:
-            raise ValueError(f"a config with tma needs N divisible by 8, got N={n}")
+    if config is not None and config.tma and not aligned:
+        raise ValueError(f"a config with tma needs N divisible by 8, got N={n}")
+    default, candidates = topk_configs(kp, aligned)
     chunk = max(1, min(b, ROOT_CHUNK // (n * n)))
     root = torch.empty(chunk, n, n, dtype=torch.float16, device=A.device)
     with on_device(A.device):

@@ -245,6 +245,16 @@ def test_refine_tma_loads_agree(gen, n, dtype):
         coneighbor_topk.refine_sparse(A[:, 2:, 2:].contiguous(), 6, reference.EPS, config=tma)
 
 
+@pytest.mark.parametrize("kp", [1, 64, 128, 1024])
+def test_topk_configs_take_the_copy_engine_where_it_fits(kp):
+    """At N divisible by 8 the kp <= 64 default and candidates read R by TMA; elsewhere, and
+    for larger kp, none does; the default is always a candidate."""
+    for aligned in (False, True):
+        default, candidates = coneighbor_topk.topk_configs(kp, aligned)
+        assert default in candidates
+        assert {c.tma for c in candidates} == {aligned and kp <= 64}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_refine_in_chunks_of_images(gen, monkeypatch, dtype):
     """Batches larger than ROOT_CHUNK go in chunks of whole images: same result."""
@@ -629,7 +639,7 @@ def test_gpu_tma_candidates_agree(n):
     config with pointer loads (and no register cap)."""
     gen = torch.Generator().manual_seed(n + 2)
     A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
-    for cfg in (c for c in coneighbor_topk.topk_configs(64)[1] if c.tma):
+    for cfg in coneighbor_topk.topk_configs(64, aligned=True)[1]:
         loads = dataclasses.replace(cfg, tma=False, maxnreg=0)
         w, idx = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=cfg)
         w_ref, idx_ref = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=loads)
