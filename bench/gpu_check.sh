@@ -10,7 +10,8 @@
 # first compile alone outlasts the step) and, where Nsight Compute is installed, a profile
 # of the kernels of one call (profile.log: speed of light, occupancy, warp states, memory;
 # N = 576 and 2304, B = 128; and each stall reason's cycles per issue at N = 576), and the
-# stalls per SASS instruction of the top-k and diffusion kernels (sass.log; the report sass.ncu-rep is large: keep sass.log, gzipped).
+# stalls per SASS instruction of the top-k and diffusion kernels (sass.log, and the report
+# sass.ncu-rep: a few MB, keep sass.log, gzipped).
 # STEPS="gpu_tests kernels" (say) runs a subset of the GPU steps, KERNEL_SIZES="576 2304"
 # (say) a subset of the benchmark's sizes.
 # A failed step does not stop the next; without a CUDA GPU the GPU steps are skipped. Exits
