@@ -85,7 +85,7 @@ def sass_instructions(cubin: bytes) -> int:
     return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
 
 
-DIVISIBLE = {"N", "NN", "E", "slot", "span"}
+DIVISIBLE = {"N", "NN", "E", "span"}
 """Integer arguments that are multiples of 16 at the usual sizes (N = 144, 576, 1296, 2304,
 4096): Triton's launcher specializes them, and every pointer to a torch tensor, as
 16-divisible, which lets loads be vectorized and software-pipelined. The builds here
@@ -131,10 +131,11 @@ def topk_jobs(quick: bool):
         top = None if name == "fp16" else f"*{name}"  # the launcher passes no maxima for fp16
         for kp in (64,) if quick else (1, 64, 128, 256, 1024):
             default, candidates = topk_configs(kp)
-            aligned = topk_configs(kp, aligned=True)[1]
-            for cfg in [default] if quick else _unique(default, candidates + aligned):
-                # The refinement epilogue; and for the default, TOP(S, k) alone (full sweep).
-                for refine in (True,) if quick or cfg != default else (True, False):
+            aligned_default, aligned = topk_configs(kp, aligned=True)
+            defaults = _unique(default, [aligned_default])  # N not divisible by 8, and N that is
+            for cfg in defaults if quick else _unique(default, candidates + aligned):
+                # The refinement epilogue; and for the defaults, TOP(S, k) alone (full sweep).
+                for refine in (True,) if quick or cfg not in defaults else (True, False):
                     rm, rn = (
                         f"tensordesc<fp16[{rows}, {cfg.block_k}]>" if cfg.tma else "constexpr"
                         for rows in (cfg.block_m, cfg.block_n)
@@ -161,8 +162,8 @@ def diffusion_jobs(quick: bool):
     for cfg in [default] if quick else _unique(default, candidates):
         signature = dict(
             SCR="*fp32", OUT="*fp32", SRC="*i32", DST="*i32", WGT="*fp32",
-            WALK="constexpr" if cfg.parts == 1 else "*i32", SH="*fp32",
-            N="i32", K="i32", E="i32", span="i32", slot="i32", step0="i32", steps="i32",
+            WALK="constexpr" if cfg.parts == 1 else "*i32",
+            N="i32", K="i32", KB="i32", E="i32", span="i32", step0="i32", steps="i32",
             last="i32",
             BLOCK_C="constexpr", LOG_T="constexpr", G="constexpr",
         )  # fmt: skip
@@ -203,7 +204,8 @@ def class_count_variants(batch: int = 32, n: int = 576, k: int = 50) -> int:
     span = triton.cdiv(edges, cfg.block_n) * cfg.block_n
     seen = set()
     for n_cls in range(1, 65):
-        args = (f32, f32, i32, i32, f32, None, f32, n, n_cls, edges, span, batch * n * n_cls)
+        kb = triton.cdiv(n_cls, cfg.block_m)
+        args = (f32, f32, i32, i32, f32, None, n, n_cls, kb, edges, span)
         args += (0, 2, 1)  # all steps of T = 2 in one launch
         seen.add(str(binder(*args, **constants)[1]))
     return len(seen)

@@ -7,7 +7,8 @@
 # the end-to-end labelling benchmark (pipeline_cuda.json), training throughput
 # (train_cuda.json) and the extractor backends, eager torch and any ONNX Runtime GPU
 # provider (backends_<gpu>.{json,md}; torch.compile of the extractor is left out: its
-# first compile alone outlasts the step) and, where Nsight Compute is installed, a profile
+# first compile alone outlasts the step), the host's part of a call by function
+# (host.log: cProfile, N = 576, B = 128) and, where Nsight Compute is installed, a profile
 # of the kernels of one call (profile.log: speed of light, occupancy, warp states, memory;
 # N = 576 and 2304, B = 128; and each stall reason's cycles per issue at N = 576), and the
 # stalls per SASS instruction of the top-k and diffusion kernels (sass.log, and the report
@@ -49,7 +50,7 @@ print(\"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch
 import setuptools; print(\"setuptools\", setuptools.__version__)'"
 step install 60 "$py" -m pip install --no-deps --no-build-isolation -e .
 if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
-  want() { [[ " ${STEPS:-gpu_tests kernels pipeline train backends profile sass} " == *" $1 "* ]]; }
+  want() { [[ " ${STEPS:-gpu_tests kernels pipeline train backends host profile sass} " == *" $1 "* ]]; }
   export PYTHONUNBUFFERED=1
   # The goals' sizes first: the torch paths' budget goes there. torch.compile is left out:
   # on an H200 it was slower than eager at both goal sizes, and its compiles cost the step.
@@ -63,6 +64,9 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
   want train && step train 45 "$py" bench/train.py --device cuda --out "$out"
   want backends && step backends 45 "$py" bench/backends.py --out "$out" \
     --model conformer_small_patch16 --sizes 384 --batch 16 --no-compile
+  # Where the host's part of a call goes (cProfile over 50 calls, the device idle at each).
+  want host && step host 60 "$py" bench/profile_kernels.py --n 576 --b 128 --calls 50 \
+    --host-profile
   # The second call's kernels (the first compiles); each replayed once per metric pass.
   ncu_kernels() {  # N KERNEL_REGEX SKIP COUNT NCU_OPTION...
     local n=$1 regex=$2 skip=$3 count=$4

@@ -6,12 +6,18 @@ call (compiles) and then ``--calls`` profiled ones. bench/gpu_check.sh runs it u
 ``ncu`` when the machine has it:
 
     ncu -k regex:'topk|diffusion' -c 2 python bench/profile_kernels.py --n 576 --b 128
+
+``--host-profile`` runs the profiled calls under cProfile instead, the device idle at each
+call, and prints where the host's part of a call goes (its functions by own time and by
+cumulative time).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 
 import torch
 from merge_model import attention
@@ -27,16 +33,28 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--classes", type=int, default=20)
     p.add_argument("--calls", type=int, default=1)
+    p.add_argument("--host-profile", action="store_true", help="cProfile the calls' host work")
     args = p.parse_args()
     os.environ["ADCAM_AUTOTUNE"] = "0"  # the default configs: no candidates in the profile
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(0)
     A = attention(args.b, args.n, "random", gen, torch.float32)
     cams = torch.rand(args.b, args.classes, args.n, generator=gen, device=device)
-    for _ in range(1 + args.calls):
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    adcam_triton(A, cams, args.k, args.steps)  # compiles
+    sync()
+    profile = cProfile.Profile() if args.host_profile else None
+    for _ in range(args.calls):
+        if profile:
+            profile.enable()
         adcam_triton(A, cams, args.k, args.steps)
-    if device == "cuda":
-        torch.cuda.synchronize()
+        if profile:
+            profile.disable()
+        sync()
+    if profile:
+        stats = pstats.Stats(profile).strip_dirs()
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(40)
     print(f"{1 + args.calls} calls at N={args.n}, B={args.b} on {device}")
 
 

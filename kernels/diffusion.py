@@ -14,39 +14,45 @@ groups of G consecutive edges. Its loads of source, destination and weight are c
 and independent of each other; only the gather of ``M(:, i)`` for ``BLOCK_C`` classes
 waits on the source. Within a group, the runs are summed edge by edge (G steps, in
 registers); across the T groups, the sums of the runs open at each group's end are combined
-by a segmented Hillis-Steele scan (log2(T) rounds of ``tl.gather``; whether a run spans
-groups is read from the sorted destinations, loaded with the walk's loads, ahead of the
-scan's CTA barriers), to which the partial sum of the run left open by the previous chunk
-is added, and the result returns to the walk's register layout through a small
-per-program scratch (`_previous_column`), so that the G gathers of a chunk are issued
-together, with no CTA barrier between them. Each node's total is stored
-from its run's last edge.
-Every node is written by exactly one lane, and every sum has an order fixed by lane
-indices alone, set by BLOCK_E and G (not by BLOCK_C, the warps or the register layout
-Triton picks): no atomics, bitwise reproducible. (``tl.associative_scan`` would not do: its
-combination order follows the layout, which changes with BLOCK_C and the warps, and the
-interpreter runs a custom combine once per element.) The work per step is O(N·(k+1)·K)
-whatever the in-degrees (a node kept by every row costs no more).
+by a segmented Hillis-Steele scan (log2(T) rounds of ``tl.gather`` along the groups;
+whether a run spans groups is read from the sorted destinations, loaded with the walk's
+loads), to which the partial sum of the run left open by the previous chunk is added, so
+that the G gathers of a chunk are issued together. Each node's total is stored from its
+run's last edge. Every node is written by exactly one lane, and every sum has an order
+fixed by lane indices alone, set by BLOCK_E and G (not by BLOCK_C, the warps or the register
+layout Triton picks): no atomics, bitwise reproducible. (``tl.associative_scan`` would not
+do: its combination order follows the layout, which changes with BLOCK_C and the warps,
+and the interpreter runs a custom combine once per element.) The work per step is
+O(N·(k+1)·K) whatever the in-degrees (a node kept by every row costs no more).
+
+Thread mapping (GPU default): one warp per program, a group per lane, its ``BLOCK_C = 4``
+classes in the lane's registers. The maps' class stride is padded to a multiple of BLOCK_C
+that the compiler can see (``KB·BLOCK_C``), so a node's classes are one aligned 16-byte
+vector: a gather is one load per edge and lane, the scan's rounds are lane shuffles, and a
+group's sources, destinations and weights are loaded once for its four classes (sm_90a,
+Triton 3.6: 975 SASS instructions per chunk and program, against 4 × 669 for the same
+program on 4 warps, a class and group per thread, which loads each group's edges four
+times and scans through shared memory with CTA barriers).
 
 Launch: one program per (image, block of ``BLOCK_C`` classes) by default, all steps in one
 launch. At batches too small for that to fill the GPU, an autotune candidate (`split`) cuts
 each image's edge list into parts of whole chunks, a program each (B = 128 at 20 classes
-fills an H200 unsplit; B = 32 would leave 36 SMs idle and the rest at one program, each a
-chain of dependent chunks). A part stores the runs that end in its span, and begins its
+is 640 one-warp programs on an H200's 132 SMs, each a chain of 116 dependent chunks at
+N = 576). A part stores the runs that end in its span, and begins its
 walk at the chunk where the run open at its first edge began (`walk_starts`), so every sum
 is formed from the same chunks in the same order as in one walk: bitwise the same maps for
 any number of parts. M lives in two node-major fp32 slots that the steps ping-pong between
-(the input first; a node's classes are contiguous, so one gather reads them together),
-which stay in L2 at the sizes of interest. With one part, all steps run in one launch,
-separated by a CTA barrier, all the ordering needed, since each program owns its classes;
-with more, a step reads what other programs wrote, and programs cannot wait on each other,
-so each step is a launch (the one launch of DESIGN.md §4 is the default, given up only
-where the autotuner measures the split faster). The last step writes the (B, K, N) output
-itself. Nothing is bounded by on-chip memory: more classes than BLOCK_C split over more
-programs (classes are independent), a larger N only lengthens the edge walk.
-Extra memory: min(T, 2)·B·N·K·4 bytes of maps, 4·B·max(K, BLOCK_C)·T bytes per part for
-the scan's results, and the CSR, 12·B·N·(k+1) bytes (28·B·N·(k+1) while it is built, with the sort's
-keys and permutation, plus the sort's own temporary storage).
+(the input first, its padding classes zero), which stay in L2 at the sizes of interest.
+With one part, all steps run in one launch, separated by a CTA barrier, all the ordering
+needed, since each program owns its classes; with more, a step reads what other programs
+wrote, and programs cannot wait on each other, so each step is a launch (the one launch of
+DESIGN.md §4 is the default, given up only where the autotuner measures the split faster).
+The last step writes the (B, K, N) output itself. Nothing is bounded by on-chip memory:
+more classes than BLOCK_C split over more programs (classes are independent), a larger N
+only lengthens the edge walk.
+Extra memory: min(T, 2)·B·N·K'·4 bytes of maps (K' = K rounded up to BLOCK_C), and the CSR,
+12·B·N·(k+1) bytes (28·B·N·(k+1) while it is built, with the sort's keys and permutation,
+plus the sort's own temporary storage).
 """
 
 from __future__ import annotations
@@ -62,50 +68,26 @@ from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2
 
 
 @triton.jit
-def _columns_back(x, d: tl.constexpr):
-    """x (C, T) with column r replaced by column max(r - d, 0) (``tl.gather``: shuffles
-    within a warp in the layout Triton picks for it)."""
-    col = tl.maximum(tl.arange(0, x.shape[1]) - d, 0)
-    return tl.gather(x, tl.broadcast_to(col[None, :], x.shape), 1)
+def _groups_back(x, d: tl.constexpr):
+    """x (T, C) with row r replaced by row max(r - d, 0) (``tl.gather`` along the groups)."""
+    row = tl.maximum(tl.arange(0, x.shape[0]) - d, 0)
+    return tl.gather(x, tl.broadcast_to(row[:, None], x.shape), 0)
 
 
-@triton.jit
-def _previous_column(SH, x, stride):
-    """x (C, T) with column r replaced by column r - 1 (0 for r = 0), through the program's
-    scratch SH (T·stride floats, stride >= C; CTA barriers order it).
-
-    This is where the scan's values return to the walk's layout. Through ``tl.gather``,
-    Triton put the gather's layout on the walk instead and converted every group's sums
-    to it and back, two CTA barriers each, so that each of the G gathers of M in a chunk
-    waited for the one before (sm_90a, Triton 3.6: 32 layout conversions and 65 barriers
-    in the kernel, against 3 and 8 with this shift). ``stride`` is a runtime value,
-    max(K, C): with the constexpr C, Triton would vectorize these accesses and give them
-    another layout than the gathers of M.
-    """
-    c = tl.arange(0, x.shape[0])[:, None]
-    r = tl.arange(0, x.shape[1])[None, :]
-    tl.store(SH + r * stride + c, x)
-    tl.debug_barrier()
-    y = tl.load(SH + (r - 1) * stride + c, mask=r >= 1, other=0.0)
-    tl.debug_barrier()
-    return y
-
-
-@triton.jit(do_not_specialize=["K", "slot", "last"])  # no new class count or T compiles anew
+@triton.jit(do_not_specialize=["K", "KB", "last"])  # no new class count or T compiles anew
 def diffusion_kernel(
-    SCR,  # (min(T, 2), B, N, K) fp32 maps, node-major: slot 0 the input; step t < last writes
-    #       slot (t+1)%2
+    SCR,  # (min(T, 2), B, N, KB·BLOCK_C) fp32 maps, node-major: slot 0 the input (classes >= K
+    #       zero); step t < last writes slot (t+1)%2
     OUT,  # (B, K, N) fp32: what step ``last`` writes
     SRC,  # (B, E) int32: edge source i, in CSR order
     DST,  # (B, E) int32: edge destination j, ascending within an image
     WGT,  # (B, E) fp32: edge weight (0 for the self edges)
     WALK,  # (B, parts) int32: the chunk-aligned edge where each part's walk begins (None: 0)
-    SH,  # (B, class blocks, parts, 2**LOG_T, max(K, BLOCK_C)) fp32: `_previous_column`
     N,
     K,
+    KB,  # class blocks: the maps' class stride is KB·BLOCK_C
     E,
     span,  # edges per part, a multiple of BLOCK_E: part p stores the runs ending in its span
-    slot,  # B * N * K
     step0,  # the first step of this launch (its maps are in slot step0 % 2)
     steps,
     last,  # T - 1
@@ -117,8 +99,11 @@ def diffusion_kernel(
     pid_b = tl.program_id(0)
     part = tl.program_id(2)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cls < K
-    nodes = pid_b.to(tl.int64) * N * K  # this image in a scratch slot
+    # The maps' class stride, a multiple of BLOCK_C as the compiler can see: a node's BLOCK_C
+    # classes are one aligned vector, one load per edge and thread.
+    ks = KB * BLOCK_C
+    nodes = pid_b.to(tl.int64) * N * ks  # this image in a slot of the maps
+    slot = tl.num_programs(0).to(tl.int64) * N * ks
     SRC += pid_b.to(tl.int64) * E
     DST += pid_b.to(tl.int64) * E
     WGT += pid_b.to(tl.int64) * E
@@ -129,18 +114,15 @@ def diffusion_kernel(
     else:
         walk = tl.load(WALK + pid_b * tl.num_programs(2) + part)
     group = tl.arange(0, T)
-    stride = tl.maximum(K, BLOCK_C)  # of SH's columns (runtime: see `_previous_column`)
-    program = (pid_b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + part
-    SH += program.to(tl.int64) * T * stride
-    slot = tl.cast(slot, tl.int64)
     for t in range(step0, step0 + steps):
         read = SCR + slot * (t % 2) + nodes
         final = t == last  # into the output, class-major; else the next slot, node-major
         write = tl.where(
             final, OUT + pid_b.to(tl.int64) * K * N, SCR + slot * ((t + 1) % 2) + nodes
         )
-        node_stride = tl.where(final, 1, K)
+        node_stride = tl.where(final, 1, ks)
         class_stride = tl.where(final, N, 1)
+        c_ok = (cls < K) | ~final  # the slots keep the padding classes, the output not
         carry = tl.zeros((BLOCK_C,), tl.float32)  # the previous chunk's open run, summed
         for e0 in range(walk, hi, T * G):
             first = e0 + group * G  # each group's first edge
@@ -163,17 +145,13 @@ def diffusion_kernel(
                 src = tl.load(SRC + first + g, mask=e_ok, other=0)
                 dst = tl.load(DST + first + g, mask=e_ok, other=-1)
                 w = tl.load(WGT + first + g, mask=e_ok, other=0.0)
-                m = tl.load(
-                    read + src[None, :] * K + cls[:, None],
-                    mask=c_ok[:, None] & e_ok[None, :],
-                    other=0.0,
-                )
-                x = m * w[None, :]
+                m = tl.load(read + src[:, None] * ks + cls[None, :], mask=e_ok[:, None], other=0.0)
+                x = m * w[:, None]
                 if g == 0:
                     acc = x
                 else:
                     start = dst != dsts[g - 1]
-                    acc = tl.where(start[None, :], x, acc + x)
+                    acc = tl.where(start[:, None], x, acc + x)
                     opened = opened | start
                 sums += (acc,)
                 fresh += (opened,)
@@ -183,22 +161,19 @@ def diffusion_kernel(
             # the whole chunk and the carry (segmented Hillis-Steele over the T groups; a run
             # spans groups r-d..r iff group r-d ends on the same node as group r).
             tail = dsts[G - 1]
-            tot = tl.where(((group == 0) & (tail == before))[None, :], carry[:, None] + acc, acc)
+            tot = tl.where(((group == 0) & (tail == before))[:, None], carry[None, :] + acc, acc)
             for s in tl.static_range(LOG_T):
                 same = (group >= 1 << s) & (keys[s] == tail)
-                tot = tl.where(same[None, :], _columns_back(tot, 1 << s) + tot, tot)
+                tot = tl.where(same[:, None], _groups_back(tot, 1 << s) + tot, tot)
             # The run open at each group's first edge, summed before the group.
-            prior = tl.where(
-                (group == 0)[None, :], carry[:, None], _previous_column(SH, tot, stride)
-            )
+            prior = tl.where((group == 0)[:, None], carry[None, :], _groups_back(tot, 1))
             joins = before == dsts[0]
             for g in tl.static_range(G):
-                v = tl.where((joins & ~fresh[g])[None, :], prior + sums[g], sums[g])
+                v = tl.where((joins & ~fresh[g])[:, None], prior + sums[g], sums[g])
                 ends = (first + g >= lo) & (first + g < E) & (dsts[g] != dsts[g + 1])
-                end = c_ok[:, None] & ends[None, :]
-                at = write + dsts[g][None, :] * node_stride + cls[:, None] * class_stride
-                tl.store(at, v, mask=end)
-            carry = tl.sum(tl.where((group == T - 1)[None, :], tot, 0.0), axis=1)
+                at = write + dsts[g][:, None] * node_stride + cls[None, :] * class_stride
+                tl.store(at, v, mask=ends[:, None] & c_ok[None, :])
+            carry = tl.sum(tl.where((group == T - 1)[:, None], tot, 0.0), axis=0)
         tl.debug_barrier()  # step t's writes before step t+1's reads and overwrites
 
 
@@ -266,9 +241,9 @@ CLASS_BLOCK = 4
 number of such blocks (as a power of two): counts that give the same programs (1 to 4, say,
 where a batch's images have few labels) share one autotuning."""
 
-FILL = 3
-"""Programs per SM that a split launch aims at: the 8-class build's 162 registers (sm_90a)
-on 128 threads leave room for three (the 4-class build's 90 for five)."""
+FILL = 16
+"""Warps per SM that a split launch aims at: the one-warp build's 128 registers (sm_90a)
+leave room for 16."""
 
 
 def walk_starts(dst: Tensor, span: int, chunk: int) -> Tensor:
@@ -283,14 +258,14 @@ def walk_starts(dst: Tensor, span: int, chunk: int) -> Tensor:
 def split(cfg: Config, b: int, n_cls: int, edges: int, device: torch.device) -> tuple[int, int]:
     """``(parts, span)``: each image's edge list cut into ``parts`` spans of ``span`` edges,
     whole chunks, one program per (image, class block, part). ``cfg.parts``, or for 0 so
-    many that the programs fill every SM ``FILL`` times over (one on the CPU): one program
+    many that the programs' warps number ``FILL`` per SM (one part on the CPU): one program
     per (image, class block) leaves most of the GPU idle at small batches, each program's
     walk a chain of dependent chunks."""
     chunks = triton.cdiv(edges, cfg.block_n)
     parts = cfg.parts
     if not parts and device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        parts = FILL * sms // (b * triton.cdiv(n_cls, cfg.block_m))
+        parts = FILL // cfg.num_warps * sms // (b * triton.cdiv(n_cls, cfg.block_m))
     span = triton.cdiv(chunks, min(max(parts, 1), chunks)) * cfg.block_n
     return triton.cdiv(edges, span), span
 
@@ -299,24 +274,26 @@ def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Co
     """Default and candidate configs: BLOCK_C = ``block_m`` classes, chunks of BLOCK_E =
     ``block_n`` edges in groups of G = ``block_k`` (BLOCK_E / G a power of two).
 
-    GPU: a class block of 4 on 4 warps, one program per image and class block, all steps in
-    one launch (``parts`` 1), by default; the same and a block of 8 split over enough
-    programs to fill the GPU (``parts`` 0, see `split`: bitwise the same maps, a launch per
-    step) as candidates. On an H200 (K = 20, k = 50, T = 2; bench/kernels_notes.md) the
-    default was the fastest candidate at B = 128 for every N (1.07 to 1.34 times faster
-    than 8 classes), and the splits at B = 1 and 32 (up to 6.5 times faster at B = 1,
-    N = 4096); 16 classes on 8 warps and 8 unsplit were never the fastest. The blocks are
-    these whatever the class count (fewer classes run as masked lanes), so a class count
-    not seen before compiles nothing new. BLOCK_E = 512 and G = 16 in every candidate: the
+    GPU: a class block of 4 on one warp (a lane per group, its classes in registers), one
+    program per image and class block, all steps in one launch (``parts`` 1), by default;
+    as candidates, the same split over enough programs to fill the GPU (``parts`` 0, see
+    `split`: bitwise the same maps, a launch per step), and the same block on 4 warps (a
+    class and group per thread, the mapping of the earlier kernel). With the earlier
+    mapping, on an H200 (K = 20, k = 50, T = 2; bench/kernels_notes.md) one program per
+    image and 4 classes was the fastest at B = 128 for every N, and the splits at B = 1
+    and 32 (up to 6.5 times faster at B = 1, N = 4096). The blocks are these whatever the
+    class count (fewer classes run as zero padding or masked lanes), so a class count not
+    seen before compiles nothing new. BLOCK_E = 512 and G = 16 in every candidate: the
     order of the sums depends on BLOCK_E and G only, so the autotuned choice never changes
-    the result. None spills in the sm_90a builds (bench/compile_check.py).
+    the result. None spills in the sm_90a builds (bench/compile_check.py; 128 registers
+    on one warp).
     Interpreter: all classes and long chunks (its cost is per operation).
     """
     if device.type != "cuda":
         return Config(block_m=min(32, next_pow2(n_cls)), block_n=2048, block_k=4, parts=1), []
-    default = Config(block_m=CLASS_BLOCK, block_n=512, block_k=16, num_warps=4, parts=1)
-    split_8 = Config(block_m=8, block_n=512, block_k=16, num_warps=4, parts=0)
-    return default, [default, dataclasses.replace(default, parts=0), split_8]
+    default = Config(block_m=CLASS_BLOCK, block_n=512, block_k=16, num_warps=1, parts=1)
+    per_class = dataclasses.replace(default, num_warps=4)
+    return default, [default, dataclasses.replace(default, parts=0), per_class]
 
 
 def diffusion_constants(cfg: Config) -> dict[str, int]:
@@ -336,31 +313,29 @@ def diffuse_sparse(
     on one device. Returns (B, K, N) fp32. steps = 0 returns a fp32 copy of cams. The CSR
     (two small kernels and one torch sort), a search when images are split, one kernel
     launch for the whole batch (one per step when images are split over programs, see
-    `split`), and a copy into the node-major maps; no host sync once the config
-    is cached; ``config`` fixes one instead (see `diffusion_configs`).
+    `split`), and a copy into the node-major maps (and a fill of their padding classes
+    where K is not a multiple of the class block); no host sync once the config is
+    cached; ``config`` fixes one instead (see `diffusion_configs`).
     """
     b, n_cls, n = cams.shape
     out = torch.empty(b, n_cls, n, dtype=torch.float32, device=cams.device)
     if steps == 0 or out.numel() == 0:
         return out.copy_(cams)
     src, dst, wgt = csr_edges(weights, indices)
-    scratch = torch.empty(min(steps, 2), b, n, n_cls, dtype=torch.float32, device=cams.device)
 
     def run(cfg: Config) -> None:  # from the input each time: steps overwrite its slot
-        scratch[0].copy_(cams.transpose(-1, -2))
+        kb = triton.cdiv(n_cls, cfg.block_m)
+        maps = torch.empty(min(steps, 2), b, n, kb * cfg.block_m, device=cams.device)
+        maps[0, ..., :n_cls].copy_(cams.transpose(-1, -2))
+        if kb * cfg.block_m > n_cls:
+            maps[0, ..., n_cls:].zero_()
         parts, span = split(cfg, b, n_cls, src.shape[-1], cams.device)
-        grid = (b, triton.cdiv(n_cls, cfg.block_m), parts)
-        groups = torch.empty(
-            b * grid[1] * parts * (cfg.block_n // cfg.block_k) * max(n_cls, cfg.block_m),
-            dtype=torch.float32, device=cams.device,
-        )  # fmt: skip
         walk = None if parts == 1 else walk_starts(dst, span, cfg.block_n)
         # Programs cannot wait on each other: with parts, a launch per step.
         for step0, n_steps in [(0, steps)] if parts == 1 else [(t, 1) for t in range(steps)]:
-            diffusion_kernel[grid](
-                scratch, out, src, dst, wgt, walk, groups, n, n_cls, src.shape[-1], span,
-                b * n * n_cls, step0, n_steps, steps - 1, **diffusion_constants(cfg),
-                **cfg.launch_options(),
+            diffusion_kernel[(b, kb, parts)](
+                maps, out, src, dst, wgt, walk, n, n_cls, kb, src.shape[-1], span, step0,
+                n_steps, steps - 1, **diffusion_constants(cfg), **cfg.launch_options(),
             )  # fmt: skip
 
     default, candidates = diffusion_configs(n_cls, cams.device)
