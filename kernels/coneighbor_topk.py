@@ -70,12 +70,13 @@ MAX_TOPK = 1024
 S_FLOOR_BITS = tl.constexpr((127 - 62) << 23)
 """The fp32 bits of 2**-62: smaller S values share the lowest key field (see the module)."""
 
-ROOT_CHUNK = 2**28
-"""Entries of sqrt(A) held at a time (512 MiB of fp16, at most half the bytes of fp32
-attention), in whole images (at least one): a launch per 809 images at N = 576, 159 at
-1296, 50 at 2304. Fewer, fuller launches pay (fewer part-filled waves of programs): on an
-H200, chunks of 2**28 took the stage 0.91 times the time of 2**26 at N = 2304 and 0.93 at
-1296 (B = 128), 0.88 at 2304, B = 32 (bench/kernels_notes.md)."""
+ROOT_CHUNK = 2**26
+"""Entries of sqrt(A) held at a time (128 MiB of fp16), in whole images (at least one): a
+launch per 202 images at N = 576, 39 at 1296, 12 at 2304. Fewer, fuller launches pay (fewer
+part-filled waves of programs: on an H200, chunks of 2**28 took the stage 0.91 times the
+time at N = 2304 and 0.93 at 1296, B = 128), but the buffer is extra memory that grows
+with the chunk up to B·N² halves of floats: 2**28 broke the bound of the memory test (half
+of a dense S at B = 32, N = 2304; bench/kernels_notes.md)."""
 
 
 @triton.jit

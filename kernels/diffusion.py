@@ -20,36 +20,42 @@ loads), to which the partial sum of the run left open by the previous chunk is a
 that the G gathers of a chunk are issued together. Each node's total is stored from its
 run's last edge. Every node is written by exactly one lane, and every sum has an order
 fixed by lane indices alone, set by BLOCK_E and G (not by BLOCK_C, the warps or the register
-layout Triton picks): no atomics, bitwise reproducible. (``tl.associative_scan`` would not
-do: its combination order follows the layout, which changes with BLOCK_C and the warps,
-and the interpreter runs a custom combine once per element.) The work per step is
+layout Triton picks): no atomics, bitwise reproducible. (A build may still fuse a multiply
+and an add where another does not: the GPU tests check the candidates bitwise against each
+other; see the thread mapping below.) ``tl.associative_scan`` would not do: its
+combination order follows the layout, which changes with BLOCK_C and the warps, and the
+interpreter runs a custom combine once per element. The work per step is
 O(N·(k+1)·K) whatever the in-degrees (a node kept by every row costs no more).
 
-Thread mapping (GPU default): one warp per program, a group per lane, its ``BLOCK_C = 4``
-classes in the lane's registers. The maps' class stride is padded to a multiple of BLOCK_C
-that the compiler can see (``KB·BLOCK_C``), so a node's classes are one aligned 16-byte
-vector: a gather is one load per edge and lane, the scan's rounds are lane shuffles, and a
-group's sources, destinations and weights are loaded once for its four classes (sm_90a,
-Triton 3.6: 975 SASS instructions per chunk and program, against 4 × 669 for the same
-program on 4 warps, a class and group per thread, which loads each group's edges four
-times and scans through shared memory with CTA barriers).
+Thread mapping (GPU): one warp per program, a group per lane, its ``BLOCK_C = 4`` classes
+in the lane's registers. The maps' class stride is padded to a multiple of BLOCK_C that the
+compiler can see (``KB·BLOCK_C``), so a node's classes are one aligned 16-byte vector: a
+gather is one load per edge and lane, and the scan's rounds are lane shuffles. A group's
+sources, destinations and weights are loaded once for its four classes, four edges to a
+16-byte load (`_quad`). sm_90a, Triton 3.6: 921 SASS instructions per chunk and program,
+against 4 × 669 for the same program on 4 warps with a class and group per thread (the
+earlier mapping, which loads each group's edges four times and, here, scans through shared
+memory with CTA barriers; its maps also came out one rounding apart from the one-warp
+build's on an H200, so it is not a candidate). On an H200 (bench/kernels_notes.md) the
+diffusion took 0.73 times the earlier kernel's time at N = 576, 0.70 at 1296 and 0.61 at
+2304 (B = 128, with the CSR), with bitwise the same maps.
 
 Launch: one program per (image, block of ``BLOCK_C`` classes) by default, all steps in one
-launch. At batches too small for that to fill the GPU, an autotune candidate (`split`) cuts
-each image's edge list into parts of whole chunks, a program each (B = 128 at 20 classes
-is 640 one-warp programs on an H200's 132 SMs, each a chain of 116 dependent chunks at
-N = 576). A part stores the runs that end in its span, and begins its
-walk at the chunk where the run open at its first edge began (`walk_starts`), so every sum
-is formed from the same chunks in the same order as in one walk: bitwise the same maps for
-any number of parts. M lives in two node-major fp32 slots that the steps ping-pong between
-(the input first, its padding classes zero), which stay in L2 at the sizes of interest.
-With one part, all steps run in one launch, separated by a CTA barrier, all the ordering
-needed, since each program owns its classes; with more, a step reads what other programs
-wrote, and programs cannot wait on each other, so each step is a launch (the one launch of
-DESIGN.md §4 is the default, given up only where the autotuner measures the split faster).
-The last step writes the (B, K, N) output itself. Nothing is bounded by on-chip memory:
-more classes than BLOCK_C split over more programs (classes are independent), a larger N
-only lengthens the edge walk.
+launch. That leaves the GPU's latency unhidden (B = 128 at 20 classes is 640 one-warp
+programs, five to each of an H200's 132 SMs, each a chain of 116 dependent chunks at
+N = 576), so an autotune candidate (`split`) cuts each image's edge list into parts of whole
+chunks, a program each, enough for 16 warps per SM. A part stores the runs that end in its
+span, and begins its walk at the chunk where the run open at its first edge began
+(`walk_starts`), so every sum is formed from the same chunks in the same order as in one
+walk: bitwise the same maps for any number of parts. M lives in two node-major fp32 slots
+that the steps ping-pong between (the input first, its padding classes zero), which stay in
+L2 at the sizes of interest. With one part, all steps run in one launch, separated by a CTA
+barrier, all the ordering needed, since each program owns its classes; with more, a step
+reads what other programs wrote, and programs cannot wait on each other, so each step is a
+launch (the one launch of DESIGN.md §4 is the default, given up only where the autotuner
+measures the split faster). The last step writes the (B, K, N) output itself. Nothing is
+bounded by on-chip memory: more classes than BLOCK_C split over more programs (classes are
+independent), a larger N only lengthens the edge walk.
 Extra memory: min(T, 2)·B·N·K'·4 bytes of maps (K' = K rounded up to BLOCK_C), and the CSR,
 12·B·N·(k+1) bytes (28·B·N·(k+1) while it is built, with the sort's keys and permutation,
 plus the sort's own temporary storage).
@@ -74,6 +80,19 @@ def _groups_back(x, d: tl.constexpr):
     return tl.gather(x, tl.broadcast_to(row[:, None], x.shape), 0)
 
 
+@triton.jit
+def _quad(P, first, E, other):
+    """``P[first + q]`` for q = 0..3, masked to ``< E``, as four (T,) tensors: a lane's four
+    consecutive edges in one 16-byte load (where E, and ``first`` as the compiler sees it,
+    are multiples of 4), split in registers."""
+    offs = first[:, None] + tl.arange(0, 4)[None, :]
+    x = tl.load(P + offs, mask=offs < E, other=other)
+    even, odd = tl.split(tl.reshape(x, (x.shape[0], 2, 2)))  # columns 0, 2 and 1, 3
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
 @triton.jit(do_not_specialize=["K", "KB", "last"])  # no new class count or T compiles anew
 def diffusion_kernel(
     SCR,  # (min(T, 2), B, N, KB·BLOCK_C) fp32 maps, node-major: slot 0 the input (classes >= K
@@ -96,6 +115,7 @@ def diffusion_kernel(
     G: tl.constexpr,  # consecutive edges per group
 ):
     T: tl.constexpr = 1 << LOG_T
+    tl.static_assert(G % 4 == 0, "a group's edges are loaded four at a time")
     pid_b = tl.program_id(0)
     part = tl.program_id(2)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -125,7 +145,8 @@ def diffusion_kernel(
         c_ok = (cls < K) | ~final  # the slots keep the padding classes, the output not
         carry = tl.zeros((BLOCK_C,), tl.float32)  # the previous chunk's open run, summed
         for e0 in range(walk, hi, T * G):
-            first = e0 + group * G  # each group's first edge
+            # Each group's first edge: a multiple of G, since walks begin at a chunk.
+            first = tl.multiple_of(e0 + group * G, G)
             before = tl.load(DST + first - 1, mask=(first > 0) & (first <= E), other=-1)
             # The scan's keys, here so that they are in flight with the walk's loads: the
             # destination of the last edge of group r - 2**s, for each round s.
@@ -138,25 +159,29 @@ def diffusion_kernel(
             # group's edges up to g, fresh[g] whether a run starts at one of edges 1..g.
             sums = ()
             fresh = ()
-            dsts = ()
             opened = group < 0
+            srcs = ()  # the group's G sources, destinations and weights, each (T,)
+            edge_dsts = ()
+            wgts = ()
+            for q in tl.static_range(G // 4):
+                srcs += _quad(SRC, first + 4 * q, E, 0)
+                edge_dsts += _quad(DST, first + 4 * q, E, -1)
+                wgts += _quad(WGT, first + 4 * q, E, 0.0)
             for g in tl.static_range(G):
                 e_ok = first + g < E
-                src = tl.load(SRC + first + g, mask=e_ok, other=0)
-                dst = tl.load(DST + first + g, mask=e_ok, other=-1)
-                w = tl.load(WGT + first + g, mask=e_ok, other=0.0)
-                m = tl.load(read + src[:, None] * ks + cls[None, :], mask=e_ok[:, None], other=0.0)
-                x = m * w[:, None]
+                m = tl.load(
+                    read + srcs[g][:, None] * ks + cls[None, :], mask=e_ok[:, None], other=0.0
+                )
+                x = m * wgts[g][:, None]
                 if g == 0:
                     acc = x
                 else:
-                    start = dst != dsts[g - 1]
+                    start = edge_dsts[g] != edge_dsts[g - 1]
                     acc = tl.where(start[:, None], x, acc + x)
                     opened = opened | start
                 sums += (acc,)
                 fresh += (opened,)
-                dsts += (dst,)
-            dsts += (after,)
+            dsts = edge_dsts + (after,)  # noqa: RUF005 (no starred tuples in Triton 3.6)
             # Across the groups: tot becomes the sum of the run open at each group's end, over
             # the whole chunk and the carry (segmented Hillis-Steele over the T groups; a run
             # spans groups r-d..r iff group r-d ends on the same node as group r).
@@ -242,7 +267,7 @@ number of such blocks (as a power of two): counts that give the same programs (1
 where a batch's images have few labels) share one autotuning."""
 
 FILL = 16
-"""Warps per SM that a split launch aims at: the one-warp build's 128 registers (sm_90a)
+"""Warps per SM that a split launch aims at: the one-warp build's 127 registers (sm_90a)
 leave room for 16."""
 
 
@@ -276,24 +301,21 @@ def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Co
 
     GPU: a class block of 4 on one warp (a lane per group, its classes in registers), one
     program per image and class block, all steps in one launch (``parts`` 1), by default;
-    as candidates, the same split over enough programs to fill the GPU (``parts`` 0, see
-    `split`: bitwise the same maps, a launch per step), and the same block on 4 warps (a
-    class and group per thread, the mapping of the earlier kernel). With the earlier
-    mapping, on an H200 (K = 20, k = 50, T = 2; bench/kernels_notes.md) one program per
-    image and 4 classes was the fastest at B = 128 for every N, and the splits at B = 1
-    and 32 (up to 6.5 times faster at B = 1, N = 4096). The blocks are these whatever the
-    class count (fewer classes run as zero padding or masked lanes), so a class count not
-    seen before compiles nothing new. BLOCK_E = 512 and G = 16 in every candidate: the
-    order of the sums depends on BLOCK_E and G only, so the autotuned choice never changes
-    the result. None spills in the sm_90a builds (bench/compile_check.py; 128 registers
-    on one warp).
+    as the other candidate, the same split over enough programs to fill the GPU (``parts``
+    0, see `split`: bitwise the same maps, a launch per step). On an H200 (K = 20, k = 50,
+    T = 2, with the CSR; bench/kernels_notes.md) the split was the faster at every N and
+    B: 0.64 against 0.83 ms at N = 576 and 2.27 against 3.93 at 2304 (B = 128), 0.27
+    against 1.86 at N = 2304, B = 1. The blocks are these whatever the class count (fewer
+    classes run as zero padding), so a class count not seen before compiles nothing new.
+    BLOCK_E = 512 and G = 16 in every candidate: the order of the sums depends on BLOCK_E
+    and G only, so the autotuned choice never changes the result. Neither spills in the
+    sm_90a builds (bench/compile_check.py; 127 registers).
     Interpreter: all classes and long chunks (its cost is per operation).
     """
     if device.type != "cuda":
         return Config(block_m=min(32, next_pow2(n_cls)), block_n=2048, block_k=4, parts=1), []
     default = Config(block_m=CLASS_BLOCK, block_n=512, block_k=16, num_warps=1, parts=1)
-    per_class = dataclasses.replace(default, num_warps=4)
-    return default, [default, dataclasses.replace(default, parts=0), per_class]
+    return default, [default, dataclasses.replace(default, parts=0)]
 
 
 def diffusion_constants(cfg: Config) -> dict[str, int]:
