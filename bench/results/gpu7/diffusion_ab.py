@@ -5,7 +5,7 @@ maps are bitwise equal across versions (same BLOCK_E and G: same order of sums).
 
 Kept as it was run on the H200 of `gpu7` (from the repository root, the two older versions
 as scratch/diffusion_v9.py = `git show d36395d:kernels/diffusion.py` and
-scratch/diffusion_quads.py, the quad loads as committed after this run, the project
+scratch/diffusion_quads.py, the quad loads of ddabf83 (the same SASS), the project
 installed): ``ADCAM_AUTOTUNE=0 python scratch/ab_diffusion.py OUT.json``. This form wrote
 `diffusion_ab_bitwise.json` (N = 576 and 2304, B = 128 and 1); a first form, which looped
 over N = 576, 2304, 1296 and B = 128, 32, 1 and recorded ``bitwise_equal`` and
