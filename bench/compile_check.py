@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
@@ -119,7 +120,7 @@ def compile_one(label: str, fn, signature: dict, constants: dict, cfg: Config) -
     return True
 
 
-def _unique(default: Config, candidates: list[Config]) -> list[Config]:
+def _unique(default: Config, candidates: Sequence[Config]) -> list[Config]:
     return [default, *(c for c in candidates if c != default)]
 
 

@@ -56,6 +56,8 @@ each kept column's S, read back from its key's field and unscaled, beside its in
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -345,7 +347,8 @@ def root_kernel(A, TOP, R, NN, BLOCK: tl.constexpr):
     tl.store(R + img + offs, tl.sqrt_rn(a).to(tl.float16), mask=ok)
 
 
-def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, list[Config]]:
+@functools.cache
+def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, ...]]:
     """Default and candidate configs for a running top-``kp`` at a size N that the copy
     engine can read (``aligned``, see `tma_fits`) or not.
 
@@ -390,24 +393,24 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, list[Config]]:
     """
     if kp <= 64 and aligned:
         default = Config(64, 128, 64, num_warps=4, num_stages=4, tma=True)
-        return default, [
+        return default, (
             default,
             Config(64, 128, 64, num_warps=4, num_stages=3, maxnreg=168, tma=True),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True),
-        ]
+        )
     if kp <= 64:
         default = Config(64, 128, 64, num_warps=4, num_stages=3)
-        return default, [
+        return default, (
             default,
             Config(64, 128, 64, num_warps=4, num_stages=4),
             Config(64, 128, 64, num_warps=4, num_stages=5),
             Config(64, 128, 64, num_warps=4, num_stages=3, narrow=16),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16),
-        ]
+        )
     bm = 32 if kp == 128 else 16
     bk, stages = (64, 3) if kp <= 256 else (16, 2)  # a (kp, 64) slice per stage would not fit
     default = Config(bm, kp, bk, num_warps=8, num_stages=stages)
-    return default, [default, Config(bm, 64, bk, num_warps=8, num_stages=stages, slots=2 * kp)]
+    return default, (default, Config(bm, 64, bk, num_warps=8, num_stages=stages, slots=2 * kp))
 
 
 def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:

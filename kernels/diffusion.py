@@ -64,13 +64,21 @@ plus the sort's own temporary storage).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2, on_device
+from adcam_fast.kernels.launch import (
+    Config,
+    choose_config,
+    device_properties,
+    n_bucket,
+    next_pow2,
+    on_device,
+)
 
 
 @triton.jit
@@ -289,13 +297,14 @@ def split(cfg: Config, b: int, n_cls: int, edges: int, device: torch.device) -> 
     chunks = triton.cdiv(edges, cfg.block_n)
     parts = cfg.parts
     if not parts and device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = device_properties(device).multi_processor_count
         parts = FILL // cfg.num_warps * sms // (b * triton.cdiv(n_cls, cfg.block_m))
     span = triton.cdiv(chunks, min(max(parts, 1), chunks)) * cfg.block_n
     return triton.cdiv(edges, span), span
 
 
-def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Config]]:
+@functools.cache
+def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, tuple[Config, ...]]:
     """Default and candidate configs: BLOCK_C = ``block_m`` classes, chunks of BLOCK_E =
     ``block_n`` edges in groups of G = ``block_k`` (BLOCK_E / G a power of two).
 
@@ -313,9 +322,9 @@ def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, list[Co
     Interpreter: all classes and long chunks (its cost is per operation).
     """
     if device.type != "cuda":
-        return Config(block_m=min(32, next_pow2(n_cls)), block_n=2048, block_k=4, parts=1), []
+        return Config(block_m=min(32, next_pow2(n_cls)), block_n=2048, block_k=4, parts=1), ()
     default = Config(block_m=CLASS_BLOCK, block_n=512, block_k=16, num_warps=1, parts=1)
-    return default, [default, dataclasses.replace(default, parts=0)]
+    return default, (default, dataclasses.replace(default, parts=0))
 
 
 def diffusion_constants(cfg: Config) -> dict[str, int]:

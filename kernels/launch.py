@@ -17,6 +17,7 @@ Under the interpreter the default is used.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -73,6 +74,18 @@ def interpreting() -> bool:
     return isinstance(coneighbor_topk_kernel, InterpretedFunction)
 
 
+@functools.cache
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def device_properties(device: torch.device | None = None):
+    """The properties of a CUDA ``device`` (None, or no index: the current one), queried once
+    per process: the launchers read its capability, name and SM count on every call."""
+    index = None if device is None else device.index
+    return _properties(torch.cuda.current_device() if index is None else index)
+
+
 def triton_available(device: torch.device | None = None) -> bool:
     """Whether the Triton kernels compile and run on this CUDA ``device`` (None: the current
     one).
@@ -84,7 +97,7 @@ def triton_available(device: torch.device | None = None) -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability(device)[0] < 8:
+    if not torch.cuda.is_available() or device_properties(device).major < 8:
         return False
     return not interpreting()
 
@@ -157,7 +170,7 @@ def choose_config(
     compile (e.g. out of shared memory) is skipped."""
     if device.type != "cuda" or not autotune_enabled():
         return default
-    full_key = (*key, device.index, torch.cuda.get_device_name(device))
+    full_key = (*key, device.index, device_properties(device).name)
     if full_key not in _CACHE:
         from triton.runtime.errors import OutOfResources
         from triton.testing import do_bench
