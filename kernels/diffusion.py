@@ -356,7 +356,7 @@ def diffuse_sparse(
 
     def run(cfg: Config) -> None:  # from the input each time: steps overwrite its slot
         kb = triton.cdiv(n_cls, cfg.block_m)
-        maps = torch.empty(min(steps, 2), b, n, kb * cfg.block_m, device=cams.device)
+        maps = out.new_empty(min(steps, 2), b, n, kb * cfg.block_m)  # fp32, like out
         maps[0, ..., :n_cls].copy_(cams.transpose(-1, -2))
         if kb * cfg.block_m > n_cls:
             maps[0, ..., n_cls:].zero_()
