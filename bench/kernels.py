@@ -257,12 +257,21 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     row["similarity_tflops"] = flops / sim_ms / 1e9
     root = torch.empty(As[0].shape, dtype=torch.float16, device=device)
     if b * n * n > coneighbor_topk.ROOT_CHUNK:  # in chunks of images: with 4 times larger
-        # ones (fewer, fuller launches, against 4 times the memory for sqrt(A))
+        # ones (fewer, fuller launches, against 4 times the memory for sqrt(A)), and with
+        # chunks of the memory cap instead of those that fill whole waves
         chunk4x = 4 * coneighbor_topk.ROOT_CHUNK
-        with mock.patch.object(coneighbor_topk, "ROOT_CHUNK", chunk4x):
-            row["similarity_chunk4x_ms"] = time_ms(
-                lambda i: refine_sparse(As[i % sets], k, EPS), args.repeats, cuda
-            )
+
+        def at_cap(b: int, cap: int, programs: int, slots: int) -> int:
+            return cap
+
+        for label, patch in [
+            ("chunk4x", mock.patch.object(coneighbor_topk, "ROOT_CHUNK", chunk4x)),
+            ("cap_chunks", mock.patch.object(coneighbor_topk, "images_per_launch", at_cap)),
+        ]:
+            with patch:
+                row[f"similarity_{label}_ms"] = time_ms(
+                    lambda i: refine_sparse(As[i % sets], k, EPS), args.repeats, cuda
+                )
     stage("root", lambda i, r=root: take_root(As[i % sets], r))
     root = None
     w, idx = refine_sparse(As[0], k, EPS, torch.int32)

@@ -62,9 +62,18 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.compiler import CompiledKernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2, on_device
+from adcam_fast.kernels.launch import (
+    Config,
+    choose_config,
+    device_properties,
+    n_bucket,
+    next_pow2,
+    on_device,
+    resident_programs,
+)
 
 MAX_TOPK = 1024
 """The largest k < N supported (the running top-k of a row block is held on chip)."""
@@ -73,12 +82,13 @@ S_FLOOR_BITS = tl.constexpr((127 - 62) << 23)
 """The fp32 bits of 2**-62: smaller S values share the lowest key field (see the module)."""
 
 ROOT_CHUNK = 2**26
-"""Entries of sqrt(A) held at a time (128 MiB of fp16), in whole images (at least one): a
-launch per 202 images at N = 576, 39 at 1296, 12 at 2304. Fewer, fuller launches pay (fewer
-part-filled waves of programs: on an H200, chunks of 2**28 took the stage 0.91 times the
-time at N = 2304 and 0.93 at 1296, B = 128), but the buffer is extra memory that grows
-with the chunk up to B·N² halves of floats: 2**28 broke the bound of the memory test (half
-of a dense S at B = 32, N = 2304; bench/kernels_notes.md)."""
+"""Entries of sqrt(A) held at a time (128 MiB of fp16), in whole images (at least one): at
+most 202 images a launch at N = 576, 39 at 1296, 12 at 2304; on a GPU, as many of those as
+fill whole waves of programs (`images_per_launch`). Fuller waves pay: on an H200, chunks of
+2**28 took the stage 0.91 times the time at N = 2304 and 0.93 at 1296, B = 128, but the
+buffer is extra memory that grows with the chunk up to B·N² halves of floats: 2**28 broke
+the bound of the memory test (half of a dense S at B = 32, N = 2304;
+bench/kernels_notes.md)."""
 
 
 @triton.jit
@@ -486,10 +496,35 @@ def take_root(A: Tensor, out: Tensor) -> Tensor | None:
     return top
 
 
+@functools.cache
+def images_per_launch(b: int, cap: int, programs: int, slots: int) -> int:
+    """Images per launch, at most ``cap``, that run ``b`` images of ``programs`` programs
+    each in the fewest waves of ``slots`` resident programs, then in the fewest launches.
+    A launch lasts as long as its last wave, so one whose programs part-fill that wave
+    leaves SMs idle: ``cap`` images a launch at N = 2304 on an H200 (12 images, 432 programs
+    of 64 rows for 264 slots) take 22 waves for B = 128 where 7 (252 programs) take 19.
+    Per-image work is independent, so the chunking changes no result."""
+    if b <= cap:  # one launch: no split has fewer waves
+        return b
+
+    def cost(c: int) -> tuple[int, int]:
+        full, rest = divmod(b, c)
+        waves = full * triton.cdiv(c * programs, slots) + triton.cdiv(rest * programs, slots)
+        return waves, triton.cdiv(b, c)
+
+    return min(range(cap, 0, -1), key=cost)
+
+
+_RESIDENT: dict[tuple, int] = {}
+"""Programs per SM of the top-k builds that chunks were planned for, by (config, kp, refine,
+dtype, device)."""
+
+
 def _topk(
     A: Tensor, k: int, eps: float, index_dtype: torch.dtype, config: Config | None, refine: bool
 ) -> tuple[Tensor, Tensor]:
-    """The sqrt pass and the top-k kernel over ``ROOT_CHUNK``-sized chunks of images."""
+    """The sqrt pass and the top-k kernel over chunks of images: at most ``ROOT_CHUNK``
+    entries each, as many as fill the GPU's waves best (`images_per_launch`)."""
     b, n = A.shape[0], A.shape[-1]
     keep = min(k, n)
     w = torch.empty(b, n, keep, dtype=torch.float32, device=A.device)
@@ -504,33 +539,46 @@ def _topk(
     if config is not None and config.tma and not aligned:
         raise ValueError(f"a config with tma needs N divisible by 8, got N={n}")
     default, candidates = topk_configs(kp, aligned)
-    chunk = max(1, min(b, ROOT_CHUNK // (n * n)))
-    root = torch.empty(chunk, n, n, dtype=torch.float16, device=A.device)
+    cap = max(1, min(b, ROOT_CHUNK // (n * n)))
+    root = torch.empty(cap, n, n, dtype=torch.float16, device=A.device)
+
+    def launch(
+        cfg: Config, lo: int, hi: int, top: Tensor | torch.dtype | None, warmup: bool
+    ) -> CompiledKernel:
+        """The top-k kernel on images [lo, hi), their sqrt(A) in ``root``; with ``warmup``
+        only built (``top`` may then be its dtype). Returns the build."""
+        r = root[: hi - lo]
+        grid = (triton.cdiv(n, cfg.block_m), hi - lo)
+        parked = grid[0] * cfg.block_m * cfg.slots * grid[1]  # whole tiles: none
+        buf = torch.empty(max(parked, 1), dtype=torch.int32, device=A.device)
+        rm = rn = None
+        if cfg.tma:
+            rm, rn = (
+                TensorDescriptor.from_tensor(r.view(-1, n), [rows, cfg.block_k])
+                for rows in (cfg.block_m, cfg.block_n)
+            )
+        args = (r, rm, rn, A[lo:hi], top, buf, w[lo:hi], idx[lo:hi], n, n.bit_length(), keep,
+                eps)  # fmt: skip
+        options = topk_constants(kp, cfg, refine) | cfg.launch_options()
+        if warmup:
+            return coneighbor_topk_kernel.warmup(*args, grid=grid, **options)
+        return coneighbor_topk_kernel[grid](*args, **options)
+
+    def run(cfg: Config, lo: int = 0, hi: int = cap) -> None:
+        launch(cfg, lo, hi, take_root(A[lo:hi], root[: hi - lo]), warmup=False)
+
     with on_device(A.device):
+        key = ("topk", n_bucket(n), aligned, kp, next_pow2(cap), A.dtype, refine)
+        cfg = config or choose_config(key, default, candidates, run, A.device)
+        chunk = cap
+        if A.device.type == "cuda" and b > cap:
+            built = (cfg, kp, refine, A.dtype, A.device)
+            if built not in _RESIDENT:
+                top = None if A.dtype == torch.float16 else A.dtype
+                kernel = launch(cfg, 0, cap, top, warmup=True)
+                _RESIDENT[built] = resident_programs(kernel, cfg.num_warps, A.device)
+            slots = _RESIDENT[built] * device_properties(A.device).multi_processor_count
+            chunk = images_per_launch(b, cap, triton.cdiv(n, cfg.block_m), slots)
         for lo in range(0, b, chunk):
-            hi = min(b, lo + chunk)
-            r = root[: hi - lo]
-            top = take_root(A[lo:hi], r)
-
-            def run(
-                cfg: Config, lo: int = lo, hi: int = hi, r: Tensor = r, top: Tensor | None = top
-            ) -> None:
-                grid = (triton.cdiv(n, cfg.block_m), hi - lo)
-                parked = grid[0] * cfg.block_m * cfg.slots * grid[1]  # whole tiles: none
-                buf = torch.empty(max(parked, 1), dtype=torch.int32, device=A.device)
-                rm = rn = None
-                if cfg.tma:
-                    rm, rn = (
-                        TensorDescriptor.from_tensor(r.view(-1, n), [rows, cfg.block_k])
-                        for rows in (cfg.block_m, cfg.block_n)
-                    )
-                coneighbor_topk_kernel[grid](
-                    r, rm, rn, A[lo:hi], top, buf, w[lo:hi], idx[lo:hi], n, n.bit_length(),
-                    keep, eps,
-                    **topk_constants(kp, cfg, refine),
-                    **cfg.launch_options(),
-                )  # fmt: skip
-
-            key = ("topk", n_bucket(n), aligned, kp, next_pow2(chunk), A.dtype, refine)
-            run(config or choose_config(key, default, candidates, run, A.device))
+            run(cfg, lo, min(b, lo + chunk))
     return w, idx

@@ -86,6 +86,35 @@ def device_properties(device: torch.device | None = None):
     return _properties(torch.cuda.current_device() if index is None else index)
 
 
+def programs_per_sm(
+    n_regs: int, shared: int, num_warps: int, sm_registers: int, sm_shared: int, sm_threads: int
+) -> int:
+    """Programs of ``num_warps`` warps, ``n_regs`` registers per thread and ``shared`` bytes
+    of shared memory that one SM (``sm_registers``, ``sm_shared`` bytes, ``sm_threads``)
+    holds at once: the least of what its registers (a warp's allocated in units of 256),
+    its shared memory (plus the 1 KiB the CUDA runtime reserves per block) and its thread
+    slots allow; at least 1."""
+    warp_registers = -(-n_regs * 32 // 256) * 256
+    by_registers = sm_registers // (warp_registers * num_warps)
+    by_shared = sm_shared // (shared + 1024)
+    return max(1, min(by_registers, by_shared, sm_threads // (32 * num_warps)))
+
+
+def resident_programs(kernel, num_warps: int, device: torch.device) -> int:
+    """`programs_per_sm` of a compiled Triton ``kernel`` launched with ``num_warps`` on the
+    CUDA ``device``."""
+    from triton.runtime import driver
+
+    kernel._init_handles()  # loads the binary: what sets n_regs
+    props = device_properties(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    registers = driver.active.utils.get_device_properties(index)["max_num_regs"]
+    return programs_per_sm(
+        kernel.n_regs, kernel.metadata.shared, num_warps, registers,
+        props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor,
+    )  # fmt: skip
+
+
 def triton_available(device: torch.device | None = None) -> bool:
     """Whether the Triton kernels compile and run on this CUDA ``device`` (None: the current
     one).

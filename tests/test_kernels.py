@@ -267,6 +267,39 @@ def test_refine_in_chunks_of_images(gen, monkeypatch, dtype):
     check_refinement(A, 6, *chunked)
 
 
+def test_images_per_launch_fills_whole_waves():
+    """Chunks of images whose programs fill their waves: at N = 2304 with 64-row programs
+    (36 an image) on 264 slots (an H200 at two programs per SM), 7 images a launch take 19
+    waves for B = 128 where the 12 of the memory cap take 22; a batch within the cap is one
+    launch; ties go to fewer launches, then to larger chunks."""
+    plan = coneighbor_topk.images_per_launch
+
+    def waves(b: int, c: int, programs: int, slots: int) -> int:
+        sizes = [c] * (b // c) + [b % c]
+        return sum(-(-size * programs // slots) for size in sizes)
+
+    assert plan(128, 12, 36, 264) == 7
+    assert plan(32, 12, 36, 264) == 7  # 5 waves (cap: 6)
+    assert plan(128, 39, 21, 264) == 37  # N = 1296: 11 waves in 4 launches (cap: 13)
+    assert plan(128, 202, 9, 264) == 128 and plan(5, 12, 36, 264) == 5
+    assert plan(20, 12, 10, 264) == 12  # 2 waves in 2 launches, as with 10
+    for b, cap, programs, slots in [(100, 9, 7, 50), (97, 30, 13, 132), (40, 3, 200, 264)]:
+        c = plan(b, cap, programs, slots)
+        assert 1 <= c <= cap
+        assert waves(b, c, programs, slots) <= waves(b, cap, programs, slots)
+
+
+def test_programs_per_sm():
+    """Occupancy by registers (in units of 256 per warp), shared memory (plus 1 KiB a
+    block) and threads, on an H200's SM (65536 registers, 228 KiB, 2048 threads)."""
+    sm = (65536, 233472, 2048)
+    assert launch.programs_per_sm(238, 99 * 1024, 4, *sm) == 2  # the TMA top-k default
+    assert launch.programs_per_sm(168, 72 * 1024, 4, *sm) == 3  # capped at 168 registers
+    assert launch.programs_per_sm(80, 120 * 1024, 4, *sm) == 1  # by shared memory
+    assert launch.programs_per_sm(16, 0, 1, *sm) == 64  # by threads
+    assert launch.programs_per_sm(255, 0, 16, *sm) == 1  # none fits: still one
+
+
 def test_refine_is_blind_to_a_power_of_two_scale(gen):
     """sqrt(A) is taken at a per-image power-of-two scale: attention far outside fp16's
     range (2**100 · A: its square roots would overflow fp16) gives bitwise the same output."""
@@ -644,6 +677,20 @@ def test_gpu_tma_candidates_agree(n):
         w, idx = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=cfg)
         w_ref, idx_ref = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=loads)
         assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref), cfg
+
+
+@pytest.mark.gpu
+def test_gpu_chunks_that_fill_waves():
+    """Past the memory cap (12 images at N = 2304), the batch goes in the chunks that
+    `images_per_launch` plans for the build's occupancy: bitwise the output of one image
+    at a time."""
+    gen = torch.Generator().manual_seed(7)
+    A = random_attention(14, 2304, 2304, generator=gen, dtype=torch.float32).cuda()
+    w, idx = coneighbor_topk.refine_sparse(A, 50, reference.EPS)
+    assert set(coneighbor_topk._RESIDENT.values()) <= set(range(1, 9))
+    for i in range(len(A)):
+        w_i, idx_i = coneighbor_topk.refine_sparse(A[i : i + 1], 50, reference.EPS)
+        assert torch.equal(idx_i, idx[i : i + 1]) and torch.equal(w_i, w[i : i + 1]), i
 
 
 @pytest.mark.gpu
