@@ -166,7 +166,7 @@ def diffusion_jobs(quick: bool):
             WALK="constexpr" if cfg.parts == 1 else "*i32",
             N="i32", K="i32", KB="i32", E="i32", span="i32", step0="i32", steps="i32",
             last="i32",
-            BLOCK_C="constexpr", LOG_T="constexpr", G="constexpr",
+            BLOCK_C="constexpr", LOG_T="constexpr", G="constexpr", PREFETCH="constexpr",
         )  # fmt: skip
         constants = diffusion_constants(cfg) | ({"WALK": None} if cfg.parts == 1 else {})
         yield f"diffusion {cfg}", diffusion_kernel, signature, constants, cfg

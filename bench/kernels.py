@@ -320,9 +320,11 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
             notes.append(f"{kind} attention: out of memory")
         other = None  # freed before the next kind's inputs are made
     # And every diffusion candidate (class block and warps; parts 1: one program per image
-    # and class block, 0: split to fill the GPU).
+    # and class block, 0: split to fill the GPU; sources loaded a chunk ahead or not).
     for cfg in diffusion_configs(args.classes, torch.device(device))[1]:
-        label = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}_w{cfg.num_warps}_parts{cfg.parts}"
+        label = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}_w{cfg.num_warps}_parts{cfg.parts}"
+                 + ("_prefetch" if cfg.prefetch else "")
+                 + (f"_r{cfg.maxnreg}" if cfg.maxnreg else ""))  # fmt: skip
         row[f"diffusion_{label}_ms"] = time_ms(
             lambda i, cfg=cfg: diffuse_sparse(w, idx, cams[i % sets], steps, config=cfg),
             args.repeats,

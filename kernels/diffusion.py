@@ -38,7 +38,10 @@ earlier mapping, which loads each group's edges four times and, here, scans thro
 memory with CTA barriers; its maps also came out one rounding apart from the one-warp
 build's on an H200, so it is not a candidate). On an H200 (bench/kernels_notes.md) the
 diffusion took 0.73 times the earlier kernel's time at N = 576, 0.70 at 1296 and 0.61 at
-2304 (B = 128, with the CSR), with bitwise the same maps.
+2304 (B = 128, with the CSR), with bitwise the same maps. With ``PREFETCH`` (a
+candidate), each chunk's sources are loaded during the chunk before, so that its gathers
+need not wait for them: one memory latency on a chunk's critical path instead of two, for
+16 more live registers per lane.
 
 Launch: one program per (image, block of ``BLOCK_C`` classes) by default, all steps in one
 launch. That leaves the GPU's latency unhidden (B = 128 at 20 classes is 640 one-warp
@@ -90,11 +93,16 @@ def _groups_back(x, d: tl.constexpr):
 
 @triton.jit
 def _quad(P, first, E, other):
-    """``P[first + q]`` for q = 0..3, masked to ``< E``, as four (T,) tensors: a lane's four
+    """``P[first + q]`` for q = 0..3, masked to ``< E``, as a (T, 4) tensor: a lane's four
     consecutive edges in one 16-byte load (where E, and ``first`` as the compiler sees it,
-    are multiples of 4), split in registers."""
+    are multiples of 4)."""
     offs = first[:, None] + tl.arange(0, 4)[None, :]
-    x = tl.load(P + offs, mask=offs < E, other=other)
+    return tl.load(P + offs, mask=offs < E, other=other)
+
+
+@triton.jit
+def _split4(x):
+    """The four columns of x (T, 4), each (T,), split in registers."""
     even, odd = tl.split(tl.reshape(x, (x.shape[0], 2, 2)))  # columns 0, 2 and 1, 3
     x0, x2 = tl.split(even)
     x1, x3 = tl.split(odd)
@@ -121,6 +129,7 @@ def diffusion_kernel(
     BLOCK_C: tl.constexpr,
     LOG_T: tl.constexpr,  # 2**LOG_T groups per chunk
     G: tl.constexpr,  # consecutive edges per group
+    PREFETCH: tl.constexpr,  # load each chunk's sources one chunk ahead
 ):
     T: tl.constexpr = 1 << LOG_T
     tl.static_assert(G % 4 == 0, "a group's edges are loaded four at a time")
@@ -152,6 +161,10 @@ def diffusion_kernel(
         class_stride = tl.where(final, N, 1)
         c_ok = (cls < K) | ~final  # the slots keep the padding classes, the output not
         carry = tl.zeros((BLOCK_C,), tl.float32)  # the previous chunk's open run, summed
+        ahead = ()  # with PREFETCH, the sources of the chunk the walk comes to next
+        if PREFETCH:
+            for q in tl.static_range(G // 4):
+                ahead += (_quad(SRC, walk + group * G + 4 * q, E, 0),)
         for e0 in range(walk, hi, T * G):
             # Each group's first edge: a multiple of G, since walks begin at a chunk.
             first = tl.multiple_of(e0 + group * G, G)
@@ -168,13 +181,22 @@ def diffusion_kernel(
             sums = ()
             fresh = ()
             opened = group < 0
+            if PREFETCH:  # this chunk's sources came with the last; the next chunk's now
+                quads = ahead
+                ahead = ()
+                for q in tl.static_range(G // 4):
+                    ahead += (_quad(SRC, first + T * G + 4 * q, E, 0),)
+            else:
+                quads = ()
+                for q in tl.static_range(G // 4):
+                    quads += (_quad(SRC, first + 4 * q, E, 0),)
             srcs = ()  # the group's G sources, destinations and weights, each (T,)
             edge_dsts = ()
             wgts = ()
             for q in tl.static_range(G // 4):
-                srcs += _quad(SRC, first + 4 * q, E, 0)
-                edge_dsts += _quad(DST, first + 4 * q, E, -1)
-                wgts += _quad(WGT, first + 4 * q, E, 0.0)
+                srcs += _split4(quads[q])
+                edge_dsts += _split4(_quad(DST, first + 4 * q, E, -1))
+                wgts += _split4(_quad(WGT, first + 4 * q, E, 0.0))
             for g in tl.static_range(G):
                 e_ok = first + g < E
                 m = tl.load(
@@ -310,28 +332,41 @@ def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, tuple[C
 
     GPU: a class block of 4 on one warp (a lane per group, its classes in registers), one
     program per image and class block, all steps in one launch (``parts`` 1), by default;
-    as the other candidate, the same split over enough programs to fill the GPU (``parts``
-    0, see `split`: bitwise the same maps, a launch per step). On an H200 (K = 20, k = 50,
-    T = 2, with the CSR; bench/kernels_notes.md) the split was the faster at every N and
-    B: 0.64 against 0.83 ms at N = 576 and 2.27 against 3.93 at 2304 (B = 128), 0.27
-    against 1.86 at N = 2304, B = 1. The blocks are these whatever the class count (fewer
-    classes run as zero padding), so a class count not seen before compiles nothing new.
-    BLOCK_E = 512 and G = 16 in every candidate: the order of the sums depends on BLOCK_E
-    and G only, so the autotuned choice never changes the result. Neither spills in the
-    sm_90a builds (bench/compile_check.py; 127 registers).
+    as candidates, the same split over enough programs to fill the GPU (``parts`` 0, see
+    `split`: bitwise the same maps, a launch per step), and both with each chunk's sources
+    loaded one chunk ahead (``prefetch``). On an H200 (K = 20, k = 50, T = 2, with the CSR;
+    bench/kernels_notes.md) the split was the faster at every N and B: 0.64 against 0.83
+    ms at N = 576 and 2.27 against 3.93 at 2304 (B = 128), 0.27 against 1.86 at N = 2304,
+    B = 1. A walk is a chain of chunks, each waiting on its sources' loads and then on the
+    gathers they address: with the sources in registers a chunk early, the gathers issue
+    at once, one memory latency per chunk instead of two (the split capped at 128
+    registers, so that 16 warps still fit an SM). The blocks are these whatever the class
+    count (fewer classes run as zero padding), so a class count not seen before compiles
+    nothing new. BLOCK_E = 512 and G = 16 in every candidate: the order of the sums depends
+    on BLOCK_E and G only, so the autotuned choice never changes the result. None spills
+    in the sm_90a builds (bench/compile_check.py; 127, 125, 167 and 128 registers).
     Interpreter: all classes and long chunks (its cost is per operation).
     """
     if device.type != "cuda":
         return Config(block_m=min(32, next_pow2(n_cls)), block_n=2048, block_k=4, parts=1), ()
     default = Config(block_m=CLASS_BLOCK, block_n=512, block_k=16, num_warps=1, parts=1)
-    return default, (default, dataclasses.replace(default, parts=0))
+    split = dataclasses.replace(default, parts=0)
+    return default, (
+        default,
+        split,
+        dataclasses.replace(default, prefetch=True),
+        dataclasses.replace(split, prefetch=True, maxnreg=128),
+    )
 
 
 def diffusion_constants(cfg: Config) -> dict[str, int]:
     """The constexpr arguments of `diffusion_kernel` under ``cfg`` (see `diffusion_configs`):
     what `diffuse_sparse` launches and bench/compile_check.py builds."""
     return dict(
-        BLOCK_C=cfg.block_m, LOG_T=(cfg.block_n // cfg.block_k).bit_length() - 1, G=cfg.block_k
+        BLOCK_C=cfg.block_m,
+        LOG_T=(cfg.block_n // cfg.block_k).bit_length() - 1,
+        G=cfg.block_k,
+        PREFETCH=cfg.prefetch,
     )
 
 

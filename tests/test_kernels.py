@@ -428,21 +428,22 @@ def test_diffusion_configs_few_builds_one_order():
         assert candidates[0] == default
         assert {(c.block_n, c.block_k) for c in candidates} == {(512, 16)}
         seen.update(candidates)
-    blocks = sorted((c.block_m, c.num_warps, c.parts) for c in seen)
-    assert blocks == [(4, 1, 0), (4, 1, 1)]  # parts 0: split to fill the GPU
+    blocks = sorted((c.block_m, c.num_warps, c.parts, c.prefetch) for c in seen)
+    assert blocks == [(4, 1, 0, False), (4, 1, 0, True), (4, 1, 1, False), (4, 1, 1, True)]
 
 
 def test_diffusion_candidates_agree_bitwise(gen):
-    """The GPU candidates (one walk per image and the split; a chunk walk with partial
-    chunks, runs that span groups and chunks: a node kept by every row) give bitwise the
-    same maps, and so does another class count's padding."""
+    """The GPU candidates (one walk per image and the split, each with sources loaded a
+    chunk ahead or not; a chunk walk with partial chunks, runs that span groups and chunks:
+    a node kept by every row) give bitwise the same maps, and so does another class
+    count's padding."""
     from adcam_fast.kernels.diffusion import diffuse_sparse, diffusion_configs
 
     n_cls = 11
     w, idx, cams = hub_inputs(gen, 2, 40, 12, n_cls)
     default, candidates = diffusion_configs(n_cls, torch.device("cuda"))
     outs = [diffuse_sparse(w, idx, cams, 2, config=c) for c in candidates]
-    assert len(outs) == 2
+    assert len(outs) == 4
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
     fewer = diffuse_sparse(w, idx, cams[:, :3].contiguous(), 2, config=default)
@@ -460,8 +461,8 @@ def test_diffusion_parts_agree_bitwise(gen, steps):
     one = diffuse_sparse(w, idx, cams, steps, config=chunked)
     expected = ops.diffuse_sparse(w.double().cpu(), idx.cpu(), cams.double().cpu(), steps)
     torch.testing.assert_close(one.cpu().double(), expected, **W_TOL)
-    for parts in (2, 3, 9):  # 9: a chunk per part
-        cfg = dataclasses.replace(chunked, parts=parts)
+    for parts, prefetch in [(2, False), (3, False), (9, False), (1, True), (3, True)]:
+        cfg = dataclasses.replace(chunked, parts=parts, prefetch=prefetch)  # 9: a chunk a part
         assert torch.equal(diffuse_sparse(w, idx, cams, steps, config=cfg), one), parts
 
 
@@ -696,17 +697,19 @@ def test_gpu_chunks_that_fill_waves():
 @pytest.mark.gpu
 @pytest.mark.parametrize("b", [1, 8])
 def test_gpu_diffusion_split_is_one_walk(b):
-    """At small batches the split candidate cuts each image over programs (a launch per
-    step); on the GPU, with real concurrency, the maps are bitwise those of one walk."""
+    """At small batches the split candidates cut each image over programs (a launch per
+    step); on the GPU, with real concurrency, every candidate's maps (split or not, sources
+    a chunk ahead or not) are bitwise those of one walk."""
     from adcam_fast.kernels.diffusion import diffuse_sparse, diffusion_configs, split
 
     n, k, n_cls = 576, 50, 20
     w, idx, cams = hub_inputs(torch.Generator().manual_seed(b), b, n, k, n_cls)
-    default = diffusion_configs(n_cls, cams.device)[0]  # one program per image
+    default, candidates = diffusion_configs(n_cls, cams.device)  # default: one walk an image
     split_default = dataclasses.replace(default, parts=0)
     assert split(split_default, b, n_cls, n * (k + 1), cams.device)[0] > 1
     one = diffuse_sparse(w, idx, cams, 2, config=default)
-    assert torch.equal(diffuse_sparse(w, idx, cams, 2, config=split_default), one)
+    for cfg in candidates:
+        assert torch.equal(diffuse_sparse(w, idx, cams, 2, config=cfg), one), cfg
 
 
 @pytest.mark.gpu
