@@ -390,7 +390,10 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     8 bytes of spills) and 128×128. On an H200 (`gpu6`) the fastest of them took 0.89 to
     0.93 times the time of the fastest pointer-load candidate at B = 128 (N = 576, 1296,
     2304), 0.89 to 0.98 at B = 32 and 0.92 to 1.02 at B = 1; the TMA default, 0.78 to 1.08
-    times that of the pointer-load default.
+    times that of the pointer-load default. A fourth TMA candidate is an experiment, not yet
+    timed: 128×256 tiles, three quarters of 128×128's operand bytes per FLOP where the
+    fastest tilings fed their operands at 5 TB/s (N >= 2304), for a merge network twice as
+    wide (sm_90a: 255 registers, 8 bytes of spills, 144 KiB of shared memory).
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
@@ -407,6 +410,7 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
             default,
             Config(64, 128, 64, num_warps=4, num_stages=3, maxnreg=168, tma=True),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True),
+            Config(128, 256, 64, num_warps=8, num_stages=3, narrow=16, tma=True),
         )
     if kp <= 64:
         default = Config(64, 128, 64, num_warps=4, num_stages=3)
