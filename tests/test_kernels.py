@@ -461,7 +461,7 @@ def test_diffusion_parts_agree_bitwise(gen, steps):
     one = diffuse_sparse(w, idx, cams, steps, config=chunked)
     expected = ops.diffuse_sparse(w.double().cpu(), idx.cpu(), cams.double().cpu(), steps)
     torch.testing.assert_close(one.cpu().double(), expected, **W_TOL)
-    for parts, prefetch in [(2, False), (3, False), (9, False), (1, True), (3, True)]:
+    for parts, prefetch in [(2, False), (3, False), (9, False), (3, True)]:
         cfg = dataclasses.replace(chunked, parts=parts, prefetch=prefetch)  # 9: a chunk a part
         assert torch.equal(diffuse_sparse(w, idx, cams, steps, config=cfg), one), parts
 
