@@ -163,7 +163,7 @@ def diffusion_kernel(
         carry = tl.zeros((BLOCK_C,), tl.float32)  # the previous chunk's open run, summed
         ahead = ()  # with PREFETCH, the sources of the chunk the walk comes to next
         if PREFETCH:
-            for q in tl.static_range(G // 4):
+            for q in tl.static_range(G // 4):  # (unhinted: hinted, the capped split spills)
                 ahead += (_quad(SRC, walk + group * G + 4 * q, E, 0),)
         for e0 in range(walk, hi, T * G):
             # Each group's first edge: a multiple of G, since walks begin at a chunk.
