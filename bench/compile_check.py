@@ -36,20 +36,14 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from adcam_fast.kernels import csr
 from adcam_fast.kernels.coneighbor_topk import (
     coneighbor_topk_kernel,
     root_kernel,
     topk_configs,
     topk_constants,
 )
-from adcam_fast.kernels.diffusion import (
-    CSR_BLOCK,
-    diffusion_configs,
-    diffusion_constants,
-    diffusion_kernel,
-    edge_arrays_kernel,
-    edge_keys_kernel,
-)
+from adcam_fast.kernels.diffusion import diffusion_configs, diffusion_constants, diffusion_kernel
 from adcam_fast.kernels.launch import Config
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -183,12 +177,25 @@ def root_jobs():
 
 def csr_jobs():
     keys = dict(IDX="*i32", KEY="*i32", N="i32", R="i32", EDGES="i32", BLOCK="constexpr")
-    yield "csr keys", edge_keys_kernel, keys, dict(BLOCK=CSR_BLOCK), Config()
+    yield "csr keys", csr.edge_keys_kernel, keys, dict(BLOCK=csr.BLOCK), Config()
     arrays = dict(
         POS="*i64", KEY="*i32", W="*fp32", SRC="*i32", DST="*i32", WGT="*fp32",
         N="i32", R="i32", EDGES="i32", BLOCK="constexpr",
     )  # fmt: skip
-    yield "csr arrays", edge_arrays_kernel, arrays, dict(BLOCK=CSR_BLOCK), Config()
+    yield "csr arrays", csr.edge_arrays_kernel, arrays, dict(BLOCK=csr.BLOCK), Config()
+    # The counting build at k = 50 (R + 1 = 51 places a row) and N = 576 (36 chunks).
+    counts = dict(IDX="*i32", CNT="*i32", N="i32", R="i32", ROWS="i32",
+                  BLOCK_I="constexpr", BLOCK_R="constexpr")  # fmt: skip
+    yield "csr counts", csr.edge_counts_kernel, counts, dict(BLOCK_I=16, BLOCK_R=64), Config()
+    offsets = dict(CNT="*i32", TOT="*i32", N="i32", CHUNKS="i32",
+                   BLOCK_C="constexpr", BLOCK_J="constexpr")  # fmt: skip
+    constants = dict(BLOCK_C=64, BLOCK_J=64)
+    yield "csr offsets", csr.chunk_offsets_kernel, offsets, constants, Config()
+    place = dict(
+        IDX="*i32", W="*fp32", NEXT="*i32", BASE="*i32", SRC="*i32", DST="*i32", WGT="*fp32",
+        N="i32", R="i32", ROWS="i32", BLOCK_R="constexpr",
+    )  # fmt: skip
+    yield "csr place", csr.edge_place_kernel, place, dict(BLOCK_R=64), Config(num_warps=1)
 
 
 def class_count_variants(batch: int = 32, n: int = 576, k: int = 50) -> int:

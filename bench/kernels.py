@@ -74,15 +74,9 @@ from merge_model import KINDS, attention  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from adcam_fast import ops, reference  # noqa: E402
-from adcam_fast.kernels import adcam_triton, coneighbor_topk  # noqa: E402
+from adcam_fast.kernels import adcam_triton, coneighbor_topk, csr  # noqa: E402
 from adcam_fast.kernels.coneighbor_topk import refine_sparse, take_root, topk_configs  # noqa: E402
-from adcam_fast.kernels.diffusion import (  # noqa: E402
-    CSR_BLOCK,
-    csr_edges,
-    diffuse_sparse,
-    diffusion_configs,
-    edge_keys_kernel,
-)
+from adcam_fast.kernels.diffusion import diffuse_sparse, diffusion_configs  # noqa: E402
 from adcam_fast.kernels.launch import next_pow2  # noqa: E402
 from adcam_fast.reference import EPS  # noqa: E402
 
@@ -152,7 +146,7 @@ def host_unit_costs(device: str, repeats: int) -> dict[str, float]:
     x = torch.zeros(1, device=device)
 
     def launch(i: int) -> None:
-        edge_keys_kernel[(1,)](idx, key, 4, 3, 16, BLOCK=CSR_BLOCK)
+        csr.edge_keys_kernel[(1,)](idx, key, 4, 3, 16, BLOCK=csr.BLOCK)
 
     launch(0)  # compiles
     return {
@@ -276,7 +270,12 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     root = None
     w, idx = refine_sparse(As[0], k, EPS, torch.int32)
     stage("diffusion", lambda i: diffuse_sparse(w, idx, cams[i % sets], steps))
-    stage("csr", lambda i: csr_edges(w, idx))
+    stage("csr", lambda i: csr.csr_edges(w, idx))
+    for cfg in csr.csr_configs()[1]:  # each build: the sort, and the count
+        label = f"count{cfg.block_m}" if cfg.block_m else "sort"
+        row[f"csr_{label}_ms"] = time_ms(
+            lambda i, cfg=cfg: csr.csr_edges(w, idx, cfg), args.repeats, cuda
+        )
     if cuda:
         R = [a.sqrt().half() for a in As]  # the kernel's dot reads sqrt(A) in fp16
         bmm_ms = time_ms(lambda i: torch.bmm(R[i % sets], R[i % sets].mT), args.repeats, True)

@@ -5,9 +5,9 @@ With the maps of one image as rows of a K×N matrix M, each step is ``M ← M ·
     M'(c, j) = Σ_{(i, r) : idx[i, r] = j} w[i, r] · M(c, i)
 
 Formulation (gather, deterministic). Ã's edges ``i → idx[i, r]``, plus one zero-weight
-self edge ``j → j`` per node so that every node has an incoming edge, are sorted by
-destination with one stable torch sort (`csr_edges`: the column-wise CSR of Ã as three
-(B, N·(k+1)) arrays in edge order, int32 source, int32 destination, fp32 weight). In that
+self edge ``j → j`` per node so that every node has an incoming edge, are stably sorted
+by destination (`csr.csr_edges`: the column-wise CSR of Ã as three (B, N·(k+1)) arrays in
+edge order, int32 source, int32 destination, fp32 weight). In that
 order the in-edges of node j are one contiguous run, and a step is a *segmented sum* over
 the edge list. A program walks the edges of its image in chunks of ``BLOCK_E = T·G``: T
 groups of G consecutive edges. Its loads of source, destination and weight are contiguous
@@ -60,8 +60,8 @@ measures the split faster). The last step writes the (B, K, N) output itself. No
 bounded by on-chip memory: more classes than BLOCK_C split over more programs (classes are
 independent), a larger N only lengthens the edge walk.
 Extra memory: min(T, 2)·B·N·K'·4 bytes of maps (K' = K rounded up to BLOCK_C), and the CSR,
-12·B·N·(k+1) bytes (28·B·N·(k+1) while it is built, with the sort's keys and permutation,
-plus the sort's own temporary storage).
+12·B·N·(k+1) bytes (while it is built, at most 28·B·N·(k+1) and the sort's own temporary
+storage; see `csr`).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from adcam_fast.kernels.csr import csr_configs, csr_edges
 from adcam_fast.kernels.launch import (
     Config,
     choose_config,
@@ -232,65 +233,6 @@ def diffusion_kernel(
         tl.debug_barrier()  # step t's writes before step t+1's reads and overwrites
 
 
-CSR_BLOCK = 1024
-"""Edges per program of the two CSR kernels."""
-
-
-@triton.jit
-def edge_keys_kernel(IDX, KEY, N, R, EDGES, BLOCK: tl.constexpr):
-    """KEY[p] = N·image + destination of edge p of the row-major edge list (all images):
-    row q = p // (R+1) (= N·image + i), place r = p % (R+1); IDX[q, r] for r < R, i for
-    the self edge r = R."""
-    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: EDGES < 2**31
-    ok = p < EDGES
-    row, place = p // (R + 1), p % (R + 1)
-    i = row % N
-    j = tl.load(IDX + row * R + place, mask=ok & (place < R), other=0)
-    tl.store(KEY + p, (row - i + tl.where(place < R, j, i)).to(tl.int32), mask=ok)
-
-
-@triton.jit
-def edge_arrays_kernel(POS, KEY, W, SRC, DST, WGT, N, R, EDGES, BLOCK: tl.constexpr):
-    """Edge p of the sorted list, which was edge POS[p] of the row-major one: SRC = its
-    row's node, DST = its key's node, WGT = its weight (W[row, r], 0 for the self edge)."""
-    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = p < EDGES
-    pos = tl.load(POS + p, mask=ok, other=0).to(tl.int32)
-    row, place = pos // (R + 1), pos % (R + 1)
-    w = tl.load(W + row * R + place, mask=ok & (place < R), other=0.0).to(tl.float32)
-    tl.store(SRC + p, (row % N).to(tl.int32), mask=ok)
-    tl.store(DST + p, tl.load(KEY + p, mask=ok, other=0) % N, mask=ok)
-    tl.store(WGT + p, w, mask=ok)
-
-
-def csr_edges(weights: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Column-wise CSR of a sparse Ã, per image: ``(src, dst, wgt)``, each (B, N·(R+1)).
-
-    weights, indices: (B, N, R), B·N >= 1. The row-major edge list holds
-    ``i → indices[i, r]`` with weight ``weights[i, r]`` at position ``i·(R+1) + r`` and a
-    zero-weight self edge ``i → i`` at ``i·(R+1) + R``; sorted by destination (``dst``
-    ascending, int32), ``src`` (int32) and ``wgt`` (fp32) are the sources and weights in
-    that order. The sort is stable (ties keep row-major order), so the CSR, and with it
-    every sum of the kernel, is reproducible. One flat int32 sort of ``N·image +
-    destination`` serves the whole batch (on an H200 0.5 to 0.65 times the time of a sort
-    per image; bench/kernels_notes.md), between two kernels that make its keys and read
-    the arrays off its permutation (a dozen torch ops before); B·N·(R+1) < 2**31; no host
-    sync.
-    """
-    b, n, r = indices.shape
-    indices, weights = indices.contiguous(), weights.contiguous()
-    edges = b * n * (r + 1)
-    key = torch.empty(edges, dtype=torch.int32, device=indices.device)
-    src, dst = torch.empty_like(key), torch.empty_like(key)
-    wgt = torch.empty(edges, dtype=torch.float32, device=indices.device)
-    grid = (triton.cdiv(edges, CSR_BLOCK),)
-    with on_device(indices.device):
-        edge_keys_kernel[grid](indices, key, n, r, edges, BLOCK=CSR_BLOCK)
-        key, pos = torch.sort(key, stable=True)  # one flat int32 sort
-        edge_arrays_kernel[grid](pos, key, weights, src, dst, wgt, n, r, edges, BLOCK=CSR_BLOCK)
-    return src.view(b, -1), dst.view(b, -1), wgt.view(b, -1)
-
-
 CLASS_BLOCK = 4
 """Classes per program of the GPU default. The config cache keys a class count by its
 number of such blocks (as a power of two): counts that give the same programs (1 to 4, say,
@@ -377,7 +319,7 @@ def diffuse_sparse(
 
     weights (B, N, k) float, indices (B, N, k) int in [0, N), cams (B, K, N) any float, all
     on one device. Returns (B, K, N) fp32. steps = 0 returns a fp32 copy of cams. The CSR
-    (two small kernels and one torch sort), a search when images are split, one kernel
+    (`csr.csr_edges`, its build autotuned), a search when images are split, one kernel
     launch for the whole batch (one per step when images are split over programs, see
     `split`), and a copy into the node-major maps (and a fill of their padding classes
     where K is not a multiple of the class block); no host sync once the config is
@@ -387,7 +329,11 @@ def diffuse_sparse(
     out = torch.empty(b, n_cls, n, dtype=torch.float32, device=cams.device)
     if steps == 0 or out.numel() == 0:
         return out.copy_(cams)
-    src, dst, wgt = csr_edges(weights, indices)
+    csr_key = ("csr", n_bucket(n), next_pow2(indices.shape[-1]), next_pow2(b))
+    csr = choose_config(
+        csr_key, *csr_configs(), lambda cfg: csr_edges(weights, indices, cfg), cams.device
+    )
+    src, dst, wgt = csr_edges(weights, indices, csr)
 
     def run(cfg: Config) -> None:  # from the input each time: steps overwrite its slot
         kb = triton.cdiv(n_cls, cfg.block_m)
