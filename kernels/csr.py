@@ -95,9 +95,7 @@ def chunk_offsets_kernel(CNT, TOT, N, CHUNKS, BLOCK_C: tl.constexpr, BLOCK_J: tl
 
 
 @triton.jit
-def edge_place_kernel(
-    IDX, W, NEXT, BASE, SRC, DST, WGT, N, R, ROWS, BLOCK_R: tl.constexpr
-):  # fmt: skip
+def edge_place_kernel(IDX, W, NEXT, BASE, SRC, DST, WGT, N, R, ROWS, BLOCK_R: tl.constexpr):
     """Chunk c of image b (rows ``[c·ROWS, (c+1)·ROWS)``), row by row: each edge ``i → j``
     goes to place ``BASE[b, j] + NEXT[b, c, j]`` (the image's edges to smaller nodes, then
     to j from earlier rows), and ``NEXT[b, c, j]`` moves past it. A row's edges to one node
@@ -126,7 +124,7 @@ def edge_place_kernel(
         tl.debug_barrier()  # this row's places before the next row reads them
 
 
-def _csr_by_sort(weights: Tensor, indices: Tensor, src: Tensor, dst: Tensor, wgt: Tensor):
+def _csr_by_sort(weights: Tensor, indices: Tensor, src: Tensor, dst: Tensor, wgt: Tensor) -> None:
     b, n, r = indices.shape
     edges = b * n * (r + 1)
     key = torch.empty(edges, dtype=torch.int32, device=indices.device)
@@ -138,7 +136,7 @@ def _csr_by_sort(weights: Tensor, indices: Tensor, src: Tensor, dst: Tensor, wgt
 
 def _csr_by_count(
     weights: Tensor, indices: Tensor, src: Tensor, dst: Tensor, wgt: Tensor, rows: int
-):
+) -> None:
     b, n, r = indices.shape
     chunks = triton.cdiv(n, rows)
     counts = torch.zeros(b, chunks, n, dtype=torch.int32, device=indices.device)
