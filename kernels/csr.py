@@ -108,10 +108,16 @@ def edge_place_kernel(IDX, W, NEXT, BASE, SRC, DST, WGT, N, R, ROWS, BLOCK_R: tl
     edge = places <= R
     nxt = NEXT + (b * tl.cdiv(N, ROWS) + c).to(tl.int64) * N
     out = b.to(tl.int64) * N * (R + 1)
-    for i in range(c * ROWS, tl.minimum(c * ROWS + ROWS, N)):
-        row = (b * N + i).to(tl.int64) * R
-        j = tl.where(places == R, i, tl.load(IDX + row + places, mask=kept, other=0))
-        w = tl.load(W + row + places, mask=kept, other=0.0).to(tl.float32)
+    lo, hi = c * ROWS, tl.minimum(c * ROWS + ROWS, N)
+    ahead = (b * N + lo).to(tl.int64) * R + places  # each row's columns, a row ahead
+    cols = tl.load(IDX + ahead, mask=kept, other=0)
+    w_ahead = tl.load(W + ahead, mask=kept, other=0.0)
+    for i in range(lo, hi):
+        j = tl.where(places == R, i, cols)
+        w = w_ahead.to(tl.float32)
+        ahead += R
+        cols = tl.load(IDX + ahead, mask=kept & (i + 1 < hi), other=0)
+        w_ahead = tl.load(W + ahead, mask=kept & (i + 1 < hi), other=0.0)
         same = (j[:, None] == j[None, :]) & edge[None, :]  # [p, q]: edges p and q meet
         earlier = tl.sum((same & (places[None, :] < places[:, None])).to(tl.int32), axis=1)
         later = tl.sum((same & (places[None, :] > places[:, None])).to(tl.int32), axis=1)
