@@ -65,15 +65,8 @@ from torch import Tensor
 from triton.compiler import CompiledKernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from adcam_fast.kernels.launch import (
-    Config,
-    choose_config,
-    device_properties,
-    n_bucket,
-    next_pow2,
-    on_device,
-    resident_programs,
-)
+from adcam_fast.kernels import launch
+from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2, on_device
 
 MAX_TOPK = 1024
 """The largest k < N supported (the running top-k of a row block is held on chip)."""
@@ -546,7 +539,7 @@ def _topk(
     cap = max(1, min(b, ROOT_CHUNK // (n * n)))
     root = torch.empty(cap, n, n, dtype=torch.float16, device=A.device)
 
-    def launch(
+    def topk_launch(
         cfg: Config, lo: int, hi: int, top: Tensor | torch.dtype | None, warmup: bool
     ) -> CompiledKernel:
         """The top-k kernel on images [lo, hi), their sqrt(A) in ``root``; with ``warmup``
@@ -569,7 +562,7 @@ def _topk(
         return coneighbor_topk_kernel[grid](*args, **options)
 
     def run(cfg: Config, lo: int = 0, hi: int = cap) -> None:
-        launch(cfg, lo, hi, take_root(A[lo:hi], root[: hi - lo]), warmup=False)
+        topk_launch(cfg, lo, hi, take_root(A[lo:hi], root[: hi - lo]), warmup=False)
 
     with on_device(A.device):
         key = ("topk", n_bucket(n), aligned, kp, next_pow2(cap), A.dtype, refine)
@@ -579,9 +572,9 @@ def _topk(
             built = (cfg, kp, refine, A.dtype, A.device)
             if built not in _RESIDENT:
                 top = None if A.dtype == torch.float16 else A.dtype
-                kernel = launch(cfg, 0, cap, top, warmup=True)
-                _RESIDENT[built] = resident_programs(kernel, cfg.num_warps, A.device)
-            slots = _RESIDENT[built] * device_properties(A.device).multi_processor_count
+                kernel = topk_launch(cfg, 0, cap, top, warmup=True)
+                _RESIDENT[built] = launch.resident_programs(kernel, cfg.num_warps, A.device)
+            slots = _RESIDENT[built] * launch.device_properties(A.device).multi_processor_count
             chunk = images_per_launch(b, cap, triton.cdiv(n, cfg.block_m), slots)
         for lo in range(0, b, chunk):
             run(cfg, lo, min(b, lo + chunk))
