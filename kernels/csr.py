@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from adcam_fast.kernels.launch import Config, next_pow2, on_device
+from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2, on_device
 
 BLOCK = 1024
 """Edges per program of the sort build's two kernels."""
@@ -180,15 +180,21 @@ def csr_edges(
     weights: Tensor, indices: Tensor, config: Config | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Column-wise CSR of a sparse Ã, per image: ``(src, dst, wgt)``, each (B, N·(R+1)), by
-    the build of ``config`` (default: `csr_configs`' default; see the module).
+    the build of ``config``, or the one autotuned for these sizes (`csr_configs`, see the
+    module; every build gives the same arrays).
 
     weights, indices: (B, N, R), B·N >= 1.
     """
     b, n, r = indices.shape
+    if config is None:
+        key = ("csr", n_bucket(n), next_pow2(r), next_pow2(b))
+        config = choose_config(
+            key, *csr_configs(), lambda cfg: csr_edges(weights, indices, cfg), indices.device
+        )
     indices, weights = indices.contiguous(), weights.contiguous()
     src = torch.empty(b, n * (r + 1), dtype=torch.int32, device=indices.device)
     dst, wgt = torch.empty_like(src), torch.empty_like(src, dtype=torch.float32)
-    least = (config or csr_configs()[0]).block_m
+    least = config.block_m
     with on_device(indices.device):
         if least:
             _csr_by_count(weights, indices, src, dst, wgt, chunk_rows(least, n, r))

@@ -32,7 +32,7 @@ in the lane's registers. The maps' class stride is padded to a multiple of BLOCK
 compiler can see (``KB·BLOCK_C``), so a node's classes are one aligned 16-byte vector: a
 gather is one load per edge and lane, and the scan's rounds are lane shuffles. A group's
 sources, destinations and weights are loaded once for its four classes, four edges to a
-16-byte load (`_quad`). sm_90a, Triton 3.6: 921 SASS instructions per chunk and program,
+16-byte load (`_quads`). sm_90a, Triton 3.6: 921 SASS instructions per chunk and program,
 against 4 × 669 for the same program on 4 warps with a class and group per thread (the
 earlier mapping, which loads each group's edges four times and, here, scans through shared
 memory with CTA barriers; its maps also came out one rounding apart from the one-warp
@@ -74,7 +74,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from adcam_fast.kernels.csr import csr_configs, csr_edges
+from adcam_fast.kernels.csr import csr_edges
 from adcam_fast.kernels.launch import (
     Config,
     choose_config,
@@ -93,12 +93,15 @@ def _groups_back(x, d: tl.constexpr):
 
 
 @triton.jit
-def _quad(P, first, E, other):
-    """``P[first + q]`` for q = 0..3, masked to ``< E``, as a (T, 4) tensor: a lane's four
-    consecutive edges in one 16-byte load (where E, and ``first`` as the compiler sees it,
-    are multiples of 4)."""
-    offs = first[:, None] + tl.arange(0, 4)[None, :]
-    return tl.load(P + offs, mask=offs < E, other=other)
+def _quads(P, first, E, other, G: tl.constexpr):
+    """``P[first + g]`` for g < G, masked to ``< E``, as G/4 (T, 4) tensors: a lane's
+    consecutive edges four to a 16-byte load (where E, and ``first`` as the compiler sees
+    it, are multiples of 4)."""
+    quads = ()
+    for q in tl.static_range(G // 4):
+        offs = (first + 4 * q)[:, None] + tl.arange(0, 4)[None, :]
+        quads += (tl.load(P + offs, mask=offs < E, other=other),)
+    return quads
 
 
 @triton.jit
@@ -163,9 +166,8 @@ def diffusion_kernel(
         c_ok = (cls < K) | ~final  # the slots keep the padding classes, the output not
         carry = tl.zeros((BLOCK_C,), tl.float32)  # the previous chunk's open run, summed
         ahead = ()  # with PREFETCH, the sources of the chunk the walk comes to next
-        if PREFETCH:
-            for q in tl.static_range(G // 4):  # (unhinted: hinted, the capped split spills)
-                ahead += (_quad(SRC, walk + group * G + 4 * q, E, 0),)
+        if PREFETCH:  # (unhinted: hinted, the capped split spills)
+            ahead = _quads(SRC, walk + group * G, E, 0, G)
         for e0 in range(walk, hi, T * G):
             # Each group's first edge: a multiple of G, since walks begin at a chunk.
             first = tl.multiple_of(e0 + group * G, G)
@@ -183,21 +185,19 @@ def diffusion_kernel(
             fresh = ()
             opened = group < 0
             if PREFETCH:  # this chunk's sources came with the last; the next chunk's now
-                quads = ahead
-                ahead = ()
-                for q in tl.static_range(G // 4):
-                    ahead += (_quad(SRC, first + T * G + 4 * q, E, 0),)
+                src_quads = ahead
+                ahead = _quads(SRC, first + T * G, E, 0, G)
             else:
-                quads = ()
-                for q in tl.static_range(G // 4):
-                    quads += (_quad(SRC, first + 4 * q, E, 0),)
+                src_quads = _quads(SRC, first, E, 0, G)
+            dst_quads = _quads(DST, first, E, -1, G)
+            wgt_quads = _quads(WGT, first, E, 0.0, G)
             srcs = ()  # the group's G sources, destinations and weights, each (T,)
             edge_dsts = ()
             wgts = ()
             for q in tl.static_range(G // 4):
-                srcs += _split4(quads[q])
-                edge_dsts += _split4(_quad(DST, first + 4 * q, E, -1))
-                wgts += _split4(_quad(WGT, first + 4 * q, E, 0.0))
+                srcs += _split4(src_quads[q])
+                edge_dsts += _split4(dst_quads[q])
+                wgts += _split4(wgt_quads[q])
             for g in tl.static_range(G):
                 e_ok = first + g < E
                 m = tl.load(
@@ -329,11 +329,7 @@ def diffuse_sparse(
     out = torch.empty(b, n_cls, n, dtype=torch.float32, device=cams.device)
     if steps == 0 or out.numel() == 0:
         return out.copy_(cams)
-    csr_key = ("csr", n_bucket(n), next_pow2(indices.shape[-1]), next_pow2(b))
-    csr = choose_config(
-        csr_key, *csr_configs(), lambda cfg: csr_edges(weights, indices, cfg), cams.device
-    )
-    src, dst, wgt = csr_edges(weights, indices, csr)
+    src, dst, wgt = csr_edges(weights, indices)
 
     def run(cfg: Config) -> None:  # from the input each time: steps overwrite its slot
         kb = triton.cdiv(n_cls, cfg.block_m)

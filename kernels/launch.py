@@ -81,11 +81,16 @@ def _properties(index: int):
     return torch.cuda.get_device_properties(index)
 
 
+def _index(device: torch.device | None) -> int:
+    """The index of a CUDA ``device`` (None, or no index: the current one)."""
+    index = None if device is None else device.index
+    return torch.cuda.current_device() if index is None else index
+
+
 def device_properties(device: torch.device | None = None):
     """The properties of a CUDA ``device`` (None, or no index: the current one), queried once
     per process: the launchers read its capability, name and SM count on every call."""
-    index = None if device is None else device.index
-    return _properties(torch.cuda.current_device() if index is None else index)
+    return _properties(_index(device))
 
 
 def programs_per_sm(
@@ -109,8 +114,7 @@ def resident_programs(kernel, num_warps: int, device: torch.device) -> int:
 
     kernel._init_handles()  # loads the binary: what sets n_regs
     props = device_properties(device)
-    index = torch.cuda.current_device() if device.index is None else device.index
-    registers = driver.active.utils.get_device_properties(index)["max_num_regs"]
+    registers = driver.active.utils.get_device_properties(_index(device))["max_num_regs"]
     return programs_per_sm(
         kernel.n_regs, kernel.metadata.shared, num_warps, registers,
         props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor,

@@ -480,7 +480,7 @@ def test_autotuning_leaves_the_result_unchanged(gen, monkeypatch):
     chosen one (`launch.choose_config`): each launch must leave its inputs as it found them.
     Here that autotuning is replayed under the interpreter (every candidate run twice on
     the real arguments), and the result must equal a call without it."""
-    from adcam_fast.kernels import diffusion
+    from adcam_fast.kernels import csr, diffusion
 
     def autotune(key, default, candidates, run, device):
         for cfg in [default, *candidates] * 2:
@@ -498,6 +498,7 @@ def test_autotuning_leaves_the_result_unchanged(gen, monkeypatch):
     )
     monkeypatch.setattr(coneighbor_topk, "choose_config", autotune)
     monkeypatch.setattr(diffusion, "choose_config", autotune)
+    monkeypatch.setattr(csr, "choose_config", autotune)
     w_top, idx_top = coneighbor_topk.refine_sparse(A, 8, reference.EPS)
     assert torch.equal(w_top, expected[0][0]) and torch.equal(idx_top, expected[0][1])
     assert torch.equal(diffusion.diffuse_sparse(w, idx, cams, 3), expected[1])
@@ -511,8 +512,7 @@ def test_diffusion_config_key_counts_class_blocks(gen, monkeypatch):
     keys = []
 
     def record(key, default, candidates, run, device):
-        if key[0] == "diffuse":  # not the CSR's key
-            keys.append(key)
+        keys.append(key)
         return default
 
     monkeypatch.setattr(diffusion, "choose_config", record)
