@@ -85,20 +85,48 @@ bench/kernels_notes.md)."""
 
 
 @triton.jit
-def _compare_swap(x, DIST: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.constexpr):
-    """One bitonic step on each row of x (M, W): columns c and c + DIST (c & DIST == 0) are
-    put in order, descending where ``(c & DIR_BIT != 0) != FLIP``, ascending elsewhere.
-
-    The partner of each entry is read as ``pair sum - self`` (a size-2 ``tl.sum``, one lane
-    exchange); int32 arithmetic wraps around, so this is exact for any pair of keys.
-    """
+def _partner(x, DIST: tl.constexpr):
+    """x (M, W) with columns c and ``c ^ DIST`` swapped: each entry's partner read as ``pair
+    sum - self`` (a size-2 ``tl.sum``: in registers, or one lane exchange where the bit of
+    DIST selects lanes); int32 arithmetic wraps around, so this is exact for any keys."""
     M: tl.constexpr = x.shape[0]
     W: tl.constexpr = x.shape[1]
     h = tl.reshape(x, (M, W // (2 * DIST), 2, DIST))
-    y = tl.reshape(tl.sum(h, axis=2, keep_dims=True) - h, (M, W))
-    c = tl.arange(0, W)
-    swap_to_right = ((c & DIST) != 0) != (((c & DIR_BIT) != 0) != FLIP)
+    return tl.reshape(tl.sum(h, axis=2, keep_dims=True) - h, (M, W))
+
+
+@triton.jit
+def _in_order(x, y, DIST: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.constexpr):
+    """Each entry of x (M, W) put in order with its partner y: column c keeps the larger of
+    the two where ``(c & DIST != 0) != ((c & DIR_BIT != 0) != FLIP)``, the smaller elsewhere
+    (pairs ascending from left to right, descending where the DIR_BIT bit is flipped)."""
+    c = tl.arange(0, x.shape[1])
+    if DIR_BIT == 0:  # one direction (fewer operations for the interpreter)
+        swap_to_right = ((c & DIST) != 0) != FLIP
+    else:
+        swap_to_right = ((c & DIST) != 0) != (((c & DIR_BIT) != 0) != FLIP)
     return tl.where((x > y) != swap_to_right[None, :], y, x)
+
+
+@triton.jit
+def _compare_swap(x, DIST: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.constexpr):
+    """One bitonic step on each row of x (M, W): columns c and c + DIST (c & DIST == 0) are
+    put in order, descending where ``(c & DIR_BIT != 0) != FLIP``, ascending elsewhere."""
+    return _in_order(x, _partner(x, DIST), DIST, DIR_BIT, FLIP)
+
+
+@triton.jit
+def _mirror_swap(x, LOG_RUN: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.constexpr):
+    """The first step of merging the two sorted halves of each run of ``R = 2**LOG_RUN``
+    columns, both sorted the same way: place p of a run is put in order with place
+    ``R - 1 - p`` (direction as in `_compare_swap`, with DIST = R / 2). Each half is then
+    bitonic, and all of one half lies on the right side of the other, so `_bitonic_merge`
+    of the halves sorts the run. The mirror image is ``p ^ (R - 1)``: a `_partner` step per
+    bit, each free in registers and one lane exchange where the bit selects lanes."""
+    y = x
+    for i in tl.static_range(LOG_RUN):
+        y = _partner(y, 1 << i)
+    return _in_order(x, y, 1 << (LOG_RUN - 1), DIR_BIT, FLIP)
 
 
 @triton.jit
@@ -110,18 +138,28 @@ def _bitonic_merge(x, LOG_RUN: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.con
 
 
 @triton.jit
-def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr):
+def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr, MIRROR: tl.constexpr):
     """The ``2**LOG_K`` largest entries of each row of x (M, 2**LOG_W), sorted descending.
 
-    Bitonic top-k: sort runs of 2**LOG_K with alternating directions, then repeatedly take
-    the element-wise max of neighbouring runs (a descending and an ascending run keep the
-    larger half of both, as a bitonic run) and re-sort, halving the width to 2**LOG_K.
-    Directions are flipped throughout so that the last run comes out descending.
+    Bitonic top-k: sort runs of 2**LOG_K, descending and ascending in turn, then repeatedly
+    take the element-wise max of neighbouring runs (a descending and an ascending run keep
+    the larger half of both, as a bitonic run) and re-sort, halving the width to 2**LOG_K.
+    With MIRROR, a run is sorted by merging its sorted halves (`_mirror_swap`, then
+    `_bitonic_merge`), every merge ascending but the last, so that only one column bit
+    (2**LOG_K, between runs) sets a direction: where a direction bit selects lanes, each
+    compare-exchange is a compare and a select per entry instead of one min or max
+    (sm_90a, 64×128 tile on 4 warps: 4592 SASS instructions in the kernel instead of 5048
+    with directions alternating at every size of run, for 64 more lane shuffles). Without
+    it, runs are sorted by bitonic merges whose direction alternates with each size: where
+    warps split a row's columns (the tiles of fewer than 16 rows per warp), a mirror step
+    exchanges entries across warps once per warp bit, through shared memory (kp = 128 and
+    256: 26 and 28 % more instructions with MIRROR).
     The columns are first relabelled (any order will do): in the tensor-core tiles, bits
     1-2 of a column index select the lane within a quad, which made the network's distance-2
     and -4 stages, the most frequent, lane shuffles. Moved to just below the top bit, they
-    leave those stages to register pairs within a thread (sm_90a, 64×128 tile: 327 lane
-    shuffles instead of 711 in the kernel; at the very top, the default build spilled).
+    leave those stages to register pairs within a thread (sm_90a, 64×128 tile: 391 lane
+    shuffles and 4592 instructions in the kernel, against 1159 and 5736 unmoved; at the
+    very top, 5368 instructions).
     """
     K: tl.constexpr = 1 << LOG_K
     M: tl.constexpr = x.shape[0]
@@ -129,7 +167,11 @@ def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr):
     if W >= 16:  # column bits 1-2 to just below the top bit: see the docstring
         x = tl.reshape(tl.permute(tl.reshape(x, (M, 2, W // 16, 4, 2)), (0, 1, 3, 2, 4)), (M, W))
     for s in tl.static_range(1, LOG_K + 1):
-        x = _bitonic_merge(x, s, 1 << s, True)
+        if MIRROR:
+            x = _mirror_swap(x, s, K if s == LOG_K else 0, s == LOG_K)
+            x = _bitonic_merge(x, s - 1, K if s == LOG_K else 0, s == LOG_K)
+        else:
+            x = _bitonic_merge(x, s, 1 << s, True)
     for level in tl.static_range(LOG_W - LOG_K):
         half = tl.reshape(x, (M, (1 << (LOG_W - level - 1)) // K, 2, K))
         x = tl.reshape(tl.max(half, axis=2), (M, 1 << (LOG_W - level - 1)))
@@ -138,10 +180,11 @@ def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr):
 
 
 @triton.jit
-def _merge(acc, x, LOG_KP: tl.constexpr, LOG_W: tl.constexpr):
+def _merge(acc, x, LOG_KP: tl.constexpr, LOG_W: tl.constexpr, MIRROR: tl.constexpr):
     """The KP largest keys of ``acc ∪ x`` per row, sorted ascending (acc: (M, KP) ascending;
     x: (M, 2**LOG_W), any order, W >= KP)."""
-    return _bitonic_merge(tl.maximum(acc, _topk_desc(x, LOG_KP, LOG_W)), LOG_KP, 0, False)
+    top = _topk_desc(x, LOG_KP, LOG_W, MIRROR)
+    return _bitonic_merge(tl.maximum(acc, top), LOG_KP, 0, False)
 
 
 @triton.jit
@@ -173,7 +216,7 @@ def _kth(acc, K_KEEP, KP: tl.constexpr):
 
 
 @triton.jit
-def _merge_parked(acc, buf, held, LOG_KP: tl.constexpr, LOG_CW: tl.constexpr):
+def _merge_parked(acc, buf, held, LOG_KP: tl.constexpr, LOG_CW: tl.constexpr, MIRROR: tl.constexpr):
     """`_merge` of the keys each row has parked in its slots ``[0, held)`` of the scratch
     ``buf`` (a (M, 1) block of row pointers), ``2**LOG_CW`` slots at a time (the tile width
     or KP: the least registers, and no more sorting per key than a merged tile)."""
@@ -182,7 +225,7 @@ def _merge_parked(acc, buf, held, LOG_KP: tl.constexpr, LOG_CW: tl.constexpr):
     tl.debug_barrier()  # every thread's parked keys are stored before any is read
     for h in range(0, tl.max(held), CW):
         x = tl.load(buf + h + slot[None, :], mask=(h + slot)[None, :] < held[:, None], other=-1)
-        acc = _merge(acc, x, LOG_KP, LOG_CW)
+        acc = _merge(acc, x, LOG_KP, LOG_CW, MIRROR)
     tl.debug_barrier()  # and read before the slots are reused
     return acc
 
@@ -216,6 +259,7 @@ def coneighbor_topk_kernel(
     LOG_CB: tl.constexpr,  # 0: merge tiles directly; else park candidates in 2**LOG_CB slots
     NARROW: tl.constexpr,  # LOG_CB = 0: tiles with <= NARROW keys per row to `_merge_largest`
     REFINE: tl.constexpr,  # epilogue: the refinement (Eq. 7), or TOP(S, k) as (S, index)
+    MIRROR: tl.constexpr,  # runs sorted from ascending halves (`_topk_desc`)
 ):
     KP: tl.constexpr = 1 << LOG_KP
     BLOCK_N: tl.constexpr = 1 << LOG_BN
@@ -235,7 +279,7 @@ def coneighbor_topk_kernel(
     for t in range(n_tiles + 1):  # the last pass only merges what is still parked
         if LOG_CB > 0:
             if (tl.max(held) > (1 << LOG_CB) - BLOCK_N) | (t == n_tiles):
-                acc = _merge_parked(acc, buf, held, LOG_KP, LOG_CW)
+                acc = _merge_parked(acc, buf, held, LOG_KP, LOG_CW, MIRROR)
                 kth = _kth(acc, K_KEEP, KP)
                 held = tl.zeros((BLOCK_M,), tl.int32)
         if t < n_tiles:
@@ -263,7 +307,7 @@ def coneighbor_topk_kernel(
                 # The most candidates in one row (without NARROW, whether there are any).
                 most = tl.max(tl.sum(new, axis=1)) if NARROW > 0 else tl.max(new)
                 if most > NARROW:
-                    acc = _merge(acc, key, LOG_KP, LOG_BN)
+                    acc = _merge(acc, key, LOG_KP, LOG_BN, MIRROR)
                     kth = _kth(acc, K_KEEP, KP)
                 elif NARROW > 0:
                     if most > 0:
@@ -431,6 +475,7 @@ def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:
         BLOCK_K=cfg.block_k,
         LOG_CB=max(cfg.slots, 1).bit_length() - 1,
         NARROW=min(cfg.narrow, kp),
+        MIRROR=cfg.block_m >= 16 * cfg.num_warps,  # warps split rows, not a row's columns
         REFINE=refine,
     )
 

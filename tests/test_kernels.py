@@ -216,12 +216,17 @@ def test_refine_structured_attention(gen, kind):
 def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
     """Merging whole tiles, taking a tile's few candidates one at a time (narrow: up to 1,
     some, or every tile), or parking candidates in few slots (a merge before almost every
-    tile) or many (one merge at the end, over several chunks of slots), keeps the same
-    unique keys: bitwise equal outputs for configs that differ only in the schedule."""
+    tile) or many (one merge at the end, over several chunks of slots), and sorting runs
+    from ascending halves or by alternating bitonic merges, keeps the same unique keys:
+    bitwise equal outputs for configs that differ only in the schedule."""
     (A,) = to_device(random_attention(1, n, n, generator=gen, dtype=dtype))
     kp = launch.next_pow2(k)
     schedules = [dict(narrow=w) for w in (1, 4, max(block_n, kp))]
     schedules += [dict(slots=s) for s in (max(block_n, kp), 2 * block_n, 8 * block_n)]
+    # 32 rows on 2 warps sort from ascending halves (``MIRROR``), on 4 (the rest) do not
+    assert [coneighbor_topk.topk_constants(kp, Config(32, 32, 16, num_warps=w), True)["MIRROR"]
+            for w in (2, 4)] == [True, False]  # fmt: skip
+    schedules.append(dict(num_warps=2))
     outs = [
         coneighbor_topk.refine_sparse(A, k, reference.EPS, config=Config(32, block_n, 16, **s))
         for s in [{}, *schedules]
@@ -231,13 +236,17 @@ def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
         assert torch.equal(idx, outs[0][1]) and torch.equal(w, outs[0][0])
 
 
-@pytest.mark.parametrize(("n", "dtype"), [(72, torch.float32), (40, torch.bfloat16)])
-def test_refine_tma_loads_agree(gen, n, dtype):
+@pytest.mark.parametrize(
+    ("n", "block_k", "dtype"),
+    [(72, 16, torch.float32), (72, 32, torch.float32), (40, 16, torch.bfloat16)],
+)
+def test_refine_tma_loads_agree(gen, n, block_k, dtype):
     """R's slices by the copy engine (TMA descriptors over all images' rows: a row block
-    that runs past N reads the next image, or zeros after the last) give bitwise the
-    outputs of masked pointer loads; N not divisible by 8 is refused."""
+    that runs past N reads the next image, or zeros after the last, and a K slice past N
+    zeros) give bitwise the outputs of masked pointer loads; N not divisible by 8 is
+    refused."""
     (A,) = to_device(random_attention(3, n, n, generator=gen, dtype=dtype))
-    loads, tma = Config(32, 32, 16), Config(32, 32, 16, tma=True)
+    loads, tma = Config(32, 32, block_k), Config(32, 32, block_k, tma=True)
     outs = [coneighbor_topk.refine_sparse(A, 6, reference.EPS, config=c) for c in (loads, tma)]
     check_refinement(A, 6, *outs[1])
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
