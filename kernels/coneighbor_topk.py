@@ -427,19 +427,23 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     8 bytes of spills) and 128×128. On an H200 (`gpu6`) the fastest of them took 0.89 to
     0.93 times the time of the fastest pointer-load candidate at B = 128 (N = 576, 1296,
     2304), 0.89 to 0.98 at B = 32 and 0.92 to 1.02 at B = 1; the TMA default, 0.78 to 1.08
-    times that of the pointer-load default. A fourth TMA candidate is an experiment, not yet
-    timed: 128×256 tiles, three quarters of 128×128's operand bytes per FLOP where the
+    times that of the pointer-load default. Three more TMA candidates are experiments, not
+    yet timed: 128×256 tiles, three quarters of 128×128's operand bytes per FLOP where the
     fastest tilings fed their operands at 5 TB/s (N >= 2304), for a merge network twice as
-    wide (sm_90a: 255 registers, 8 bytes of spills, 144 KiB of shared memory).
+    wide (sm_90a: 255 registers, 8 bytes of spills, 144 KiB of shared memory); and the
+    default and 128×128 with BLOCK_K = 128 on two stages (the same shared memory), whose K
+    step issues 8 MMAs for 99 and 100 instructions against 4 for 87 (sm_90a): 0.57 times
+    the loop's instructions per MMA, for one load in flight instead of two or three.
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
     config's registers, spills and shared memory for sm_90a.
-    BLOCK_K is the same in every candidate of one kp: it fixes the order in which S is
-    accumulated, so that autotuning does not move S by a rounding (the MMA instruction
-    shape may still differ with the tiling or the warps; ``ADCAM_AUTOTUNE=0`` pins the
-    default for bitwise reproducibility across processes). For given S, every schedule
-    keeps the same columns.
+    On a GPU, S is accumulated one k16 MMA at a time in column order, into one accumulator,
+    whatever BLOCK_K (the slices past N add exact zeros), so that autotuning should not
+    move S by a rounding; a GPU test checks BLOCK_K = 128 against 64 bitwise. (The MMA
+    instruction shape may still differ with the tiling or the warps; the interpreter's dot
+    rounds once per K step; ``ADCAM_AUTOTUNE=0`` pins the default for bitwise
+    reproducibility across processes.) For given S, every schedule keeps the same columns.
     """
     if kp <= 64 and aligned:
         default = Config(64, 128, 64, num_warps=4, num_stages=4, tma=True)
@@ -448,6 +452,8 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
             Config(64, 128, 64, num_warps=4, num_stages=3, maxnreg=168, tma=True),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True),
             Config(128, 256, 64, num_warps=8, num_stages=3, narrow=16, tma=True),
+            Config(64, 128, 128, num_warps=4, num_stages=2, tma=True),
+            Config(128, 128, 128, num_warps=8, num_stages=2, narrow=16, tma=True),
         )
     if kp <= 64:
         default = Config(64, 128, 64, num_warps=4, num_stages=3)
