@@ -423,10 +423,10 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     (``tma``: TMA descriptors), which drops the loads' address and mask arithmetic (sm_90a,
     Triton 3.6: the K step 134 → 87 instructions, 231 registers instead of 255 at three
     stages, no spills), and the candidates are the TMA twins of three of the above: four
-    stages (the default), three stages capped at 168 registers (three programs per SM, for
-    8 bytes of spills) and 128×128. On an H200 (`gpu6`) the fastest of them took 0.89 to
-    0.93 times the time of the fastest pointer-load candidate at B = 128 (N = 576, 1296,
-    2304), 0.89 to 0.98 at B = 32 and 0.92 to 1.02 at B = 1; the TMA default, 0.78 to 1.08
+    stages (the default), three stages capped at 168 registers (three programs per SM, no
+    spills) and 128×128. On an H200 (`gpu6`) the fastest of them took 0.89 to 0.93 times
+    the time of the fastest pointer-load candidate at B = 128 (N = 576, 1296, 2304), 0.89
+    to 0.98 at B = 32 and 0.92 to 1.02 at B = 1; the TMA default, 0.78 to 1.08
     times that of the pointer-load default. Three more TMA candidates are experiments, not
     yet timed: 128×256 tiles, three quarters of 128×128's operand bytes per FLOP where the
     fastest tilings fed their operands at 5 TB/s (N >= 2304), for a merge network twice as
