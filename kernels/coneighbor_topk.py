@@ -116,25 +116,26 @@ def _compare_swap(x, DIST: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.constex
 
 
 @triton.jit
-def _mirror_swap(x, LOG_RUN: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.constexpr):
-    """The first step of merging the two sorted halves of each run of ``R = 2**LOG_RUN``
-    columns, both sorted the same way: place p of a run is put in order with place
-    ``R - 1 - p`` (direction as in `_compare_swap`, with DIST = R / 2). Each half is then
-    bitonic, and all of one half lies on the right side of the other, so `_bitonic_merge`
-    of the halves sorts the run. The mirror image is ``p ^ (R - 1)``: a `_partner` step per
-    bit, each free in registers and one lane exchange where the bit selects lanes."""
-    y = x
-    for i in tl.static_range(LOG_RUN):
-        y = _partner(y, 1 << i)
-    return _in_order(x, y, 1 << (LOG_RUN - 1), DIR_BIT, FLIP)
-
-
-@triton.jit
 def _bitonic_merge(x, LOG_RUN: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.constexpr):
     """Sort each bitonic run of ``2**LOG_RUN`` columns (direction as in `_compare_swap`)."""
     for j in tl.static_range(LOG_RUN):
         x = _compare_swap(x, 1 << (LOG_RUN - 1 - j), DIR_BIT, FLIP)
     return x
+
+
+@triton.jit
+def _merge_halves(x, LOG_RUN: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.constexpr):
+    """Sort each run of ``R = 2**LOG_RUN`` columns whose two halves are sorted the same way
+    (direction as in `_compare_swap`). First place p of a run is put in order with place
+    ``R - 1 - p`` (its mirror image ``p ^ (R - 1)``: a `_partner` step per bit, each free
+    in registers and one lane exchange where the bit selects lanes); each half is then
+    bitonic, with all of one half on the right side of the other, and `_bitonic_merge`
+    sorts the halves."""
+    y = x
+    for i in tl.static_range(LOG_RUN):
+        y = _partner(y, 1 << i)
+    x = _in_order(x, y, 1 << (LOG_RUN - 1), DIR_BIT, FLIP)
+    return _bitonic_merge(x, LOG_RUN - 1, DIR_BIT, FLIP)
 
 
 @triton.jit
@@ -144,12 +145,12 @@ def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr, MIRROR: tl.constexpr
     Bitonic top-k: sort runs of 2**LOG_K, descending and ascending in turn, then repeatedly
     take the element-wise max of neighbouring runs (a descending and an ascending run keep
     the larger half of both, as a bitonic run) and re-sort, halving the width to 2**LOG_K.
-    With MIRROR, a run is sorted by merging its sorted halves (`_mirror_swap`, then
-    `_bitonic_merge`), every merge ascending but the last, so that only one column bit
-    (2**LOG_K, between runs) sets a direction: where a direction bit selects lanes, each
-    compare-exchange is a compare and a select per entry instead of one min or max
-    (sm_90a, 64×128 tile on 4 warps: 4592 SASS instructions in the kernel instead of 5048
-    with directions alternating at every size of run, for 64 more lane shuffles). Without
+    With MIRROR, a run is sorted by merging its sorted halves (`_merge_halves`), every
+    merge ascending but the last, so that only one column bit (2**LOG_K, between runs) sets
+    a direction: where a direction bit selects lanes, each compare-exchange is a compare
+    and a select per entry instead of one min or max (sm_90a, 64×128 tile on 4 warps:
+    4592 SASS instructions in the kernel instead of 5048 with directions alternating at
+    every size of run, for 64 more lane shuffles). Without
     it, runs are sorted by bitonic merges whose direction alternates with each size: where
     warps split a row's columns (the tiles of fewer than 16 rows per warp), a mirror step
     exchanges entries across warps once per warp bit, through shared memory (kp = 128 and
@@ -168,8 +169,7 @@ def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr, MIRROR: tl.constexpr
         x = tl.reshape(tl.permute(tl.reshape(x, (M, 2, W // 16, 4, 2)), (0, 1, 3, 2, 4)), (M, W))
     for s in tl.static_range(1, LOG_K + 1):
         if MIRROR:
-            x = _mirror_swap(x, s, K if s == LOG_K else 0, s == LOG_K)
-            x = _bitonic_merge(x, s - 1, K if s == LOG_K else 0, s == LOG_K)
+            x = _merge_halves(x, s, K if s == LOG_K else 0, s == LOG_K)
         else:
             x = _bitonic_merge(x, s, 1 << s, True)
     for level in tl.static_range(LOG_W - LOG_K):
