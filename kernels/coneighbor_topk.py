@@ -139,36 +139,41 @@ def _merge_halves(x, LOG_RUN: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.cons
 
 
 @triton.jit
-def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr, MIRROR: tl.constexpr):
+def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr, ROW_WARPS: tl.constexpr):
     """The ``2**LOG_K`` largest entries of each row of x (M, 2**LOG_W), sorted descending.
 
     Bitonic top-k: sort runs of 2**LOG_K, descending and ascending in turn, then repeatedly
     take the element-wise max of neighbouring runs (a descending and an ascending run keep
     the larger half of both, as a bitonic run) and re-sort, halving the width to 2**LOG_K.
-    With MIRROR, a run is sorted by merging its sorted halves (`_merge_halves`), every
-    merge ascending but the last, so that only one column bit (2**LOG_K, between runs) sets
-    a direction: where a direction bit selects lanes, each compare-exchange is a compare
-    and a select per entry instead of one min or max (sm_90a, 64×128 tile on 4 warps:
-    4592 SASS instructions in the kernel instead of 5048 with directions alternating at
-    every size of run, for 64 more lane shuffles). Without
-    it, runs are sorted by bitonic merges whose direction alternates with each size: where
-    warps split a row's columns (the tiles of fewer than 16 rows per warp), a mirror step
-    exchanges entries across warps once per warp bit, through shared memory (kp = 128 and
-    256: 26 and 28 % more instructions with MIRROR).
-    The columns are first relabelled (any order will do): in the tensor-core tiles, bits
-    1-2 of a column index select the lane within a quad, which made the network's distance-2
-    and -4 stages, the most frequent, lane shuffles. Moved to just below the top bit, they
-    leave those stages to register pairs within a thread (sm_90a, 64×128 tile: 391 lane
-    shuffles and 4592 instructions in the kernel, against 1159 and 5736 unmoved; at the
-    very top, 5368 instructions).
+    Two choices depend on how the tile's warps share it (``ROW_WARPS``: warps split the
+    rows, at least 16 rows a warp, as in the wgmma tiles of kp <= 64; else a row's columns,
+    as in the kp >= 128 tiles). Counts are sm_90a SASS instructions in the kernel (Triton
+    3.6, fp32). With ROW_WARPS, a run is sorted by merging its sorted halves
+    (`_merge_halves`), every merge ascending but the last, so that only one column bit
+    (2**LOG_K, between runs) sets a direction: where a direction bit selects lanes, each
+    compare-exchange is a compare and a select per entry instead of one min or max (64×128
+    tile on 4 warps: 4592 instead of 5048 with directions alternating at every size of run,
+    for 64 more lane shuffles). Without it, runs are sorted by bitonic merges whose
+    direction alternates with each size: there a mirror step would exchange entries across
+    warps once per warp bit, through shared memory (kp = 128 and 256: 26 and 28 % more
+    instructions).
+    With ROW_WARPS, the columns are also relabelled first (any order will do): in the wgmma
+    tiles, bits 1-2 of a column index select the lane within a quad, which made the
+    network's distance-2 and -4 stages, the most frequent, lane shuffles. Moved to just
+    below the top bit, they leave those stages to register pairs within a thread (64×128
+    tile: 391 lane shuffles and 4592 instructions, against 1159 and 5736 unmoved; at the
+    very top, 5368). Where warps split a row's columns it costs more than it saves
+    (kp = 128: 4128 instructions without it, 4632 with; kp = 256: 4856 and 5336;
+    kp = 1024: 24888 and 28056, and 2412 bytes of spills against 3172, but 255 registers
+    against 128, so one program per SM instead of two; none of these timed on a GPU yet).
     """
     K: tl.constexpr = 1 << LOG_K
     M: tl.constexpr = x.shape[0]
     W: tl.constexpr = 1 << LOG_W
-    if W >= 16:  # column bits 1-2 to just below the top bit: see the docstring
+    if ROW_WARPS and W >= 16:  # column bits 1-2 to just below the top bit: see the docstring
         x = tl.reshape(tl.permute(tl.reshape(x, (M, 2, W // 16, 4, 2)), (0, 1, 3, 2, 4)), (M, W))
     for s in tl.static_range(1, LOG_K + 1):
-        if MIRROR:
+        if ROW_WARPS:
             x = _merge_halves(x, s, K if s == LOG_K else 0, s == LOG_K)
         else:
             x = _bitonic_merge(x, s, 1 << s, True)
@@ -180,10 +185,10 @@ def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr, MIRROR: tl.constexpr
 
 
 @triton.jit
-def _merge(acc, x, LOG_KP: tl.constexpr, LOG_W: tl.constexpr, MIRROR: tl.constexpr):
+def _merge(acc, x, LOG_KP: tl.constexpr, LOG_W: tl.constexpr, ROW_WARPS: tl.constexpr):
     """The KP largest keys of ``acc ∪ x`` per row, sorted ascending (acc: (M, KP) ascending;
     x: (M, 2**LOG_W), any order, W >= KP)."""
-    top = _topk_desc(x, LOG_KP, LOG_W, MIRROR)
+    top = _topk_desc(x, LOG_KP, LOG_W, ROW_WARPS)
     return _bitonic_merge(tl.maximum(acc, top), LOG_KP, 0, False)
 
 
@@ -216,7 +221,9 @@ def _kth(acc, K_KEEP, KP: tl.constexpr):
 
 
 @triton.jit
-def _merge_parked(acc, buf, held, LOG_KP: tl.constexpr, LOG_CW: tl.constexpr, MIRROR: tl.constexpr):
+def _merge_parked(
+    acc, buf, held, LOG_KP: tl.constexpr, LOG_CW: tl.constexpr, ROW_WARPS: tl.constexpr
+):
     """`_merge` of the keys each row has parked in its slots ``[0, held)`` of the scratch
     ``buf`` (a (M, 1) block of row pointers), ``2**LOG_CW`` slots at a time (the tile width
     or KP: the least registers, and no more sorting per key than a merged tile)."""
@@ -225,7 +232,7 @@ def _merge_parked(acc, buf, held, LOG_KP: tl.constexpr, LOG_CW: tl.constexpr, MI
     tl.debug_barrier()  # every thread's parked keys are stored before any is read
     for h in range(0, tl.max(held), CW):
         x = tl.load(buf + h + slot[None, :], mask=(h + slot)[None, :] < held[:, None], other=-1)
-        acc = _merge(acc, x, LOG_KP, LOG_CW, MIRROR)
+        acc = _merge(acc, x, LOG_KP, LOG_CW, ROW_WARPS)
     tl.debug_barrier()  # and read before the slots are reused
     return acc
 
@@ -259,7 +266,7 @@ def coneighbor_topk_kernel(
     LOG_CB: tl.constexpr,  # 0: merge tiles directly; else park candidates in 2**LOG_CB slots
     NARROW: tl.constexpr,  # LOG_CB = 0: tiles with <= NARROW keys per row to `_merge_largest`
     REFINE: tl.constexpr,  # epilogue: the refinement (Eq. 7), or TOP(S, k) as (S, index)
-    MIRROR: tl.constexpr,  # runs sorted from ascending halves (`_topk_desc`)
+    ROW_WARPS: tl.constexpr,  # warps split the rows, not a row's columns (`_topk_desc`)
 ):
     KP: tl.constexpr = 1 << LOG_KP
     BLOCK_N: tl.constexpr = 1 << LOG_BN
@@ -279,7 +286,7 @@ def coneighbor_topk_kernel(
     for t in range(n_tiles + 1):  # the last pass only merges what is still parked
         if LOG_CB > 0:
             if (tl.max(held) > (1 << LOG_CB) - BLOCK_N) | (t == n_tiles):
-                acc = _merge_parked(acc, buf, held, LOG_KP, LOG_CW, MIRROR)
+                acc = _merge_parked(acc, buf, held, LOG_KP, LOG_CW, ROW_WARPS)
                 kth = _kth(acc, K_KEEP, KP)
                 held = tl.zeros((BLOCK_M,), tl.int32)
         if t < n_tiles:
@@ -307,7 +314,7 @@ def coneighbor_topk_kernel(
                 # The most candidates in one row (without NARROW, whether there are any).
                 most = tl.max(tl.sum(new, axis=1)) if NARROW > 0 else tl.max(new)
                 if most > NARROW:
-                    acc = _merge(acc, key, LOG_KP, LOG_BN, MIRROR)
+                    acc = _merge(acc, key, LOG_KP, LOG_BN, ROW_WARPS)
                     kth = _kth(acc, K_KEEP, KP)
                 elif NARROW > 0:
                     if most > 0:
@@ -481,7 +488,7 @@ def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:
         BLOCK_K=cfg.block_k,
         LOG_CB=max(cfg.slots, 1).bit_length() - 1,
         NARROW=min(cfg.narrow, kp),
-        MIRROR=cfg.block_m >= 16 * cfg.num_warps,  # warps split rows, not a row's columns
+        ROW_WARPS=cfg.block_m >= 16 * cfg.num_warps,  # at least 16 rows a warp
         REFINE=refine,
     )
 

@@ -223,8 +223,8 @@ def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
     kp = launch.next_pow2(k)
     schedules = [dict(narrow=w) for w in (1, 4, max(block_n, kp))]
     schedules += [dict(slots=s) for s in (max(block_n, kp), 2 * block_n, 8 * block_n)]
-    # 32 rows on 2 warps sort from ascending halves (``MIRROR``), on 4 (the rest) do not
-    assert [coneighbor_topk.topk_constants(kp, Config(32, 32, 16, num_warps=w), True)["MIRROR"]
+    # 32 rows on 2 warps: warps split the rows (``ROW_WARPS``); on 4 (the rest), the columns
+    assert [coneighbor_topk.topk_constants(kp, Config(32, 32, 16, num_warps=w), True)["ROW_WARPS"]
             for w in (2, 4)] == [True, False]  # fmt: skip
     schedules.append(dict(num_warps=2))
     outs = [
