@@ -433,14 +433,18 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     stages (the default), three stages capped at 168 registers (three programs per SM, no
     spills) and 128×128. On an H200 (`gpu6`) the fastest of them took 0.89 to 0.93 times
     the time of the fastest pointer-load candidate at B = 128 (N = 576, 1296, 2304), 0.89
-    to 0.98 at B = 32 and 0.92 to 1.02 at B = 1; the TMA default, 0.78 to 1.08
-    times that of the pointer-load default. Three more TMA candidates are experiments, not
-    yet timed: 128×256 tiles, three quarters of 128×128's operand bytes per FLOP where the
-    fastest tilings fed their operands at 5 TB/s (N >= 2304), for a merge network twice as
-    wide (sm_90a: 255 registers, 8 bytes of spills, 144 KiB of shared memory); and the
-    default and 128×128 with BLOCK_K = 128 on two stages (the same shared memory), whose K
-    step issues 8 MMAs for 99 and 100 instructions against 4 for 87 (sm_90a): 0.57 times
-    the loop's instructions per MMA, for one load in flight instead of two or three.
+    to 0.98 at B = 32 and 0.92 to 1.02 at B = 1; the TMA default, 0.78 to 1.08 times that of
+    the pointer-load default. Four more TMA candidates are experiments, not yet timed: the
+    default capped at 128 registers on two stages, four programs (16 warps) per SM instead
+    of two, for a loop whose warps mostly wait on their own dependencies (Nsight Compute,
+    `gpu6`, N = 576: of 6.25 cycles per issued instruction, 1.7 on fixed latencies and 1.0
+    on shuffles and shared memory; sm_90a: 4 bytes of spills); 128×256 tiles, three quarters
+    of 128×128's operand bytes per FLOP where the fastest tilings fed their operands at 5
+    TB/s (N >= 2304), for a merge network twice as wide (sm_90a: 255 registers, 8 bytes of
+    spills, 144 KiB of shared memory); and the default and 128×128 with BLOCK_K = 128 on two
+    stages (the same shared memory), whose K step issues 8 MMAs for 99 and 100 instructions
+    against 4 for 87 (sm_90a): 0.57 times the loop's instructions per MMA, for one load in
+    flight instead of two or three.
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
@@ -457,6 +461,7 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
         return default, (
             default,
             Config(64, 128, 64, num_warps=4, num_stages=3, maxnreg=168, tma=True),
+            Config(64, 128, 64, num_warps=4, num_stages=2, maxnreg=128, tma=True),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True),
             Config(128, 256, 64, num_warps=8, num_stages=3, narrow=16, tma=True),
             Config(64, 128, 128, num_warps=4, num_stages=2, tma=True),
