@@ -162,15 +162,17 @@ def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr, ROW_WARPS: tl.conste
     network's distance-2 and -4 stages, the most frequent, lane shuffles. Moved to just
     below the top bit, they leave those stages to register pairs within a thread (64×128
     tile: 391 lane shuffles and 4592 instructions, against 1159 and 5736 unmoved; at the
-    very top, 5368). Where warps split a row's columns it costs more than it saves
-    (kp = 128: 4128 instructions without it, 4632 with; kp = 256: 4856 and 5336;
-    kp = 1024: 24888 and 28056, and 2412 bytes of spills against 3172, but 255 registers
-    against 128, so one program per SM instead of two; none of these timed on a GPU yet).
+    very top, 5368). Where warps split a row's columns it costs more than it saves at
+    kp = 128 (4128 instructions without it, 4632 with) and 256 (4856 and 5336), so there
+    it is left out; not at kp = 1024, where it stays: without it the default build takes
+    255 registers instead of 128 (for 24888 instructions instead of 28056 and 2412 bytes
+    of spills instead of 3172) and the parked one spills more (3180 bytes against 2924).
+    None of these was timed on a GPU.
     """
     K: tl.constexpr = 1 << LOG_K
     M: tl.constexpr = x.shape[0]
     W: tl.constexpr = 1 << LOG_W
-    if ROW_WARPS and W >= 16:  # column bits 1-2 to just below the top bit: see the docstring
+    if (ROW_WARPS or LOG_K >= 10) and W >= 16:  # bits 1-2 to just below the top: see above
         x = tl.reshape(tl.permute(tl.reshape(x, (M, 2, W // 16, 4, 2)), (0, 1, 3, 2, 4)), (M, W))
     for s in tl.static_range(1, LOG_K + 1):
         if ROW_WARPS:
