@@ -15,7 +15,8 @@
 # of the kernels of one call (profile.log: speed of light, occupancy, warp states, memory;
 # N = 576 and 2304, B = 128; and each stall reason's cycles per issue at N = 576), and the
 # stalls per SASS instruction of the top-k and diffusion kernels (sass.log, and the report
-# sass.ncu-rep: a few MB, keep sass.log, gzipped).
+# sass.ncu-rep: a few MB, keep sass.log, gzipped; sass_regions.log sums them by code region:
+# per program, per tile, per K step).
 # STEPS="gpu_tests kernels" (say) runs a subset of the GPU steps, KERNEL_SIZES="576 2304"
 # (say) a subset of the benchmark's sizes.
 # A failed step does not stop the next; without a CUDA GPU the GPU steps are skipped. Exits
@@ -95,6 +96,7 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
     step sass 90 bash -c "$(declare -f ncu_kernels)
       py=$py; ncu_kernels 576 'topk|diffusion' 2 2 --section SourceCounters -f -o '$out/sass' &&
       ncu --import '$out/sass.ncu-rep' --page source --print-source sass --csv"
+    step sass_regions 20 "$py" bench/sass_regions.py "$out/sass.log"
   fi
 else
   echo "== no CUDA GPU visible: gpu_tests and bench skipped"

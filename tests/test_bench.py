@@ -70,6 +70,34 @@ def test_merge_model_blocks_are_the_merge_floor():
     assert (merges["random"], merges["blocks"]) == (2.0, 1.0)  # of the 2 tiles of a row
 
 
+def test_sass_regions_split_a_kernel_by_execution_count(tmp_path):
+    """bench/sass_regions.py on a source page laid out as Nsight Compute prints it (profiler
+    lines, then per kernel its name, a header and one row per SASS instruction): regions
+    are the instructions run equally often, each with its share of the samples."""
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
+              "stall_long_sb", "stall_wait", "stall_wait (Not Issued)"]  # fmt: skip
+    rows = [  # 4 warps: an entry run once per warp, a loop body run 10 times per warp
+        ["0x0", "LDC R1, c[0x0][0x28]", "10", "4", "0", "10", "9"],
+        ["0x10", "HGMMA.64x128x16.F32 R24", "30", "40", "20", "10", "9"],
+        ["0x20", "@!P4 BRA 0x10", "50", "40", "50", "0", "0"],
+        ["0x30", "EXIT", "10", "4", "10", "0", "0"],
+    ]
+    log = tmp_path / "sass.log"
+    with open(log, "w", newline="") as f:
+        f.write("==PROF== Connected to process 1\n")
+        writer = csv.writer(f, quoting=csv.QUOTE_ALL)
+        writer.writerows([["Kernel Name", "topk"], header, *rows])
+        writer.writerows([["Kernel Name", "diffusion"], header, rows[0]])
+    lines = _run("sass_regions.py", str(log)).splitlines()
+    assert lines == [
+        "topk",
+        "   80.0% of samples: 10 per warp, 2 sites, 80 warp instructions; long_sb 70, wait 10",
+        "   20.0% of samples: 1 per warp, 2 sites, 8 warp instructions; long_sb 10, wait 10",
+        "diffusion",
+        "  100.0% of samples: 1 per warp, 1 sites, 4 warp instructions; wait 10",
+    ]
+
+
 def test_pipeline_benchmark_smoke(tmp_path):
     _run("pipeline.py", "--images", "4", "--size", "64", "--input-size", "64", "--batch-size",
          "2", "--workers", "0", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
