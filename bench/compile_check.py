@@ -141,7 +141,7 @@ def topk_jobs(quick: bool):
                         IDX="*i32", N="i32", C="i32", K_KEEP="i32", eps="fp32",
                         LOG_KP="constexpr", BLOCK_M="constexpr", LOG_BN="constexpr",
                         BLOCK_K="constexpr", LOG_CB="constexpr", NARROW="constexpr",
-                        REFINE="constexpr", ROW_WARPS="constexpr",
+                        REFINE="constexpr", ROW_WARPS="constexpr", FLAT="constexpr",
                     )  # fmt: skip
                     constants = topk_constants(kp, cfg, refine)
                     if top is None:

@@ -240,6 +240,54 @@ def _merge_parked(
 
 
 @triton.jit
+def _slices(R, RM, RN, img, pid_b, row0, col0, k0, N, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """The slices ``R[row0 : row0 + BLOCK_M, k0 : k0 + BLOCK_K]`` and the same of the
+    columns' rows from ``col0``, of image ``pid_b`` (at ``img``), in fp16: by the copy
+    engine (RM, RN: rows past N hold another image's, or 0) or by masked loads (0 past N)."""
+    if RM is not None:
+        r = RM.load([pid_b * N + row0, k0])
+        c = RN.load([pid_b * N + col0, k0])
+    else:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = col0 + tl.arange(0, BLOCK_N)
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < N
+        r = tl.load(R + img + rows[:, None] * N + kk[None, :],
+                    mask=(rows < N)[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        c = tl.load(R + img + cols[:, None] * N + kk[None, :],
+                    mask=(cols < N)[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+    return r, c
+
+
+@triton.jit
+def _keys(s, row_ok, cols, N, C):
+    """The int32 keys of an S tile (the module's rule), -1 at rows or columns >= N."""
+    field = tl.maximum(s.to(tl.int32, bitcast=True) - S_FLOOR_BITS, 0)
+    key = ((field >> (C - 1)) << C) | (N - cols)[None, :]
+    return tl.where(row_ok[:, None] & (cols < N)[None, :], key, -1)
+
+
+@triton.jit
+def _fold(acc, kth, key, K_KEEP, LOG_KP: tl.constexpr, LOG_BN: tl.constexpr,
+          NARROW: tl.constexpr, ROW_WARPS: tl.constexpr):  # fmt: skip
+    """acc and its k-th key after a tile of keys (M, 2**LOG_BN) with ``LOG_CB = 0``: merged
+    whole if a row holds more than NARROW keys above its k-th, else by `_merge_largest`."""
+    KP: tl.constexpr = 1 << LOG_KP
+    new = (key > kth[:, None]).to(tl.int32)  # could still enter the top k
+    # The most candidates in one row (without NARROW, whether there are any).
+    most = tl.max(tl.sum(new, axis=1)) if NARROW > 0 else tl.max(new)
+    if most > NARROW:
+        acc = _merge(acc, key, LOG_KP, LOG_BN, ROW_WARPS)
+        kth = _kth(acc, K_KEEP, KP)
+    elif NARROW > 0:
+        if most > 0:
+            acc = _merge_largest(acc, tl.where(new > 0, key, -1), most, LOG_KP)
+            kth = _kth(acc, K_KEEP, KP)
+    return acc, kth
+
+
+@triton.jit
 def _exponent(TOP, b):
     """e with ``2**e > TOP[b]`` >= image b's largest entry, -126 <= e <= 126 (frexp's)."""
     top = tl.load(TOP + b).to(tl.float32)
@@ -269,6 +317,7 @@ def coneighbor_topk_kernel(
     NARROW: tl.constexpr,  # LOG_CB = 0: tiles with <= NARROW keys per row to `_merge_largest`
     REFINE: tl.constexpr,  # epilogue: the refinement (Eq. 7), or TOP(S, k) as (S, index)
     ROW_WARPS: tl.constexpr,  # warps split the rows, not a row's columns (`_topk_desc`)
+    FLAT: tl.constexpr,  # one loop over (tile, K step) instead of a K loop per tile (LOG_CB 0)
 ):
     KP: tl.constexpr = 1 << LOG_KP
     BLOCK_N: tl.constexpr = 1 << LOG_BN
@@ -285,47 +334,45 @@ def coneighbor_topk_kernel(
     kth = tl.full((BLOCK_M,), -1, tl.int32)  # k-th largest key so far: the bar to enter
     n_tiles = (N + BLOCK_N - 1) // BLOCK_N
     first = (pid_m * BLOCK_M) // BLOCK_N
-    for t in range(n_tiles + 1):  # the last pass only merges what is still parked
-        if LOG_CB > 0:
-            if (tl.max(held) > (1 << LOG_CB) - BLOCK_N) | (t == n_tiles):
-                acc = _merge_parked(acc, buf, held, LOG_KP, LOG_CW, ROW_WARPS)
-                kth = _kth(acc, K_KEEP, KP)
-                held = tl.zeros((BLOCK_M,), tl.int32)
-        if t < n_tiles:
-            col0 = ((first + t) % n_tiles) * BLOCK_N
-            cols = col0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for k0 in range(0, N, BLOCK_K):
-                if RM is not None:  # the copy engine; rows past N: another image's, or 0
-                    r = RM.load([pid_b * N + pid_m * BLOCK_M, k0])
-                    c = RN.load([pid_b * N + col0, k0])
-                else:
-                    kk = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = kk < N
-                    r = tl.load(R + img + rows[:, None] * N + kk[None, :],
-                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-                    c = tl.load(R + img + cols[:, None] * N + kk[None, :],
-                                mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-                s = tl.dot(r, tl.trans(c), s)
-            field = tl.maximum(s.to(tl.int32, bitcast=True) - S_FLOOR_BITS, 0)
-            key = ((field >> (C - 1)) << C) | (N - cols)[None, :]
-            key = tl.where(row_ok[:, None] & col_ok[None, :], key, -1)
-            new = (key > kth[:, None]).to(tl.int32)  # could still enter the top k
-            if LOG_CB == 0:
-                # The most candidates in one row (without NARROW, whether there are any).
-                most = tl.max(tl.sum(new, axis=1)) if NARROW > 0 else tl.max(new)
-                if most > NARROW:
-                    acc = _merge(acc, key, LOG_KP, LOG_BN, ROW_WARPS)
+    if FLAT:  # one loop over (tile, K step): the next tile's first slices load meanwhile
+        tl.static_assert(LOG_CB == 0, "FLAT merges tiles directly")
+        k0 = 0
+        col0 = first * BLOCK_N
+        s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for _ in range(n_tiles * tl.cdiv(N, BLOCK_K)):
+            r, c = _slices(R, RM, RN, img, pid_b, pid_m * BLOCK_M, col0, k0, N,
+                           BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+            s = tl.dot(r, tl.trans(c), s)
+            last = k0 + BLOCK_K >= N  # the tile's last K step
+            if last:
+                key = _keys(s, row_ok, col0 + tl.arange(0, BLOCK_N), N, C)
+                acc, kth = _fold(acc, kth, key, K_KEEP, LOG_KP, LOG_BN, NARROW, ROW_WARPS)
+                s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            k0 = tl.where(last, 0, k0 + BLOCK_K)
+            col0 = tl.where(last, tl.where(col0 + BLOCK_N < N, col0 + BLOCK_N, 0), col0)
+    else:
+        for t in range(n_tiles + 1):  # the last pass only merges what is still parked
+            if LOG_CB > 0:
+                if (tl.max(held) > (1 << LOG_CB) - BLOCK_N) | (t == n_tiles):
+                    acc = _merge_parked(acc, buf, held, LOG_KP, LOG_CW, ROW_WARPS)
                     kth = _kth(acc, K_KEEP, KP)
-                elif NARROW > 0:
-                    if most > 0:
-                        acc = _merge_largest(acc, tl.where(new > 0, key, -1), most, LOG_KP)
-                        kth = _kth(acc, K_KEEP, KP)
-            else:
-                spot = held[:, None] + tl.cumsum(new, axis=1) - 1
-                tl.store(buf + spot, key, mask=new > 0)
-                held += tl.sum(new, axis=1)
+                    held = tl.zeros((BLOCK_M,), tl.int32)
+            if t < n_tiles:
+                col0 = ((first + t) % n_tiles) * BLOCK_N
+                cols = col0 + tl.arange(0, BLOCK_N)
+                s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                for k0 in range(0, N, BLOCK_K):
+                    r, c = _slices(R, RM, RN, img, pid_b, pid_m * BLOCK_M, col0, k0, N,
+                                   BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                    s = tl.dot(r, tl.trans(c), s)
+                key = _keys(s, row_ok, cols, N, C)
+                if LOG_CB == 0:
+                    acc, kth = _fold(acc, kth, key, K_KEEP, LOG_KP, LOG_BN, NARROW, ROW_WARPS)
+                else:
+                    new = (key > kth[:, None]).to(tl.int32)  # could still enter the top k
+                    spot = held[:, None] + tl.cumsum(new, axis=1) - 1
+                    tl.store(buf + spot, key, mask=new > 0)
+                    held += tl.sum(new, axis=1)
 
     # Epilogue: acc[:, KP-1-p] holds place p of the descending order.
     place = KP - 1 - tl.arange(0, KP)
@@ -446,7 +493,10 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     spills, 144 KiB of shared memory); and the default and 128×128 with BLOCK_K = 128 on two
     stages (the same shared memory), whose K step issues 8 MMAs for 99 and 100 instructions
     against 4 for 87 (sm_90a): 0.57 times the loop's instructions per MMA, for one load in
-    flight instead of two or three.
+    flight instead of two or three. Two more, the default and 128×128 with ``flat``, run one
+    loop over (tile, K step) instead of a K loop per tile, so that the copies of a tile's
+    first slices are in flight during the previous tile's keys and merge (sm_90a: the
+    pipeliner issues them there, 94 instructions per K step against 87).
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
@@ -468,6 +518,8 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
             Config(128, 256, 64, num_warps=8, num_stages=3, narrow=16, tma=True),
             Config(64, 128, 128, num_warps=4, num_stages=2, tma=True),
             Config(128, 128, 128, num_warps=8, num_stages=2, narrow=16, tma=True),
+            Config(64, 128, 64, num_warps=4, num_stages=4, tma=True, flat=True),
+            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True, flat=True),
         )
     if kp <= 64:
         default = Config(64, 128, 64, num_warps=4, num_stages=3)
@@ -497,6 +549,7 @@ def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:
         NARROW=min(cfg.narrow, kp),
         ROW_WARPS=cfg.block_m >= 16 * cfg.num_warps,  # at least 16 rows a warp
         REFINE=refine,
+        FLAT=cfg.flat,
     )
 
 

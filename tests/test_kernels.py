@@ -216,9 +216,10 @@ def test_refine_structured_attention(gen, kind):
 def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
     """Merging whole tiles, taking a tile's few candidates one at a time (narrow: up to 1,
     some, or every tile), or parking candidates in few slots (a merge before almost every
-    tile) or many (one merge at the end, over several chunks of slots), and sorting runs
-    from ascending halves or by alternating bitonic merges, keeps the same unique keys:
-    bitwise equal outputs for configs that differ only in the schedule."""
+    tile) or many (one merge at the end, over several chunks of slots), sorting runs from
+    ascending halves or by alternating bitonic merges, and one loop over the (tile, K step)
+    pairs instead of a K loop per tile keep the same unique keys: bitwise equal outputs for
+    configs that differ only in the schedule."""
     (A,) = to_device(random_attention(1, n, n, generator=gen, dtype=dtype))
     kp = launch.next_pow2(k)
     schedules = [dict(narrow=w) for w in (1, 4, max(block_n, kp))]
@@ -227,6 +228,7 @@ def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
     assert [coneighbor_topk.topk_constants(kp, Config(32, 32, 16, num_warps=w), True)["ROW_WARPS"]
             for w in (2, 4)] == [True, False]  # fmt: skip
     schedules.append(dict(num_warps=2))
+    schedules += [dict(flat=True), dict(flat=True, narrow=4)]  # one loop over (tile, K step)
     outs = [
         coneighbor_topk.refine_sparse(A, k, reference.EPS, config=Config(32, block_n, 16, **s))
         for s in [{}, *schedules]
@@ -243,13 +245,16 @@ def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
 def test_refine_tma_loads_agree(gen, n, block_k, dtype):
     """R's slices by the copy engine (TMA descriptors over all images' rows: a row block
     that runs past N reads the next image, or zeros after the last, and a K slice past N
-    zeros) give bitwise the outputs of masked pointer loads; N not divisible by 8 is
-    refused."""
+    zeros), in a K loop per tile or in one loop over (tile, K step), give bitwise the
+    outputs of masked pointer loads; N not divisible by 8 is refused."""
     (A,) = to_device(random_attention(3, n, n, generator=gen, dtype=dtype))
     loads, tma = Config(32, 32, block_k), Config(32, 32, block_k, tma=True)
-    outs = [coneighbor_topk.refine_sparse(A, 6, reference.EPS, config=c) for c in (loads, tma)]
+    flat = dataclasses.replace(tma, flat=True)
+    configs = (loads, tma, flat)
+    outs = [coneighbor_topk.refine_sparse(A, 6, reference.EPS, config=c) for c in configs]
     check_refinement(A, 6, *outs[1])
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for w, idx in outs[1:]:
+        assert torch.equal(outs[0][0], w) and torch.equal(outs[0][1], idx)
     with pytest.raises(ValueError, match="divisible by 8"):
         coneighbor_topk.refine_sparse(A[:, 2:, 2:].contiguous(), 6, reference.EPS, config=tma)
 
@@ -689,11 +694,11 @@ def test_gpu_merge_schedules_agree(n):
 @pytest.mark.parametrize("n", [576, 2304])
 def test_gpu_tma_candidates_agree(n):
     """Each candidate that takes R by the copy engine (TMA) gives bitwise the output of its
-    config with pointer loads (and no register cap)."""
+    config with pointer loads (and no register cap, and a K loop per tile)."""
     gen = torch.Generator().manual_seed(n + 2)
     A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
     for cfg in coneighbor_topk.topk_configs(64, aligned=True)[1]:
-        loads = dataclasses.replace(cfg, tma=False, maxnreg=0)
+        loads = dataclasses.replace(cfg, tma=False, maxnreg=0, flat=False)
         w, idx = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=cfg)
         w_ref, idx_ref = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=loads)
         assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref), cfg
