@@ -228,7 +228,7 @@ def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
     assert [coneighbor_topk.topk_constants(kp, Config(32, 32, 16, num_warps=w), True)["ROW_WARPS"]
             for w in (2, 4)] == [True, False]  # fmt: skip
     schedules.append(dict(num_warps=2))
-    schedules += [dict(flat=True), dict(flat=True, narrow=4)]  # one loop over (tile, K step)
+    schedules.append(dict(flat=True, narrow=4))  # one loop over (tile, K step)
     outs = [
         coneighbor_topk.refine_sparse(A, k, reference.EPS, config=Config(32, block_n, 16, **s))
         for s in [{}, *schedules]
