@@ -359,7 +359,7 @@ def coneighbor_topk_kernel(
                     held = tl.zeros((BLOCK_M,), tl.int32)
             if t < n_tiles:
                 col0 = ((first + t) % n_tiles) * BLOCK_N
-                cols = col0 + tl.arange(0, BLOCK_N)
+                cols = col0 + tl.arange(0, BLOCK_N)  # after the K loop, Triton 3.8 spills
                 s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
                 for k0 in range(0, N, BLOCK_K):
                     r, c = _slices(R, RM, RN, img, pid_b, pid_m * BLOCK_M, col0, k0, N,
