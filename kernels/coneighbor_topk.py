@@ -23,6 +23,9 @@ The slices arrive by masked pointer loads, or (config ``tma``) by the copy engin
 TMA descriptors of R viewed as (B·N, N): the same values wherever S is used (slices past
 row N hold the next image's rows, or zeros after the last image, and the keys of rows and
 columns >= N are masked), in the same order, so the same S; tests check both bitwise.
+With config ``flat``, one loop runs over the (tile, K step) pairs and a tile's keys and
+merge sit in a branch on its last K step, so that the software pipeline already has the
+next tile's first slices in flight during them; the same S, merged in the same order.
 
 Top-k keys: S >= 0, so the bits of an fp32 value read as an integer order like the value.
 With ``f = max(bits(S_ij) - bits(2**-62), 0)`` (< 2**30, since S < 2**64) and
@@ -493,10 +496,11 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     spills, 144 KiB of shared memory); and the default and 128×128 with BLOCK_K = 128 on two
     stages (the same shared memory), whose K step issues 8 MMAs for 99 and 100 instructions
     against 4 for 87 (sm_90a): 0.57 times the loop's instructions per MMA, for one load in
-    flight instead of two or three. Two more, the default and 128×128 with ``flat``, run one
-    loop over (tile, K step) instead of a K loop per tile, so that the copies of a tile's
-    first slices are in flight during the previous tile's keys and merge (sm_90a: the
-    pipeliner issues them there, 94 instructions per K step against 87).
+    flight instead of two or three. Two more experiments, the default and 128×128 narrow =
+    16 with ``flat``, run one loop over (tile, K step) instead of a K loop per tile, so
+    that the copies of a tile's first slices are in flight during the previous tile's keys
+    and merge (sm_90a: the pipeliner issues them there, 94 instructions per K step against
+    87).
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
