@@ -142,6 +142,7 @@ def topk_jobs(quick: bool):
                         LOG_KP="constexpr", BLOCK_M="constexpr", LOG_BN="constexpr",
                         BLOCK_K="constexpr", LOG_CB="constexpr", NARROW="constexpr",
                         REFINE="constexpr", ROW_WARPS="constexpr", FLAT="constexpr",
+                        LOCKSTEP="constexpr",
                     )  # fmt: skip
                     constants = topk_constants(kp, cfg, refine)
                     if top is None:

@@ -243,6 +243,18 @@ def _merge_parked(
 
 
 @triton.jit
+def _column_tile(t, first, n_tiles, LOCKSTEP: tl.constexpr):
+    """The column tile that a program whose diagonal is tile ``first`` takes at its step t:
+    its diagonal first, then the others in order from tile 0 (LOCKSTEP: the same order for
+    every program, so that an image's programs read each column tile at about one time),
+    or the ones after it, wrapping around."""
+    if LOCKSTEP:
+        return tl.where(t == 0, first, t - 1 + (t - 1 >= first).to(tl.int32))
+    j = first + t
+    return tl.where(j >= n_tiles, j - n_tiles, j)
+
+
+@triton.jit
 def _slices(R, RM, RN, img, pid_b, row0, col0, k0, N, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """The slices ``R[row0 : row0 + BLOCK_M, k0 : k0 + BLOCK_K]`` and the same of the
@@ -321,6 +333,7 @@ def coneighbor_topk_kernel(
     REFINE: tl.constexpr,  # epilogue: the refinement (Eq. 7), or TOP(S, k) as (S, index)
     ROW_WARPS: tl.constexpr,  # warps split the rows, not a row's columns (`_topk_desc`)
     FLAT: tl.constexpr,  # one loop over (tile, K step) instead of a K loop per tile (LOG_CB 0)
+    LOCKSTEP: tl.constexpr,  # column tiles in one order for all programs (`_column_tile`)
 ):
     KP: tl.constexpr = 1 << LOG_KP
     BLOCK_N: tl.constexpr = 1 << LOG_BN
@@ -340,9 +353,10 @@ def coneighbor_topk_kernel(
     if FLAT:  # one loop over (tile, K step): the next tile's first slices load meanwhile
         tl.static_assert(LOG_CB == 0, "FLAT merges tiles directly")
         k0 = 0
-        col0 = first * BLOCK_N
+        t = 0
         s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for _ in range(n_tiles * tl.cdiv(N, BLOCK_K)):
+            col0 = _column_tile(t, first, n_tiles, LOCKSTEP) * BLOCK_N
             r, c = _slices(R, RM, RN, img, pid_b, pid_m * BLOCK_M, col0, k0, N,
                            BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
             s = tl.dot(r, tl.trans(c), s)
@@ -352,7 +366,7 @@ def coneighbor_topk_kernel(
                 acc, kth = _fold(acc, kth, key, K_KEEP, LOG_KP, LOG_BN, NARROW, ROW_WARPS)
                 s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             k0 = tl.where(last, 0, k0 + BLOCK_K)
-            col0 = tl.where(last, tl.where(col0 + BLOCK_N < N, col0 + BLOCK_N, 0), col0)
+            t = tl.where(last, t + 1, t)
     else:
         for t in range(n_tiles + 1):  # the last pass only merges what is still parked
             if LOG_CB > 0:
@@ -361,7 +375,7 @@ def coneighbor_topk_kernel(
                     kth = _kth(acc, K_KEEP, KP)
                     held = tl.zeros((BLOCK_M,), tl.int32)
             if t < n_tiles:
-                col0 = ((first + t) % n_tiles) * BLOCK_N
+                col0 = _column_tile(t, first, n_tiles, LOCKSTEP) * BLOCK_N
                 cols = col0 + tl.arange(0, BLOCK_N)  # after the K loop, Triton 3.8 spills
                 s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
                 for k0 in range(0, N, BLOCK_K):
@@ -499,8 +513,12 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     flight instead of two or three. Two more experiments, the default and 128×128 narrow =
     16 with ``flat``, run one loop over (tile, K step) instead of a K loop per tile, so
     that the copies of a tile's first slices are in flight during the previous tile's keys
-    and merge (sm_90a: the pipeliner issues them there, 94 instructions per K step against
-    87).
+    and merge (sm_90a: the pipeliner issues them there, 101 instructions per K step against
+    88). And two, the same tilings with ``lockstep``, walk the column tiles after the
+    diagonal one in one order for all programs, so that an image's programs read each
+    column tile at about one time: L2 keeps the column tiles in use, a few MB, instead of
+    the whole images in flight (at N = 2304, B = 128, about 78 MB against an L2 of 50,
+    where the one profile there put the L2 hit rate at 45 %).
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
@@ -524,6 +542,8 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
             Config(128, 128, 128, num_warps=8, num_stages=2, narrow=16, tma=True),
             Config(64, 128, 64, num_warps=4, num_stages=4, tma=True, flat=True),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True, flat=True),
+            Config(64, 128, 64, num_warps=4, num_stages=4, tma=True, lockstep=True),
+            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True, lockstep=True),
         )
     if kp <= 64:
         default = Config(64, 128, 64, num_warps=4, num_stages=3)
@@ -554,6 +574,7 @@ def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:
         ROW_WARPS=cfg.block_m >= 16 * cfg.num_warps,  # at least 16 rows a warp
         REFINE=refine,
         FLAT=cfg.flat,
+        LOCKSTEP=cfg.lockstep,
     )
 
 

@@ -31,12 +31,13 @@ HELP = 'use backend="torch" for the portable path'
 
 @dataclass(frozen=True)
 class Config:
-    """Block sizes, merge schedule, operand loads and loop (top-k kernel: ``slots``,
-    ``narrow``, ``tma``; ``flat``, one loop over (tile, K step)), programs per image and
-    class block and loads (diffusion: ``parts``, 0 to fill the GPU; ``prefetch``, sources a
-    chunk ahead) and launch options of one kernel variant (unused fields are 0; ``maxnreg``
-    0 leaves the registers to ptxas; ``num_stages`` defaults to Triton's own CUDA default,
-    so that a kernel launched without it builds as its Config says)."""
+    """Block sizes, merge schedule, operand loads and loops (top-k kernel: ``slots``,
+    ``narrow``, ``tma``; ``flat``, one loop over (tile, K step); ``lockstep``, one column
+    order for all programs), programs per image and class block and loads (diffusion:
+    ``parts``, 0 to fill the GPU; ``prefetch``, sources a chunk ahead) and launch options of
+    one kernel variant (unused fields are 0; ``maxnreg`` 0 leaves the registers to ptxas;
+    ``num_stages`` defaults to Triton's own CUDA default, so that a kernel launched without
+    it builds as its Config says)."""
 
     block_m: int = 0
     block_n: int = 0
@@ -49,6 +50,7 @@ class Config:
     maxnreg: int = 0
     tma: bool = False
     flat: bool = False
+    lockstep: bool = False
     prefetch: bool = False
 
     def launch_options(self) -> dict[str, int]:

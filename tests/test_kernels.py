@@ -217,9 +217,10 @@ def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
     """Merging whole tiles, taking a tile's few candidates one at a time (narrow: up to 1,
     some, or every tile), or parking candidates in few slots (a merge before almost every
     tile) or many (one merge at the end, over several chunks of slots), sorting runs from
-    ascending halves or by alternating bitonic merges, and one loop over the (tile, K step)
-    pairs instead of a K loop per tile keep the same unique keys: bitwise equal outputs for
-    configs that differ only in the schedule."""
+    ascending halves or by alternating bitonic merges, one loop over the (tile, K step)
+    pairs instead of a K loop per tile, and the column tiles in one order for all programs
+    keep the same unique keys: bitwise equal outputs for configs that differ only in the
+    schedule."""
     (A,) = to_device(random_attention(1, n, n, generator=gen, dtype=dtype))
     kp = launch.next_pow2(k)
     schedules = [dict(narrow=w) for w in (1, 4, max(block_n, kp))]
@@ -228,7 +229,8 @@ def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
     assert [coneighbor_topk.topk_constants(kp, Config(32, 32, 16, num_warps=w), True)["ROW_WARPS"]
             for w in (2, 4)] == [True, False]  # fmt: skip
     schedules.append(dict(num_warps=2))
-    schedules.append(dict(flat=True, narrow=4))  # one loop over (tile, K step)
+    # One loop over (tile, K step); one order of column tiles for all programs.
+    schedules += [dict(lockstep=True), dict(flat=True, narrow=4, lockstep=True)]
     outs = [
         coneighbor_topk.refine_sparse(A, k, reference.EPS, config=Config(32, block_n, 16, **s))
         for s in [{}, *schedules]
@@ -694,11 +696,12 @@ def test_gpu_merge_schedules_agree(n):
 @pytest.mark.parametrize("n", [576, 2304])
 def test_gpu_tma_candidates_agree(n):
     """Each candidate that takes R by the copy engine (TMA) gives bitwise the output of its
-    config with pointer loads (and no register cap, and a K loop per tile)."""
+    config with pointer loads (and no register cap, a K loop per tile and each program's
+    own column order)."""
     gen = torch.Generator().manual_seed(n + 2)
     A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
     for cfg in coneighbor_topk.topk_configs(64, aligned=True)[1]:
-        loads = dataclasses.replace(cfg, tma=False, maxnreg=0, flat=False)
+        loads = dataclasses.replace(cfg, tma=False, maxnreg=0, flat=False, lockstep=False)
         w, idx = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=cfg)
         w_ref, idx_ref = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=loads)
         assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref), cfg
