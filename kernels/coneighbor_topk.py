@@ -10,22 +10,24 @@ turns the kept columns into the sparse refined attention of Eq. 7, exactly as
     mass <= eps  ->  idx[i, 0] = i, w[i, :] = (1, 0, ..., 0)   (the self row)
 
 Tiling: a program owns ``BLOCK_M`` rows of one image and sweeps the column tiles of width
-``BLOCK_N``, starting at the tile that holds its diagonal (the largest entries, S_ii,
-and for real attention the spatial neighbours) so the running threshold rises early. Each
-S tile is a ``tl.dot`` over ``BLOCK_K`` slices of R in fp16, fp32 accumulation. R is taken
-once per image by `root_kernel` (not on every load: the (BLOCK_M + BLOCK_N)·N square roots
-per tile would cost more than its dot), in chunks of whole images of at most
-``ROOT_CHUNK`` entries, as ``fp16(sqrt(A · 2**-e))`` with a per-image power of two that
-keeps R < 1: the same relative rounding (2**-11) as the tf32 a fp32 dot would use, for
-fp32, fp16 and bf16 attention alike, at half the bytes and twice the tensor-core rate.
-The scale multiplies a whole image's S by one constant, so no row's order changes.
-The slices arrive by masked pointer loads, or (config ``tma``) by the copy engine from two
-TMA descriptors of R viewed as (B·N, N): the same values wherever S is used (slices past
-row N hold the next image's rows, or zeros after the last image, and the keys of rows and
-columns >= N are masked), in the same order, so the same S; tests check both bitwise.
+``BLOCK_N``, starting at the tile that holds its diagonal (the largest entries, S_ii, and
+for real attention the spatial neighbours) so the running threshold rises early, then the
+tiles after it, wrapping around (config ``lockstep``: the others from tile 0, one order for
+every program, so that an image's programs read each tile at about one time and L2 holds the
+tiles in use rather than whole images). Each S tile is a ``tl.dot`` over ``BLOCK_K`` slices
+of R in fp16, fp32 accumulation. R is taken once per image by `root_kernel` (not on every
+load: the (BLOCK_M + BLOCK_N)·N square roots per tile would cost more than its dot), in
+chunks of whole images of at most ``ROOT_CHUNK`` entries, as ``fp16(sqrt(A · 2**-e))`` with
+a per-image power of two that keeps R < 1: the same relative rounding (2**-11) as the tf32 a
+fp32 dot would use, for fp32, fp16 and bf16 attention alike, at half the bytes and twice the
+tensor-core rate. The scale multiplies a whole image's S by one constant, so no row's order
+changes. The slices arrive by masked pointer loads, or (config ``tma``) by the copy engine
+from two TMA descriptors of R viewed as (B·N, N): the same values wherever S is used (slices
+past row N hold the next image's rows, or zeros after the last image, and the keys of rows
+and columns >= N are masked), in the same order, so the same S; tests check both bitwise.
 With config ``flat``, one loop runs over the (tile, K step) pairs and a tile's keys and
-merge sit in a branch on its last K step, so that the software pipeline already has the
-next tile's first slices in flight during them; the same S, merged in the same order.
+merge sit in a branch on its last K step, so that the software pipeline already has the next
+tile's first slices in flight during them; the same S, merged in the same order.
 
 Top-k keys: S >= 0, so the bits of an fp32 value read as an integer order like the value.
 With ``f = max(bits(S_ij) - bits(2**-62), 0)`` (< 2**30, since S < 2**64) and
@@ -376,7 +378,7 @@ def coneighbor_topk_kernel(
                     held = tl.zeros((BLOCK_M,), tl.int32)
             if t < n_tiles:
                 col0 = _column_tile(t, first, n_tiles, LOCKSTEP) * BLOCK_N
-                cols = col0 + tl.arange(0, BLOCK_N)  # after the K loop, Triton 3.8 spills
+                cols = col0 + tl.arange(0, BLOCK_N)  # taken after the K loop, 3.8 spills
                 s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
                 for k0 in range(0, N, BLOCK_K):
                     r, c = _slices(R, RM, RN, img, pid_b, pid_m * BLOCK_M, col0, k0, N,
