@@ -87,15 +87,15 @@ DIVISIBLE = {"N", "NN", "E", "span"}
 assume the same (``span``, the diffusion's edges per program, is a multiple of its chunk)."""
 
 
-def compile_one(label: str, fn, signature: dict, constants: dict, cfg: Config) -> bool:
+def compile_one(label: str, fn, sig: dict, constants: dict, cfg: Config) -> bool:
     attrs = {
         (i,): [["tt.divisibility", 16]]
-        for i, (name, kind) in enumerate(signature.items())
+        for i, (name, kind) in enumerate(sig.items())
         if kind.startswith("*") or name in DIVISIBLE
     }
     try:
         kernel = triton.compile(
-            ASTSource(fn, signature, constants, attrs),
+            ASTSource(fn, sig, constants, attrs),
             target=HOPPER,
             options=cfg.launch_options(),
         )
@@ -112,6 +112,15 @@ def compile_one(label: str, fn, signature: dict, constants: dict, cfg: Config) -
         f"loads={copy} sass={sass_instructions(kernel.asm['cubin'])}"
     )
     return True
+
+
+def signature(fn, **types: str) -> dict[str, str]:
+    """``fn``'s parameters in order, for ``ASTSource``: each typed as in ``types`` (a pointer
+    passed as None is "constexpr"), its constexpr parameters "constexpr"."""
+    missing = [p.name for p in fn.params if not p.is_constexpr and p.name not in types]
+    if missing:
+        raise ValueError(f"no type for {fn.__name__}'s {', '.join(missing)}")
+    return {p.name: types.get(p.name, "constexpr") for p in fn.params}
 
 
 def _unique(default: Config, candidates: Sequence[Config]) -> list[Config]:
@@ -135,14 +144,10 @@ def topk_jobs(quick: bool):
                         f"tensordesc<fp16[{rows}, {cfg.block_k}]>" if cfg.tma else "constexpr"
                         for rows in (cfg.block_m, cfg.block_n)
                     )
-                    signature = dict(
-                        R="*fp16", RM=rm, RN=rn, A=f"*{name}", TOP=top or "constexpr",
-                        BUF="*i32", W="*fp32",
-                        IDX="*i32", N="i32", C="i32", K_KEEP="i32", eps="fp32",
-                        LOG_KP="constexpr", BLOCK_M="constexpr", LOG_BN="constexpr",
-                        BLOCK_K="constexpr", LOG_CB="constexpr", NARROW="constexpr",
-                        REFINE="constexpr", ROW_WARPS="constexpr", FLAT="constexpr",
-                        LOCKSTEP="constexpr",
+                    sig = signature(
+                        coneighbor_topk_kernel, R="*fp16", RM=rm, RN=rn, A=f"*{name}",
+                        TOP=top or "constexpr", BUF="*i32", W="*fp32", IDX="*i32", N="i32",
+                        C="i32", K_KEEP="i32", eps="fp32",
                     )  # fmt: skip
                     constants = topk_constants(kp, cfg, refine)
                     if top is None:
@@ -150,51 +155,47 @@ def topk_jobs(quick: bool):
                     if not cfg.tma:
                         constants |= dict(RM=None, RN=None)
                     label = f"topk {name} kp={kp} {cfg}" + ("" if refine else " TOP(S,k)")
-                    yield label, coneighbor_topk_kernel, signature, constants, cfg
+                    yield label, coneighbor_topk_kernel, sig, constants, cfg
 
 
 def diffusion_jobs(quick: bool):
     default, candidates = diffusion_configs(20, torch.device("cuda"))
     for cfg in [default] if quick else _unique(default, candidates):
-        signature = dict(
-            SCR="*fp32", OUT="*fp32", SRC="*i32", DST="*i32", WGT="*fp32",
-            WALK="constexpr" if cfg.parts == 1 else "*i32",
-            N="i32", K="i32", KB="i32", E="i32", span="i32", step0="i32", steps="i32",
-            last="i32",
-            BLOCK_C="constexpr", LOG_T="constexpr", G="constexpr", PREFETCH="constexpr",
+        sig = signature(
+            diffusion_kernel, SCR="*fp32", OUT="*fp32", SRC="*i32", DST="*i32", WGT="*fp32",
+            WALK="constexpr" if cfg.parts == 1 else "*i32", N="i32", K="i32", KB="i32",
+            E="i32", span="i32", step0="i32", steps="i32", last="i32",
         )  # fmt: skip
         constants = diffusion_constants(cfg) | ({"WALK": None} if cfg.parts == 1 else {})
-        yield f"diffusion {cfg}", diffusion_kernel, signature, constants, cfg
+        yield f"diffusion {cfg}", diffusion_kernel, sig, constants, cfg
 
 
 def root_jobs():
     for name, top in (("fp32", "*fp32"), ("fp16", None)):
-        signature = dict(
-            A=f"*{name}", TOP=top or "constexpr", R="*fp16", NN="i32", BLOCK="constexpr"
-        )
+        sig = signature(root_kernel, A=f"*{name}", TOP=top or "constexpr", R="*fp16", NN="i32")
         constants = dict(BLOCK=1024) if top else dict(BLOCK=1024, TOP=None)
-        yield f"root {name}", root_kernel, signature, constants, Config()
+        yield f"root {name}", root_kernel, sig, constants, Config()
 
 
 def csr_jobs():
-    keys = dict(IDX="*i32", KEY="*i32", N="i32", R="i32", EDGES="i32", BLOCK="constexpr")
+    keys = signature(csr.edge_keys_kernel, IDX="*i32", KEY="*i32", N="i32", R="i32", EDGES="i32")
     yield "csr keys", csr.edge_keys_kernel, keys, dict(BLOCK=csr.BLOCK), Config()
-    arrays = dict(
-        POS="*i64", KEY="*i32", W="*fp32", SRC="*i32", DST="*i32", WGT="*fp32",
-        N="i32", R="i32", EDGES="i32", BLOCK="constexpr",
+    arrays = signature(
+        csr.edge_arrays_kernel, POS="*i64", KEY="*i32", W="*fp32", SRC="*i32", DST="*i32",
+        WGT="*fp32", N="i32", R="i32", EDGES="i32",
     )  # fmt: skip
     yield "csr arrays", csr.edge_arrays_kernel, arrays, dict(BLOCK=csr.BLOCK), Config()
     # The counting build at k = 50 (R + 1 = 51 places a row) and N = 576 (36 chunks).
-    counts = dict(IDX="*i32", CNT="*i32", N="i32", R="i32", ROWS="i32",
-                  BLOCK_I="constexpr", BLOCK_R="constexpr")  # fmt: skip
+    counts = signature(csr.edge_counts_kernel, IDX="*i32", CNT="*i32", N="i32", R="i32",
+                       ROWS="i32")  # fmt: skip
     yield "csr counts", csr.edge_counts_kernel, counts, dict(BLOCK_I=16, BLOCK_R=64), Config()
-    offsets = dict(CNT="*i32", TOT="*i32", N="i32", CHUNKS="i32",
-                   BLOCK_C="constexpr", BLOCK_J="constexpr")  # fmt: skip
+    offsets = signature(csr.chunk_offsets_kernel, CNT="*i32", TOT="*i32", N="i32",
+                        CHUNKS="i32")  # fmt: skip
     constants = dict(BLOCK_C=64, BLOCK_J=64)
     yield "csr offsets", csr.chunk_offsets_kernel, offsets, constants, Config()
-    place = dict(
-        IDX="*i32", W="*fp32", NEXT="*i32", BASE="*i32", SRC="*i32", DST="*i32", WGT="*fp32",
-        N="i32", R="i32", ROWS="i32", BLOCK_R="constexpr",
+    place = signature(
+        csr.edge_place_kernel, IDX="*i32", W="*fp32", NEXT="*i32", BASE="*i32", SRC="*i32",
+        DST="*i32", WGT="*fp32", N="i32", R="i32", ROWS="i32",
     )  # fmt: skip
     yield "csr place", csr.edge_place_kernel, place, dict(BLOCK_R=64), Config(num_warps=1)
 
