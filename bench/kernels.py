@@ -252,9 +252,8 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     row["similarity_tflops"] = flops / sim_ms / 1e9
     root = torch.empty(As[0].shape, dtype=torch.float16, device=device)
     if b * n * n > coneighbor_topk.ROOT_CHUNK:  # in chunks of images: with 4 times larger
-        # ones (fewer, fuller launches, against 4 times the memory for sqrt(A)), with chunks
-        # of the memory cap instead of those that fill whole waves, and through one buffer
-        # (twice the images a chunk, one stream: no chunk beside another)
+        # ones (fewer, fuller launches, against 4 times the memory for sqrt(A)), and with
+        # chunks of the memory cap instead of those that fill whole waves
         chunk4x = 4 * coneighbor_topk.ROOT_CHUNK
 
         def at_cap(b: int, cap: int, programs: int, slots: int) -> int:
@@ -263,7 +262,6 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
         for label, patch in [
             ("chunk4x", mock.patch.object(coneighbor_topk, "ROOT_CHUNK", chunk4x)),
             ("cap_chunks", mock.patch.object(coneighbor_topk, "images_per_launch", at_cap)),
-            ("one_buffer", mock.patch.object(coneighbor_topk, "ROOT_BUFFERS", 1)),
         ]:
             with patch:
                 row[f"similarity_{label}_ms"] = time_ms(

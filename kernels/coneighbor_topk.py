@@ -17,7 +17,7 @@ every program, so that an image's programs read each tile at about one time and 
 tiles in use rather than whole images). Each S tile is a ``tl.dot`` over ``BLOCK_K`` slices
 of R in fp16, fp32 accumulation. R is taken once per image by `root_kernel` (not on every
 load: the (BLOCK_M + BLOCK_N)·N square roots per tile would cost more than its dot), in
-chunks of whole images (`ROOT_CHUNK`), as ``fp16(sqrt(A · 2**-e))`` with
+chunks of whole images of at most ``ROOT_CHUNK`` entries, as ``fp16(sqrt(A · 2**-e))`` with
 a per-image power of two that keeps R < 1: the same relative rounding (2**-11) as the tf32 a
 fp32 dot would use, for fp32, fp16 and bf16 attention alike, at half the bytes and twice the
 tensor-core rate. The scale multiplies a whole image's S by one constant, so no row's order
@@ -80,18 +80,13 @@ S_FLOOR_BITS = tl.constexpr((127 - 62) << 23)
 """The fp32 bits of 2**-62: smaller S values share the lowest key field (see the module)."""
 
 ROOT_CHUNK = 2**26
-"""Entries of sqrt(A) held at a time (128 MiB of fp16), in whole images (at least one a
-buffer): a batch within it is one launch (202 images at N = 576); a larger one goes in
-chunks through `ROOT_BUFFERS` buffers of ``ROOT_CHUNK // ROOT_BUFFERS`` entries (at most 19
-images each at N = 1296, 6 at 2304), on a GPU as many images a chunk as fill whole waves
-of programs (`images_per_launch`). The buffer is extra memory that grows with the batch up
-to this cap: 2**28 took the stage 0.91 times the time at N = 2304 and 0.93 at 1296,
-B = 128 (one buffer, on an H200), but broke the bound of the memory test (half of a dense
-S at B = 32, N = 2304; bench/kernels_notes.md)."""
-
-ROOT_BUFFERS = 2
-"""Buffers, and streams, that chunks take in turn: on a GPU, chunk i + 1's sqrt pass and
-tiles run beside chunk i's, filling the SMs that its last wave leaves idle."""
+"""Entries of sqrt(A) held at a time (128 MiB of fp16), in whole images (at least one): at
+most 202 images a launch at N = 576, 39 at 1296, 12 at 2304; on a GPU, as many of those as
+fill whole waves of programs (`images_per_launch`). Fuller waves pay: on an H200, chunks of
+2**28 took the stage 0.91 times the time at N = 2304 and 0.93 at 1296, B = 128, but the
+buffer is extra memory that grows with the chunk up to B·N² halves of floats: 2**28 broke
+the bound of the memory test (half of a dense S at B = 32, N = 2304;
+bench/kernels_notes.md)."""
 
 
 @triton.jit
@@ -596,8 +591,8 @@ def refine_sparse(
 
     Returns ``(weights, indices)``, (B, N, min(k, N)) fp32 and ``index_dtype`` (int64 as in
     ``ops.refine_sparse``, or int32), with the contract of ``ops.refine_sparse``. Images go
-    in chunks (one for B·N² <= ``ROOT_CHUNK``; on a GPU, larger batches on two streams in
-    turn), each an amax (not for fp16), a `root_kernel` and a top-k launch; no host sync once the
+    in chunks of at most ``ROOT_CHUNK`` entries (one chunk for B·N² <= ROOT_CHUNK), each
+    an amax (not for fp16), a `root_kernel` and a top-k launch; no host sync once the
     config of this (N, k, batch buckets, dtype) is cached; ``config`` fixes one instead (it
     must satisfy `topk_configs`' constraints).
     Raises ValueError for MAX_TOPK < k < N.
@@ -670,9 +665,8 @@ dtype, device)."""
 def _topk(
     A: Tensor, k: int, eps: float, index_dtype: torch.dtype, config: Config | None, refine: bool
 ) -> tuple[Tensor, Tensor]:
-    """The sqrt pass and the top-k kernel over chunks of images, through `ROOT_BUFFERS`
-    buffers and streams in turn past ``ROOT_CHUNK`` entries, as many images a chunk as fill
-    the GPU's waves best (`images_per_launch`)."""
+    """The sqrt pass and the top-k kernel over chunks of images: at most ``ROOT_CHUNK``
+    entries each, as many as fill the GPU's waves best (`images_per_launch`)."""
     b, n = A.shape[0], A.shape[-1]
     keep = min(k, n)
     w = torch.empty(b, n, keep, dtype=torch.float32, device=A.device)
@@ -687,17 +681,11 @@ def _topk(
     if config is not None and config.tma and not aligned:
         raise ValueError(f"a config with tma needs N divisible by 8, got N={n}")
     default, candidates = topk_configs(kp, aligned)
-    buffers = ROOT_BUFFERS if b * n * n > ROOT_CHUNK else 1
-    cap = max(1, min(b, ROOT_CHUNK // buffers // (n * n)))
-    roots = [torch.empty(cap, n, n, dtype=torch.float16, device=A.device) for _ in range(buffers)]
+    cap = max(1, min(b, ROOT_CHUNK // (n * n)))
+    root = torch.empty(cap, n, n, dtype=torch.float16, device=A.device)
 
     def topk_launch(
-        cfg: Config,
-        root: Tensor,
-        lo: int,
-        hi: int,
-        top: Tensor | torch.dtype | None,
-        warmup: bool,
+        cfg: Config, lo: int, hi: int, top: Tensor | torch.dtype | None, warmup: bool
     ) -> CompiledKernel:
         """The top-k kernel on images [lo, hi), their sqrt(A) in ``root``; with ``warmup``
         only built (``top`` may then be its dtype). Returns the build."""
@@ -718,27 +706,21 @@ def _topk(
             return coneighbor_topk_kernel.warmup(*args, grid=grid, **options)
         return coneighbor_topk_kernel[grid](*args, **options)
 
-    def chunk(cfg: Config) -> int:
-        """Images a launch for ``cfg``: on a GPU, as many as fill its waves."""
-        if A.device.type != "cuda" or b <= cap:
-            return cap
-        built = (cfg, kp, refine, A.dtype, A.device)
-        if built not in _RESIDENT:
-            top = None if A.dtype == torch.float16 else A.dtype
-            kernel = topk_launch(cfg, roots[0], 0, cap, top, warmup=True)
-            _RESIDENT[built] = launch.resident_programs(kernel, cfg.num_warps, A.device)
-        slots = _RESIDENT[built] * launch.device_properties(A.device).multi_processor_count
-        return images_per_launch(b, cap, triton.cdiv(n, cfg.block_m), slots)
-
-    def run(cfg: Config) -> None:
-        step = chunk(cfg)
-        with launch.streams(A.device, buffers) as on:
-            for i, lo in enumerate(range(0, b, step)):
-                hi, root = min(b, lo + step), roots[i % buffers]
-                with on[i % buffers]:  # after this buffer's last chunk, on its stream
-                    topk_launch(cfg, root, lo, hi, take_root(A[lo:hi], root[: hi - lo]), False)
+    def run(cfg: Config, lo: int = 0, hi: int = cap) -> None:
+        topk_launch(cfg, lo, hi, take_root(A[lo:hi], root[: hi - lo]), warmup=False)
 
     with on_device(A.device):
-        key = ("topk", n_bucket(n), aligned, kp, next_pow2(b), A.dtype, refine)
-        run(config or choose_config(key, default, candidates, run, A.device))
+        key = ("topk", n_bucket(n), aligned, kp, next_pow2(cap), A.dtype, refine)
+        cfg = config or choose_config(key, default, candidates, run, A.device)
+        chunk = cap
+        if A.device.type == "cuda" and b > cap:
+            built = (cfg, kp, refine, A.dtype, A.device)
+            if built not in _RESIDENT:
+                top = None if A.dtype == torch.float16 else A.dtype
+                kernel = topk_launch(cfg, 0, cap, top, warmup=True)
+                _RESIDENT[built] = launch.resident_programs(kernel, cfg.num_warps, A.device)
+            slots = _RESIDENT[built] * launch.device_properties(A.device).multi_processor_count
+            chunk = images_per_launch(b, cap, triton.cdiv(n, cfg.block_m), slots)
+        for lo in range(0, b, chunk):
+            run(cfg, lo, min(b, lo + chunk))
     return w, idx

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -144,32 +144,6 @@ def on_device(device: torch.device) -> AbstractContextManager:
     """``device`` made the current CUDA device for the block (a no-op off CUDA): Triton
     launches on the current device and stream, whatever device the tensors are on."""
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
-
-
-@functools.cache
-def _side_stream(index: int, i: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(index)
-
-
-@contextmanager
-def streams(device: torch.device, count: int) -> Iterator[list[AbstractContextManager]]:
-    """``count`` contexts that make a stream current: the current stream, then side streams
-    (made once per device) that start after the work queued so far and that the current
-    stream waits for at exit. Work put on different ones may overlap on the GPU; the
-    fork and join are stream waits (no host sync), so a CUDA graph captures them. Off CUDA,
-    or for one stream, no-ops."""
-    if device.type != "cuda" or count == 1:
-        yield [nullcontext()] * count
-        return
-    main = torch.cuda.current_stream(device)
-    sides = [_side_stream(_index(device), i) for i in range(count - 1)]
-    for side in sides:
-        side.wait_stream(main)
-    try:
-        yield [nullcontext(), *map(torch.cuda.stream, sides)]
-    finally:
-        for side in sides:
-            main.wait_stream(side)
 
 
 def check_runnable(*tensors: Tensor) -> torch.device:

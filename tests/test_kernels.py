@@ -271,15 +271,12 @@ def test_topk_configs_take_the_copy_engine_where_it_fits(kp):
         assert {c.tma for c in candidates} == {aligned and kp <= 64}
 
 
-@pytest.mark.parametrize("buffers", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_refine_in_chunks_of_images(gen, monkeypatch, dtype, buffers):
-    """Batches larger than ROOT_CHUNK go in chunks of whole images, through one buffer or
-    two in turn: same result."""
+def test_refine_in_chunks_of_images(gen, monkeypatch, dtype):
+    """Batches larger than ROOT_CHUNK go in chunks of whole images: same result."""
     (A,) = to_device(random_attention(5, 40, 40, generator=gen, dtype=dtype))
     A[3] *= 1e-6 if dtype == torch.float32 else 1e-3  # another per-image scale
     whole = kernels.refine_sparse_triton(A, 6)
-    monkeypatch.setattr(coneighbor_topk, "ROOT_BUFFERS", buffers)
     monkeypatch.setattr(coneighbor_topk, "ROOT_CHUNK", 2 * 40 * 40 + 1)  # 2 images a chunk
     chunked = kernels.refine_sparse_triton(A, 6)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
@@ -729,9 +726,9 @@ def test_gpu_block_k_leaves_s_unchanged(n):
 
 @pytest.mark.gpu
 def test_gpu_chunks_that_fill_waves(monkeypatch):
-    """Past the memory cap (6 images a buffer at N = 2304), the batch goes in the chunks
-    that `images_per_launch` plans for the build's occupancy (read once per build), through
-    two buffers on two streams: bitwise the output of one image at a time."""
+    """Past the memory cap (12 images at N = 2304), the batch goes in the chunks that
+    `images_per_launch` plans for the build's occupancy (read once per build): bitwise the
+    output of one image at a time."""
     monkeypatch.setattr(coneighbor_topk, "_RESIDENT", {})
     gen = torch.Generator().manual_seed(7)
     A = random_attention(14, 2304, 2304, generator=gen, dtype=torch.float32).cuda()
@@ -835,12 +832,8 @@ def test_gpu_memory_is_o_of_bnk():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("chunk", [None, 4 * 576 * 576])
-def test_gpu_cuda_graph_capture(monkeypatch, chunk):
-    """No host syncs or data-dependent host code: the whole op replays from a CUDA graph,
-    also where its chunks of images run on two streams (8 images, 2 a buffer)."""
-    if chunk is not None:
-        monkeypatch.setattr(coneighbor_topk, "ROOT_CHUNK", chunk)
+def test_gpu_cuda_graph_capture():
+    """No host syncs or data-dependent host code: the whole op replays from a CUDA graph."""
     gen = torch.Generator().manual_seed(4)
     A = random_attention(8, 576, 576, generator=gen, dtype=torch.bfloat16).cuda()
     cams = torch.rand(8, 20, 576, generator=gen).cuda()
