@@ -484,66 +484,46 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     many candidates by `_merge_largest`, the rest whole: cheaper than the network up to
     about 16 passes (sm_90a SASS, kp = 64: 700 + 145 per pass against 3093 instructions per
     thread); only for kp <= 64, since the larger builds spill with it.
-    For kp <= 64 the default S tile is 64×128 with BLOCK_K = 64 and three stages, one
-    warpgroup issuing m64n128k16 wgmma. The candidates are those that were the fastest
-    somewhere on an H200 (B = 1, 32, 128; N = 576, 1296, 2304, 4096; fp32 random attention;
-    bench/kernels_notes.md), each within 1.4 times the fastest at B >= 32: four and five
-    stages, narrow = 16, and 128×128 with four stages and narrow = 16 (the fastest at
-    N = 2304). There the stage ran at 70 to 90 % of its time on attention that needs one
-    merge per program, so the tile loop and its loads, not the merges, hold it. Parking,
-    64×64 tiles, narrow = 64 and whole-tile 128×128 were never the fastest and are no
-    longer candidates. The loop is latency-bound at two programs per SM, its registers'
-    limit (255 per thread; Nsight Compute: 6.2 cycles per issued instruction per warp).
+    For kp <= 64 the S tile is 64×128 with BLOCK_K = 64, one warpgroup issuing m64n128k16
+    wgmma. The candidates are those that were the fastest somewhere on an H200 (B = 1, 32,
+    128; N = 576, 1296, 2304; fp32 random attention; `gpu6` to `gpu8`,
+    bench/kernels_notes.md): with pointer loads (any N), three stages (the default), four,
+    narrow = 16, and 128×128 with four stages and narrow = 16, the fastest of them at
+    N = 2304. The loop is latency-bound at two programs per SM, its registers' limit.
     Where N is divisible by 8 (`tma_fits`), R's slices come by the copy engine instead
     (``tma``: TMA descriptors), which drops the loads' address and mask arithmetic (sm_90a,
-    Triton 3.6: the K step 134 → 87 instructions, 231 registers instead of 255 at three
-    stages, no spills), and the candidates are the TMA twins of three of the above: four
-    stages (the default), three stages capped at 168 registers (three programs per SM, no
-    spills) and 128×128. On an H200 (`gpu6`) the fastest of them took 0.89 to 0.93 times
-    the time of the fastest pointer-load candidate at B = 128 (N = 576, 1296, 2304), 0.89
-    to 0.98 at B = 32 and 0.92 to 1.02 at B = 1; the TMA default, 0.78 to 1.08 times that of
-    the pointer-load default. Four more TMA candidates are experiments, not yet timed: the
-    default capped at 128 registers on two stages, four programs (16 warps) per SM instead
-    of two, for a loop whose warps mostly wait on their own dependencies (Nsight Compute,
-    `gpu6`, N = 576: of 6.25 cycles per issued instruction, 1.7 on fixed latencies and 1.0
-    on shuffles and shared memory; sm_90a: 4 bytes of spills); 128×256 tiles, three quarters
-    of 128×128's operand bytes per FLOP where the fastest tilings fed their operands at 5
-    TB/s (N >= 2304), for a merge network twice as wide (sm_90a: 255 registers, 8 bytes of
-    spills, 144 KiB of shared memory); and the default and 128×128 with BLOCK_K = 128 on two
-    stages (the same shared memory), whose K step issues 8 MMAs for 99 and 100 instructions
-    against 4 for 87 (sm_90a): 0.57 times the loop's instructions per MMA, for one load in
-    flight instead of two or three. Two more experiments, the default and 128×128 narrow =
-    16 with ``flat``, run one loop over (tile, K step) instead of a K loop per tile, so
-    that the copies of a tile's first slices are in flight during the previous tile's keys
-    and merge (sm_90a: the pipeliner issues them there, 101 instructions per K step against
-    88). And two, the same tilings with ``lockstep``, walk the column tiles after the
-    diagonal one in one order for all programs, so that an image's programs read each
-    column tile at about one time: L2 keeps the column tiles in use, a few MB, instead of
-    the whole images in flight (at N = 2304, B = 128, about 78 MB against an L2 of 50,
-    where the one profile there put the L2 hit rate at 45 %).
+    Triton 3.6: the K step 134 → 87 instructions, no spills). The default then runs one loop
+    over (tile, K step) (``flat``): the copies of a tile's first slices are in flight during
+    the previous tile's keys and merge, the most often fastest candidate (`gpu8`: 6 of 18
+    rows, within 1.04 times the fastest in half of the 18). The others: three stages capped
+    at 168 registers (three programs per SM) and two capped at 128 (four), for a loop whose
+    warps mostly wait on their own dependencies; 128×256 tiles, three quarters of 128×128's
+    operand bytes per FLOP, the fastest at N = 2304, B = 128 (sm_90a: 255 registers, 8 bytes
+    of spills, 144 KiB of shared memory); and the default tiling and 128×128 narrow = 16
+    with ``lockstep``, whose programs walk the column tiles after the diagonal one in one
+    order, so that L2 keeps the column tiles in use rather than whole images (the fastest
+    at B = 1 and 32, N = 2304). Parking, 64×64 tiles, narrow = 64, five stages, whole-tile
+    128×128, BLOCK_K = 128, 128×128 with flat, and the TMA builds of 64×128 with four
+    stages and 128×128 narrow = 16 with neither flat nor lockstep (their twins with one of
+    them won instead) were never the fastest and are no longer candidates.
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
     config's registers, spills and shared memory for sm_90a.
-    On a GPU, S is accumulated one k16 MMA at a time in column order, into one accumulator,
-    whatever BLOCK_K (the slices past N add exact zeros), so that autotuning should not
-    move S by a rounding; a GPU test checks BLOCK_K = 128 against 64 bitwise. (The MMA
-    instruction shape may still differ with the tiling or the warps; the interpreter's dot
-    rounds once per K step; ``ADCAM_AUTOTUNE=0`` pins the default for bitwise
-    reproducibility across processes.) For given S, every schedule keeps the same columns.
+    On a GPU, S is accumulated one k16 MMA at a time in column order, into one accumulator
+    (the slices past N add exact zeros), so that autotuning should not move S by a
+    rounding. (The MMA instruction shape may still differ with the tiling or the warps; the
+    interpreter's dot rounds once per K step; ``ADCAM_AUTOTUNE=0`` pins the default for
+    bitwise reproducibility across processes.) For given S, every schedule keeps the same
+    columns.
     """
     if kp <= 64 and aligned:
-        default = Config(64, 128, 64, num_warps=4, num_stages=4, tma=True)
+        default = Config(64, 128, 64, num_warps=4, num_stages=4, tma=True, flat=True)
         return default, (
             default,
             Config(64, 128, 64, num_warps=4, num_stages=3, maxnreg=168, tma=True),
             Config(64, 128, 64, num_warps=4, num_stages=2, maxnreg=128, tma=True),
-            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True),
             Config(128, 256, 64, num_warps=8, num_stages=3, narrow=16, tma=True),
-            Config(64, 128, 128, num_warps=4, num_stages=2, tma=True),
-            Config(128, 128, 128, num_warps=8, num_stages=2, narrow=16, tma=True),
-            Config(64, 128, 64, num_warps=4, num_stages=4, tma=True, flat=True),
-            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True, flat=True),
             Config(64, 128, 64, num_warps=4, num_stages=4, tma=True, lockstep=True),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True, lockstep=True),
         )
@@ -552,7 +532,6 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
         return default, (
             default,
             Config(64, 128, 64, num_warps=4, num_stages=4),
-            Config(64, 128, 64, num_warps=4, num_stages=5),
             Config(64, 128, 64, num_warps=4, num_stages=3, narrow=16),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16),
         )

@@ -708,23 +708,6 @@ def test_gpu_tma_candidates_agree(n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [576, 2304])
-def test_gpu_block_k_leaves_s_unchanged(n):
-    """S is accumulated one k16 MMA at a time in column order whatever BLOCK_K, so the
-    BLOCK_K = 128 candidates give bitwise the S values and columns of their BLOCK_K = 64
-    twins (at N = 576 the last K step runs past N, over zeros)."""
-    gen = torch.Generator().manual_seed(n + 3)
-    A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
-    wide = [c for c in coneighbor_topk.topk_configs(64, aligned=True)[1] if c.block_k == 128]
-    assert wide
-    for cfg in wide:
-        twin = dataclasses.replace(cfg, block_k=64, num_stages=4)
-        s, idx = coneighbor_topk.similarity_topk(A, 50, config=cfg)
-        s_ref, idx_ref = coneighbor_topk.similarity_topk(A, 50, config=twin)
-        assert torch.equal(idx, idx_ref) and torch.equal(s, s_ref), cfg
-
-
-@pytest.mark.gpu
 def test_gpu_chunks_that_fill_waves(monkeypatch):
     """Past the memory cap (12 images at N = 2304), the batch goes in the chunks that
     `images_per_launch` plans for the build's occupancy (read once per build): bitwise the
