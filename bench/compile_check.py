@@ -185,19 +185,6 @@ def csr_jobs():
         WGT="*fp32", N="i32", R="i32", EDGES="i32",
     )  # fmt: skip
     yield "csr arrays", csr.edge_arrays_kernel, arrays, dict(BLOCK=csr.BLOCK), Config()
-    # The counting build at k = 50 (R + 1 = 51 places a row) and N = 576 (36 chunks).
-    counts = signature(csr.edge_counts_kernel, IDX="*i32", CNT="*i32", N="i32", R="i32",
-                       ROWS="i32")  # fmt: skip
-    yield "csr counts", csr.edge_counts_kernel, counts, dict(BLOCK_I=16, BLOCK_R=64), Config()
-    offsets = signature(csr.chunk_offsets_kernel, CNT="*i32", TOT="*i32", N="i32",
-                        CHUNKS="i32")  # fmt: skip
-    constants = dict(BLOCK_C=64, BLOCK_J=64)
-    yield "csr offsets", csr.chunk_offsets_kernel, offsets, constants, Config()
-    place = signature(
-        csr.edge_place_kernel, IDX="*i32", W="*fp32", NEXT="*i32", BASE="*i32", SRC="*i32",
-        DST="*i32", WGT="*fp32", N="i32", R="i32", ROWS="i32",
-    )  # fmt: skip
-    yield "csr place", csr.edge_place_kernel, place, dict(BLOCK_R=64), Config(num_warps=1)
 
 
 def class_count_variants(batch: int = 32, n: int = 576, k: int = 50) -> int:

@@ -272,11 +272,6 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     w, idx = refine_sparse(As[0], k, EPS, torch.int32)
     stage("diffusion", lambda i: diffuse_sparse(w, idx, cams[i % sets], steps))
     stage("csr", lambda i: csr.csr_edges(w, idx))
-    for cfg in csr.csr_configs()[1]:  # each build: the sort, and the count
-        label = f"count{cfg.block_m}" if cfg.block_m else "sort"
-        row[f"csr_{label}_ms"] = time_ms(
-            lambda i, cfg=cfg: csr.csr_edges(w, idx, cfg), args.repeats, cuda
-        )
     if cuda:
         R = [a.sqrt().half() for a in As]  # the kernel's dot reads sqrt(A) in fp16
         bmm_ms = time_ms(lambda i: torch.bmm(R[i % sets], R[i % sets].mT), args.repeats, True)

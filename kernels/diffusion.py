@@ -319,7 +319,7 @@ def diffuse_sparse(
 
     weights (B, N, k) float, indices (B, N, k) int in [0, N), cams (B, K, N) any float, all
     on one device. Returns (B, K, N) fp32. steps = 0 returns a fp32 copy of cams. The CSR
-    (`csr.csr_edges`, its build autotuned), a search when images are split, one kernel
+    (`csr.csr_edges`), a search when images are split, one kernel
     launch for the whole batch (one per step when images are split over programs, see
     `split`), and a copy into the node-major maps (and a fill of their padding classes
     where K is not a multiple of the class block); no host sync once the config is

@@ -419,11 +419,10 @@ def csr_reference(weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.T
      (2, 130, 12, torch.int32, torch.bfloat16)],
 )  # fmt: skip
 def test_csr_edges_match_torch(gen, b, n, r, index_dtype, dtype):
-    """Both CSR builds (the sort, and the count in chunks of 16, 5 or more rows than N)
-    give bitwise the arrays of the torch reference, hub nodes (long runs), rows that keep
-    themselves (their self edge second), columns given twice in a row and non-contiguous
-    inputs included."""
-    from adcam_fast.kernels.csr import csr_configs, csr_edges
+    """The CSR gives bitwise the arrays of the torch reference, hub nodes (long runs), rows
+    that keep themselves (their self edge second), columns given twice in a row and
+    non-contiguous inputs included."""
+    from adcam_fast.kernels.csr import csr_edges
 
     idx = torch.randint(0, n, (b, n, r), generator=gen, dtype=index_dtype)
     idx[:, :, 0] = 2  # a node every row keeps
@@ -431,15 +430,10 @@ def test_csr_edges_match_torch(gen, b, n, r, index_dtype, dtype):
     idx[:, 5, -1] = 2  # and one that gives a column twice (for r > 1)
     w = torch.rand(b, n, r, generator=gen).to(dtype)
     want = csr_reference(w, idx)
-    builds = csr_configs()[1]
-    for w_in, idx_in, more in [
-        (w, idx, [Config(block_m=5), Config(block_m=2 * n)]),
-        (w.mT.contiguous().mT, idx.mT.contiguous().mT, []),
-    ]:
-        for cfg in [*builds, *more]:
-            got = csr_edges(*to_device(w_in, idx_in), cfg)
-            for g, e in zip(got, want, strict=True):
-                assert g.dtype == e.dtype and torch.equal(g.cpu(), e), cfg
+    for w_in, idx_in in [(w, idx), (w.mT.contiguous().mT, idx.mT.contiguous().mT)]:
+        got = csr_edges(*to_device(w_in, idx_in))
+        for g, e in zip(got, want, strict=True):
+            assert g.dtype == e.dtype and torch.equal(g.cpu(), e)
 
 
 def test_diffusion_configs_few_builds_one_order():
@@ -496,7 +490,7 @@ def test_autotuning_leaves_the_result_unchanged(gen, monkeypatch):
     chosen one (`launch.choose_config`): each launch must leave its inputs as it found them.
     Here that autotuning is replayed under the interpreter (every candidate run twice on
     the real arguments), and the result must equal a call without it."""
-    from adcam_fast.kernels import csr, diffusion
+    from adcam_fast.kernels import diffusion
 
     def autotune(key, default, candidates, run, device):
         for cfg in [default, *candidates] * 2:
@@ -514,7 +508,6 @@ def test_autotuning_leaves_the_result_unchanged(gen, monkeypatch):
     )
     monkeypatch.setattr(coneighbor_topk, "choose_config", autotune)
     monkeypatch.setattr(diffusion, "choose_config", autotune)
-    monkeypatch.setattr(csr, "choose_config", autotune)
     w_top, idx_top = coneighbor_topk.refine_sparse(A, 8, reference.EPS)
     assert torch.equal(w_top, expected[0][0]) and torch.equal(idx_top, expected[0][1])
     assert torch.equal(diffusion.diffuse_sparse(w, idx, cams, 3), expected[1])
@@ -742,20 +735,6 @@ def test_gpu_diffusion_split_is_one_walk(b):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("n", "b"), [(576, 16), (2304, 2)])
-def test_gpu_csr_builds_agree(n, b):
-    """On the GPU (real atomics, CTA barriers and concurrency), the counting CSR build gives
-    bitwise the sorted arrays, a node kept by every row included."""
-    from adcam_fast.kernels.csr import csr_configs, csr_edges
-
-    w, idx, _ = hub_inputs(torch.Generator().manual_seed(n), b, n, 50, 1)
-    sort, *others = (csr_edges(w, idx, cfg) for cfg in csr_configs()[1])
-    for got in others:
-        for g, e in zip(got, sort, strict=True):
-            assert torch.equal(g, e)
-
-
-@pytest.mark.gpu
 def test_gpu_autotuned_first_call(monkeypatch):
     """With autotuning on, the first call of a config key (every candidate timed on the
     real arguments, repeatedly) gives what the chosen configs give once cached."""
@@ -765,7 +744,7 @@ def test_gpu_autotuned_first_call(monkeypatch):
     A = random_attention(4, 576, 576, generator=gen, dtype=torch.float32).cuda()
     cams = torch.rand(4, 20, 576, generator=gen).cuda()
     first = kernels.adcam_triton(A, cams, 50, 2)
-    assert len(launch.cached_configs()) == 3  # the top-k, the CSR and the diffusion
+    assert len(launch.cached_configs()) == 2  # the top-k and the diffusion
     assert torch.equal(first, kernels.adcam_triton(A, cams, 50, 2))
 
 
