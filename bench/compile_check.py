@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from types import SimpleNamespace
+from unittest import mock
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
@@ -36,7 +38,7 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from adcam_fast.kernels import csr
+from adcam_fast.kernels import csr, diffusion
 from adcam_fast.kernels.coneighbor_topk import (
     coneighbor_topk_kernel,
     root_kernel,
@@ -187,25 +189,34 @@ def csr_jobs():
     yield "csr arrays", csr.edge_arrays_kernel, arrays, dict(BLOCK=csr.BLOCK), Config()
 
 
-def class_count_variants(batch: int = 32, n: int = 576, k: int = 50) -> int:
-    """Launch specializations of `diffusion_kernel` over class counts K = 1..64 (B = 32,
-    N = 576, k = 50), as Triton's launcher forms them for sm_90a: integer arguments equal
-    to 1 or divisible by 16 are specialized, and each distinct specialization is a compile
-    at run time. A batch's class count depends on its images, so it must add none."""
+def class_count_variants(batch: int = 32, n: int = 576, k: int = 50) -> tuple[int, int]:
+    """Launch specializations of `diffusion_kernel` under its default config, over class
+    counts K = 1..64 and for K = 20 alone (B = 32, N = 576, k = 50, T = 2, an H200's 132
+    SMs), as `diffuse_sparse` launches it and Triton's launcher forms them for sm_90a:
+    integer arguments equal to 1 or divisible by 16 are specialized, and each distinct
+    specialization is a compile at run time. A batch's class count depends on its images,
+    so it must add none: the two counts must be equal."""
     kernel = diffusion_kernel
     binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(HOPPER))
     f32, i32 = torch.empty(16, dtype=torch.float32), torch.empty(16, dtype=torch.int32)
     cfg = diffusion_configs(20, torch.device("cuda"))[0]
     constants = diffusion_constants(cfg)
-    edges = n * (k + 1)
-    span = triton.cdiv(edges, cfg.block_n) * cfg.block_n
-    seen = set()
-    for n_cls in range(1, 65):
+    edges, steps = n * (k + 1), 2
+    h200 = SimpleNamespace(multi_processor_count=132)
+
+    def variants(n_cls: int) -> set[str]:
         kb = triton.cdiv(n_cls, cfg.block_m)
-        args = (f32, f32, i32, i32, f32, None, n, n_cls, kb, edges, span)
-        args += (0, 2, 1)  # all steps of T = 2 in one launch
-        seen.add(str(binder(*args, **constants)[1]))
-    return len(seen)
+        with mock.patch.object(diffusion, "device_properties", lambda device: h200):
+            parts, span = diffusion.split(cfg, batch, n_cls, edges, torch.device("cuda"))
+        walk = None if parts == 1 else i32
+        launches = [(0, steps)] if parts == 1 else [(t, 1) for t in range(steps)]
+        return {
+            str(binder(f32, f32, i32, i32, f32, walk, n, n_cls, kb, edges, span, step0,
+                       n_steps, steps - 1, **constants)[1])
+            for step0, n_steps in launches
+        }  # fmt: skip
+
+    return len(set().union(*map(variants, range(1, 65)))), len(variants(20))
 
 
 def main() -> int:
@@ -214,10 +225,10 @@ def main() -> int:
     args = p.parse_args()
     jobs = [*root_jobs(), *topk_jobs(args.quick), *csr_jobs(), *diffusion_jobs(args.quick)]
     ok = [compile_one(*job) for job in jobs]
-    variants = class_count_variants()
-    ok.append(variants == 1)
+    variants, one_count = class_count_variants()
+    ok.append(variants == one_count)
     print(f"{'OK  ' if ok[-1] else 'FAIL'} diffusion: {variants} launch specialization(s) "
-          "over class counts 1..64")  # fmt: skip
+          f"over class counts 1..64, {one_count} for one")  # fmt: skip
     print(f"{sum(ok)} of {len(ok)} checks passed for sm_90a (triton {triton.__version__})")
     return 0 if all(ok) else 1
 

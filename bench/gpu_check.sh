@@ -71,11 +71,14 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
   # Where the host's part of a call goes (cProfile over 50 calls, the device idle at each).
   want host && step host 60 "$py" bench/profile_kernels.py --n 576 --b 128 --calls 50 \
     --host-profile
-  # The second call's kernels (the first compiles); each replayed once per metric pass.
-  ncu_kernels() {  # N KERNEL_REGEX SKIP COUNT NCU_OPTION...
-    local n=$1 regex=$2 skip=$3 count=$4
-    shift 4
-    ncu "$@" -k "regex:$regex" --launch-skip "$skip" --launch-count "$count" \
+  # The kernels of the profiled call (the warm-up call before it compiles; the script
+  # brackets the profiled one by cudaProfilerStart/Stop), at most COUNT of them (0: all);
+  # each replayed once per metric pass.
+  ncu_kernels() {  # N KERNEL_REGEX COUNT NCU_OPTION...
+    local n=$1 regex=$2 limit=()
+    if [ "$3" -gt 0 ]; then limit=(--launch-count "$3"); fi
+    shift 3
+    ncu --profile-from-start off "${limit[@]}" "$@" -k "regex:$regex" \
       "$py" bench/profile_kernels.py --n "$n" --b 128
   }
   sections="--section SpeedOfLight --section Occupancy"
@@ -84,8 +87,8 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
   if want profile; then
     if command -v ncu >/dev/null; then
       step profile 120 bash -c "$(declare -f ncu_kernels)
-        py=$py; ncu_kernels 576 'root|topk|diffusion' 3 3 $sections &&
-        ncu_kernels 2304 topk 1 1 $sections; ncu_kernels 576 'topk|diffusion' 2 2 $stalls"
+        py=$py; ncu_kernels 576 'root|topk|diffusion' 0 $sections &&
+        ncu_kernels 2304 topk 1 $sections; ncu_kernels 576 'topk|diffusion' 0 $stalls"
     else
       echo "== profile: no ncu on PATH, skipped"
     fi
@@ -94,7 +97,7 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
   # instructions; Nsight Compute's source page as CSV), for the walk and the tile loop.
   if want sass && command -v ncu >/dev/null; then
     step sass 90 bash -c "$(declare -f ncu_kernels)
-      py=$py; ncu_kernels 576 'topk|diffusion' 2 2 --section SourceCounters -f -o '$out/sass' &&
+      py=$py; ncu_kernels 576 'topk|diffusion' 0 --section SourceCounters -f -o '$out/sass' &&
       ncu --import '$out/sass.ncu-rep' --page source --print-source sass --csv"
     step sass_regions 20 "$py" bench/sass_regions.py "$out/sass.log"
   fi

@@ -2,10 +2,13 @@
 
 Random attention (bench/merge_model.py's ``random`` kind, fp32) and maps at one (N, B),
 default configs (``ADCAM_AUTOTUNE=0``: no candidate launches in the profile), one warm-up
-call (compiles) and then ``--calls`` profiled ones. bench/gpu_check.sh runs it under
-``ncu`` when the machine has it:
+call (compiles) and then ``--calls`` profiled ones, between ``cudaProfilerStart`` and
+``cudaProfilerStop``, so that a profiler that starts there profiles them alone, however
+many launches a call makes. bench/gpu_check.sh runs it under ``ncu`` when the machine has
+it:
 
-    ncu -k regex:'topk|diffusion' -c 2 python bench/profile_kernels.py --n 576 --b 128
+    ncu --profile-from-start off -k regex:'topk|diffusion' \
+        python bench/profile_kernels.py --n 576 --b 128
 
 ``--host-profile`` runs the profiled calls under cProfile instead, the device idle at each
 call, and prints where the host's part of a call goes (its functions by own time and by
@@ -44,6 +47,8 @@ def main() -> None:
     adcam_triton(A, cams, args.k, args.steps)  # compiles
     sync()
     profile = cProfile.Profile() if args.host_profile else None
+    if device == "cuda":
+        torch.cuda.profiler.start()
     for _ in range(args.calls):
         if profile:
             profile.enable()
@@ -51,6 +56,8 @@ def main() -> None:
         if profile:
             profile.disable()
         sync()
+    if device == "cuda":
+        torch.cuda.profiler.stop()
     if profile:
         stats = pstats.Stats(profile).strip_dirs()
         stats.sort_stats("tottime").print_stats(25)

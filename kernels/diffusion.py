@@ -272,32 +272,33 @@ def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, tuple[C
     """Default and candidate configs: BLOCK_C = ``block_m`` classes, chunks of BLOCK_E =
     ``block_n`` edges in groups of G = ``block_k`` (BLOCK_E / G a power of two).
 
-    GPU: a class block of 4 on one warp (a lane per group, its classes in registers), one
-    program per image and class block, all steps in one launch (``parts`` 1), by default;
-    as candidates, the same split over enough programs to fill the GPU (``parts`` 0, see
-    `split`: bitwise the same maps, a launch per step), and both with each chunk's sources
-    loaded one chunk ahead (``prefetch``). On an H200 (K = 20, k = 50, T = 2, with the CSR;
-    bench/kernels_notes.md) the split was the faster at every N and B: 0.64 against 0.83
-    ms at N = 576 and 2.27 against 3.93 at 2304 (B = 128), 0.27 against 1.86 at N = 2304,
-    B = 1. A walk is a chain of chunks, each waiting on its sources' loads and then on the
-    gathers they address: with the sources in registers a chunk early, the gathers issue
-    at once, one memory latency per chunk instead of two (the split capped at 128
-    registers, so that 16 warps still fit an SM). The blocks are these whatever the class
-    count (fewer classes run as zero padding), so a class count not seen before compiles
-    nothing new. BLOCK_E = 512 and G = 16 in every candidate: the order of the sums depends
-    on BLOCK_E and G only, so the autotuned choice never changes the result. None spills
-    in the sm_90a builds (bench/compile_check.py; 127, 125, 167 and 128 registers).
+    GPU: a class block of 4 on one warp (a lane per group, its classes in registers), each
+    image's walk split over enough programs to fill the GPU (``parts`` 0, see `split`: a
+    launch per step where it splits) by default; as candidates, one program per image and
+    class block with all steps in one launch (``parts`` 1: bitwise the same maps), and
+    both with each chunk's sources loaded one chunk ahead (``prefetch``; the split then
+    capped at 128 registers, so that 16 warps still fit an SM). On H200s (K = 20, k = 50,
+    T = 2, with the CSR; bench/kernels_notes.md) the split was the faster at every N and B:
+    0.64 against 0.83 ms at N = 576 and 2.27 against 3.93 at 2304 (B = 128), 0.27 against
+    1.86 at N = 2304, B = 1 (`gpu7`); 0.71 against 0.89 and 2.43 against 3.67 at B = 128
+    (`gpu8`). Prefetching, meant to take one of a chunk's two memory latencies (its
+    sources' loads, then the gathers they address) off the walk, took 0.96 to 1.02 times
+    the time (`gpu8`). The blocks are these whatever the class count (fewer classes run as
+    zero padding), so a class count not seen before compiles nothing new. BLOCK_E = 512 and
+    G = 16 in every candidate: the order of the sums depends on BLOCK_E and G only, so the
+    autotuned choice never changes the result. None spills in the sm_90a builds
+    (bench/compile_check.py: 125 to 167 registers).
     Interpreter: all classes and long chunks (its cost is per operation).
     """
     if device.type != "cuda":
         return Config(block_m=min(32, next_pow2(n_cls)), block_n=2048, block_k=4, parts=1), ()
-    default = Config(block_m=CLASS_BLOCK, block_n=512, block_k=16, num_warps=1, parts=1)
-    split = dataclasses.replace(default, parts=0)
+    default = Config(block_m=CLASS_BLOCK, block_n=512, block_k=16, num_warps=1, parts=0)
+    walk = dataclasses.replace(default, parts=1)
     return default, (
         default,
-        split,
-        dataclasses.replace(default, prefetch=True),
-        dataclasses.replace(split, prefetch=True, maxnreg=128),
+        walk,
+        dataclasses.replace(walk, prefetch=True),
+        dataclasses.replace(default, prefetch=True, maxnreg=128),
     )
 
 
