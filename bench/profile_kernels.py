@@ -21,6 +21,7 @@ import argparse
 import cProfile
 import os
 import pstats
+from contextlib import nullcontext
 
 import torch
 from merge_model import attention
@@ -47,17 +48,14 @@ def main() -> None:
     adcam_triton(A, cams, args.k, args.steps)  # compiles
     sync()
     profile = cProfile.Profile() if args.host_profile else None
-    if device == "cuda":
-        torch.cuda.profiler.start()
-    for _ in range(args.calls):
-        if profile:
-            profile.enable()
-        adcam_triton(A, cams, args.k, args.steps)
-        if profile:
-            profile.disable()
-        sync()
-    if device == "cuda":
-        torch.cuda.profiler.stop()
+    with torch.cuda.profiler.profile() if device == "cuda" else nullcontext():
+        for _ in range(args.calls):
+            if profile:
+                profile.enable()
+            adcam_triton(A, cams, args.k, args.steps)
+            if profile:
+                profile.disable()
+            sync()
     if profile:
         stats = pstats.Stats(profile).strip_dirs()
         stats.sort_stats("tottime").print_stats(25)

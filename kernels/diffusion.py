@@ -252,16 +252,15 @@ def walk_starts(dst: Tensor, span: int, chunk: int) -> Tensor:
     return (torch.searchsorted(dst, first) // chunk * chunk).to(torch.int32)
 
 
-def split(cfg: Config, b: int, n_cls: int, edges: int, device: torch.device) -> tuple[int, int]:
+def split(cfg: Config, b: int, n_cls: int, edges: int, sms: int) -> tuple[int, int]:
     """``(parts, span)``: each image's edge list cut into ``parts`` spans of ``span`` edges,
     whole chunks, one program per (image, class block, part). ``cfg.parts``, or for 0 so
-    many that the programs' warps number ``FILL`` per SM (one part on the CPU): one program
-    per (image, class block) leaves most of the GPU idle at small batches, each program's
-    walk a chain of dependent chunks."""
+    many that the programs' warps number ``FILL`` on each of ``sms`` SMs (0 off the GPU:
+    one part): one program per (image, class block) leaves most of the GPU idle at small
+    batches, each program's walk a chain of dependent chunks."""
     chunks = triton.cdiv(edges, cfg.block_n)
     parts = cfg.parts
-    if not parts and device.type == "cuda":
-        sms = device_properties(device).multi_processor_count
+    if not parts:
         parts = FILL // cfg.num_warps * sms // (b * triton.cdiv(n_cls, cfg.block_m))
     span = triton.cdiv(chunks, min(max(parts, 1), chunks)) * cfg.block_n
     return triton.cdiv(edges, span), span
@@ -331,6 +330,8 @@ def diffuse_sparse(
     if steps == 0 or out.numel() == 0:
         return out.copy_(cams)
     src, dst, wgt = csr_edges(weights, indices)
+    gpu = cams.device.type == "cuda"
+    sms = device_properties(cams.device).multi_processor_count if gpu else 0
 
     def run(cfg: Config) -> None:  # from the input each time: steps overwrite its slot
         kb = triton.cdiv(n_cls, cfg.block_m)
@@ -338,7 +339,7 @@ def diffuse_sparse(
         maps[0, ..., :n_cls].copy_(cams.transpose(-1, -2))
         if kb * cfg.block_m > n_cls:
             maps[0, ..., n_cls:].zero_()
-        parts, span = split(cfg, b, n_cls, src.shape[-1], cams.device)
+        parts, span = split(cfg, b, n_cls, src.shape[-1], sms)
         walk = None if parts == 1 else walk_starts(dst, span, cfg.block_n)
         # Programs cannot wait on each other: with parts, a launch per step.
         for step0, n_steps in [(0, steps)] if parts == 1 else [(t, 1) for t in range(steps)]:

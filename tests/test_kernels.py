@@ -727,7 +727,8 @@ def test_gpu_diffusion_split_is_one_walk(b):
     n, k, n_cls = 576, 50, 20
     w, idx, cams = hub_inputs(torch.Generator().manual_seed(b), b, n, k, n_cls)
     default, candidates = diffusion_configs(n_cls, cams.device)  # default: the split
-    assert split(default, b, n_cls, n * (k + 1), cams.device)[0] > 1
+    sms = launch.device_properties(cams.device).multi_processor_count
+    assert split(default, b, n_cls, n * (k + 1), sms)[0] > 1
     one = diffuse_sparse(w, idx, cams, 2, config=dataclasses.replace(default, parts=1))
     for cfg in candidates:
         assert torch.equal(diffuse_sparse(w, idx, cams, 2, config=cfg), one), cfg
