@@ -38,7 +38,9 @@ from triton.runtime.jit import create_function_from_signature
 
 from adcam_fast.kernels import csr, diffusion
 from adcam_fast.kernels.coneighbor_topk import (
+    MERGE_ENTRIES,
     coneighbor_topk_kernel,
+    merge_parts_kernel,
     root_kernel,
     topk_configs,
     topk_constants,
@@ -144,18 +146,33 @@ def topk_jobs(quick: bool):
                         f"tensordesc<fp16[{rows}, {cfg.block_k}]>" if cfg.tma else "constexpr"
                         for rows in (cfg.block_m, cfg.block_n)
                     )
+                    parts = cfg.parts > 1
                     sig = signature(
                         coneighbor_topk_kernel, R="*fp16", RM=rm, RN=rn, A=f"*{name}",
-                        TOP=top or "constexpr", BUF="*i32", W="*fp32", IDX="*i32", N="i32",
-                        C="i32", K_KEEP="i32", eps="fp32",
+                        TOP=top or "constexpr", BUF="*i32", W="*fp32", IDX="*i32",
+                        KEYS="*i32" if parts else "constexpr", N="i32", C="i32", K_KEEP="i32",
+                        eps="fp32",
                     )  # fmt: skip
                     constants = topk_constants(kp, cfg, refine)
                     if top is None:
                         constants["TOP"] = None
                     if not cfg.tma:
                         constants |= dict(RM=None, RN=None)
+                    if not parts:
+                        constants["KEYS"] = None
                     label = f"topk {name} kp={kp} {cfg}" + ("" if refine else " TOP(S,k)")
                     yield label, coneighbor_topk_kernel, sig, constants, cfg
+
+
+def merge_parts_jobs():
+    """`merge_parts_kernel` for the parts of the kp <= 64 candidates (fp32 attention)."""
+    for parts in sorted({c.parts for c in topk_configs(64, aligned=True)[1] if c.parts > 1}):
+        sig = signature(
+            merge_parts_kernel, KEYS="*i32", A="*fp32", TOP="*fp32", W="*fp32", IDX="*i32",
+            N="i32", C="i32", K_KEEP="i32", eps="fp32",
+        )  # fmt: skip
+        constants = dict(LOG_KP=6, BLOCK_M=MERGE_ENTRIES // 64, PARTS=parts, REFINE=True)
+        yield f"merge parts={parts} kp=64", merge_parts_kernel, sig, constants, Config()
 
 
 def diffusion_jobs(quick: bool):
@@ -219,7 +236,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="default configurations only")
     args = p.parse_args()
-    jobs = [*root_jobs(), *topk_jobs(args.quick), *csr_jobs(), *diffusion_jobs(args.quick)]
+    jobs = [*root_jobs(), *topk_jobs(args.quick), *merge_parts_jobs(), *csr_jobs(),
+            *diffusion_jobs(args.quick)]  # fmt: skip
     ok = [compile_one(*job) for job in jobs]
     variants, one_count = class_count_variants()
     ok.append(variants == one_count)

@@ -13,7 +13,8 @@
 # first compile alone outlasts the step), the host's part of a call by function
 # (host.log: cProfile, N = 576, B = 128) and, where Nsight Compute is installed, a profile
 # of the kernels of one call (profile.log: speed of light, occupancy, warp states, memory;
-# N = 576 and 2304, B = 128; and each stall reason's cycles per issue at N = 576), and the
+# N = 576 and 2304, B = 128, and the top-k default in two parts of the column tiles at 2304;
+# and each stall reason's cycles per issue at N = 576), and the
 # stalls per SASS instruction of the top-k and diffusion kernels (sass.log, and the report
 # sass.ncu-rep: a few MB, keep sass.log, gzipped; sass_regions.log sums them by code region:
 # per program, per tile, per K step).
@@ -74,21 +75,22 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
   # The kernels of the profiled call (the warm-up call before it compiles; the script
   # brackets the profiled one by cudaProfilerStart/Stop), at most COUNT of them (0: all);
   # each replayed once per metric pass.
-  ncu_kernels() {  # N KERNEL_REGEX COUNT NCU_OPTION...
+  ncu_kernels() {  # N KERNEL_REGEX COUNT NCU_OPTION... (PROFILE_ARGS: the script's own)
     local n=$1 regex=$2 limit=()
     if [ "$3" -gt 0 ]; then limit=(--launch-count "$3"); fi
     shift 3
     ncu --profile-from-start off "${limit[@]}" "$@" -k "regex:$regex" \
-      "$py" bench/profile_kernels.py --n "$n" --b 128
+      "$py" bench/profile_kernels.py --n "$n" --b 128 ${PROFILE_ARGS:-}
   }
   sections="--section SpeedOfLight --section Occupancy"
   sections+=" --section WarpStateStats --section MemoryWorkloadAnalysis"
   stalls="--metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
   if want profile; then
     if command -v ncu >/dev/null; then
-      step profile 120 bash -c "$(declare -f ncu_kernels)
+      step profile 150 bash -c "$(declare -f ncu_kernels)
         py=$py; ncu_kernels 576 'root|topk|diffusion' 0 $sections &&
-        ncu_kernels 2304 topk 1 $sections; ncu_kernels 576 'topk|diffusion' 0 $stalls"
+        ncu_kernels 2304 topk 1 $sections; ncu_kernels 576 'topk|diffusion' 0 $stalls
+        PROFILE_ARGS='--topk-parts 2' ncu_kernels 2304 'topk|merge_parts' 2 $sections"
     else
       echo "== profile: no ncu on PATH, skipped"
     fi

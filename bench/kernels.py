@@ -283,7 +283,8 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
         (f"{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}"
          f"_s{c.num_stages}_slots{c.slots}_narrow{c.narrow}"
          + (f"_r{c.maxnreg}" if c.maxnreg else "") + ("_tma" if c.tma else "")
-         + ("_flat" if c.flat else "") + ("_lockstep" if c.lockstep else "")): c
+         + ("_flat" if c.flat else "") + ("_lockstep" if c.lockstep else "")
+         + (f"_parts{c.parts}" if c.parts > 1 else "")): c
         for aligned in ((False, True) if coneighbor_topk.tma_fits(n) else (False,))
         for c in topk_configs(next_pow2(k), aligned)[1]
     }  # fmt: skip

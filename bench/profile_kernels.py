@@ -10,6 +10,8 @@ it:
     ncu --profile-from-start off -k regex:'topk|diffusion' \
         python bench/profile_kernels.py --n 576 --b 128
 
+``--topk-parts P`` profiles the similarity stage alone instead (the sqrt pass, the top-k
+kernel and `merge_parts_kernel`), its default config in P parts of the column tiles.
 ``--host-profile`` runs the profiled calls under cProfile instead, the device idle at each
 call, and prints where the host's part of a call goes (its functions by own time and by
 cumulative time).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import os
 import pstats
 from contextlib import nullcontext
@@ -27,6 +30,9 @@ import torch
 from merge_model import attention
 
 from adcam_fast.kernels import adcam_triton
+from adcam_fast.kernels.coneighbor_topk import refine_sparse, tma_fits, topk_configs
+from adcam_fast.kernels.launch import next_pow2
+from adcam_fast.reference import EPS
 
 
 def main() -> None:
@@ -37,6 +43,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--classes", type=int, default=20)
     p.add_argument("--calls", type=int, default=1)
+    p.add_argument(
+        "--topk-parts", type=int, default=0, help="the similarity stage alone, in P parts"
+    )
     p.add_argument("--host-profile", action="store_true", help="cProfile the calls' host work")
     args = p.parse_args()
     os.environ["ADCAM_AUTOTUNE"] = "0"  # the default configs: no candidates in the profile
@@ -45,14 +54,23 @@ def main() -> None:
     A = attention(args.b, args.n, "random", gen, torch.float32)
     cams = torch.rand(args.b, args.classes, args.n, generator=gen, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-    adcam_triton(A, cams, args.k, args.steps)  # compiles
+
+    def call() -> None:
+        if args.topk_parts:
+            default = topk_configs(next_pow2(args.k), tma_fits(args.n))[0]
+            cfg = dataclasses.replace(default, parts=args.topk_parts)
+            refine_sparse(A, args.k, EPS, torch.int32, config=cfg)
+        else:
+            adcam_triton(A, cams, args.k, args.steps)
+
+    call()  # compiles
     sync()
     profile = cProfile.Profile() if args.host_profile else None
     with torch.cuda.profiler.profile() if device == "cuda" else nullcontext():
         for _ in range(args.calls):
             if profile:
                 profile.enable()
-            adcam_triton(A, cams, args.k, args.steps)
+            call()
             if profile:
                 profile.disable()
             sync()

@@ -14,7 +14,12 @@ Tiling: a program owns ``BLOCK_M`` rows of one image and sweeps the column tiles
 for real attention the spatial neighbours) so the running threshold rises early, then the
 tiles after it, wrapping around (config ``lockstep``: the others from tile 0, one order for
 every program, so that an image's programs read each tile at about one time and L2 holds the
-tiles in use rather than whole images). Each S tile is a ``tl.dot`` over ``BLOCK_K`` slices
+tiles in use rather than whole images). With config ``parts`` = P > 1, P programs share a
+row block, each over one of P runs of its column tiles (from the diagonal tile in the run
+that holds it), and `merge_parts_kernel` merges their running lists before the epilogue:
+an image takes P times the programs, so the resident programs hold 1/P of the images, and
+L2 their rows (at N = 2304, 264 programs of 64 rows hold 7.3 images, 78 MB of fp16 R, over
+an H200's 50 MB of L2; with P = 2, 39 MB). Each S tile is a ``tl.dot`` over ``BLOCK_K`` slices
 of R in fp16, fp32 accumulation. R is taken once per image by `root_kernel` (not on every
 load: the (BLOCK_M + BLOCK_N)·N square roots per tile would cost more than its dot), in
 chunks of whole images of at most ``ROOT_CHUNK`` entries, as ``fp16(sqrt(A · 2**-e))`` with
@@ -50,7 +55,7 @@ stays in L1/L2, ordered by CTA barriers), and merged before a tile that could ov
 row's slots, and at the end: the bitonic work then follows the number of candidates,
 which falls like k/t over the tiles t of a row, not N. The first k of the final list
 (read from the top) are the chosen columns. Keys are unique, so for given S values the
-result depends on neither the tile order nor the merge schedule: deterministic.
+result depends on neither the tile order, the merge schedule nor the parts: deterministic.
 
 With ``REFINE`` off, the epilogue writes ``TOP(S, k)`` itself instead (`similarity_topk`):
 each kept column's S, read back from its key's field and unscaled, beside its index.
@@ -61,6 +66,7 @@ each kept column's S, read back from its key's field and unscaled, beside its in
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -75,6 +81,9 @@ from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2
 
 MAX_TOPK = 1024
 """The largest k < N supported (the running top-k of a row block is held on chip)."""
+
+MERGE_ENTRIES = 4096
+"""Keys per program of `merge_parts_kernel`: 64 rows of a running top-64 on 4 warps."""
 
 S_FLOOR_BITS = tl.constexpr((127 - 62) << 23)
 """The fp32 bits of 2**-62: smaller S values share the lowest key field (see the module)."""
@@ -313,87 +322,14 @@ def _exponent(TOP, b):
 
 
 @triton.jit
-def coneighbor_topk_kernel(
-    R,  # (B, N, N) fp16 root of A (`root_kernel`): S up to a per-image constant
-    RM,  # TensorDescriptor of R as (B·N, N), blocks (BLOCK_M, BLOCK_K); None: pointer loads
-    RN,  # the same, blocks (BLOCK_N, BLOCK_K)
-    A,  # (B, N, N) attention, fp32 / fp16 / bf16: the refinement reads it at the kept columns
-    TOP,  # (B,) the largest entry per image, as given to `root_kernel` (None for fp16 A)
-    BUF,  # (B, grid_m * BLOCK_M, 2**LOG_CB) int32 scratch: parked candidate keys
-    W,  # (B, N, K_KEEP) fp32 out: refined weights (REFINE) or S at the kept columns
-    IDX,  # (B, N, K_KEEP) int32 / int64 out: column indices
-    N,
-    C,  # N.bit_length(): the key's column field
-    K_KEEP,
-    eps,
-    LOG_KP: tl.constexpr,  # KP = 2**LOG_KP = next_pow2(K_KEEP) <= BLOCK_N
-    BLOCK_M: tl.constexpr,
-    LOG_BN: tl.constexpr,  # BLOCK_N = 2**LOG_BN, >= KP when LOG_CB = 0
-    BLOCK_K: tl.constexpr,
-    LOG_CB: tl.constexpr,  # 0: merge tiles directly; else park candidates in 2**LOG_CB slots
-    NARROW: tl.constexpr,  # LOG_CB = 0: tiles with <= NARROW keys per row to `_merge_largest`
-    REFINE: tl.constexpr,  # epilogue: the refinement (Eq. 7), or TOP(S, k) as (S, index)
-    ROW_WARPS: tl.constexpr,  # warps split the rows, not a row's columns (`_topk_desc`)
-    FLAT: tl.constexpr,  # one loop over (tile, K step) instead of a K loop per tile (LOG_CB 0)
-    LOCKSTEP: tl.constexpr,  # column tiles in one order for all programs (`_column_tile`)
-):
-    KP: tl.constexpr = 1 << LOG_KP
-    BLOCK_N: tl.constexpr = 1 << LOG_BN
-    LOG_CW: tl.constexpr = LOG_KP if LOG_KP > LOG_BN else LOG_BN  # parked keys merged at once
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1)
+def _epilogue(acc, rows, pid_b, A, TOP, W, IDX, N, C, K_KEEP, eps, REFINE: tl.constexpr):
+    """The outputs of rows ``rows`` of image ``pid_b`` from their top-KP keys ``acc``
+    (BLOCK_M, KP), ascending: place p of the descending order is ``acc[:, KP - 1 - p]``.
+    REFINE: the refined weights of Eq. 7 (the self row where the kept mass is <= eps) and
+    columns; else ``TOP(S, k)``, S read back from the key's field."""
+    KP: tl.constexpr = acc.shape[1]
     img = pid_b.to(tl.int64) * N * N
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
-    buf = BUF + (((pid_b * tl.num_programs(0)).to(tl.int64) * BLOCK_M + rows[:, None]) << LOG_CB)
-    held = tl.zeros((BLOCK_M,), tl.int32)  # keys parked per row
-
-    acc = tl.full((BLOCK_M, KP), -1, tl.int32)  # running top-KP keys, ascending
-    kth = tl.full((BLOCK_M,), -1, tl.int32)  # k-th largest key so far: the bar to enter
-    n_tiles = (N + BLOCK_N - 1) // BLOCK_N
-    first = (pid_m * BLOCK_M) // BLOCK_N
-    if FLAT:  # one loop over (tile, K step): the next tile's first slices load meanwhile
-        tl.static_assert(LOG_CB == 0, "FLAT merges tiles directly")
-        k0 = 0
-        t = 0
-        s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for _ in range(n_tiles * tl.cdiv(N, BLOCK_K)):
-            col0 = _column_tile(t, first, n_tiles, LOCKSTEP) * BLOCK_N
-            r, c = _slices(R, RM, RN, img, pid_b, pid_m * BLOCK_M, col0, k0, N,
-                           BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-            s = tl.dot(r, tl.trans(c), s)
-            last = k0 + BLOCK_K >= N  # the tile's last K step
-            if last:
-                key = _keys(s, row_ok, col0 + tl.arange(0, BLOCK_N), N, C)
-                acc, kth = _fold(acc, kth, key, K_KEEP, LOG_KP, LOG_BN, NARROW, ROW_WARPS)
-                s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            k0 = tl.where(last, 0, k0 + BLOCK_K)
-            t = tl.where(last, t + 1, t)
-    else:
-        for t in range(n_tiles + 1):  # the last pass only merges what is still parked
-            if LOG_CB > 0:
-                if (tl.max(held) > (1 << LOG_CB) - BLOCK_N) | (t == n_tiles):
-                    acc = _merge_parked(acc, buf, held, LOG_KP, LOG_CW, ROW_WARPS)
-                    kth = _kth(acc, K_KEEP, KP)
-                    held = tl.zeros((BLOCK_M,), tl.int32)
-            if t < n_tiles:
-                col0 = _column_tile(t, first, n_tiles, LOCKSTEP) * BLOCK_N
-                cols = col0 + tl.arange(0, BLOCK_N)  # taken after the K loop, 3.8 spills
-                s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                for k0 in range(0, N, BLOCK_K):
-                    r, c = _slices(R, RM, RN, img, pid_b, pid_m * BLOCK_M, col0, k0, N,
-                                   BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-                    s = tl.dot(r, tl.trans(c), s)
-                key = _keys(s, row_ok, cols, N, C)
-                if LOG_CB == 0:
-                    acc, kth = _fold(acc, kth, key, K_KEEP, LOG_KP, LOG_BN, NARROW, ROW_WARPS)
-                else:
-                    new = (key > kth[:, None]).to(tl.int32)  # could still enter the top k
-                    spot = held[:, None] + tl.cumsum(new, axis=1) - 1
-                    tl.store(buf + spot, key, mask=new > 0)
-                    held += tl.sum(new, axis=1)
-
-    # Epilogue: acc[:, KP-1-p] holds place p of the descending order.
     place = KP - 1 - tl.arange(0, KP)
     cols = N - (acc & ((1 << C) - 1))  # the low C bits hold N - j
     keep = row_ok[:, None] & (place < K_KEEP)[None, :]
@@ -413,6 +349,136 @@ def coneighbor_topk_kernel(
         idx = cols
     tl.store(W + out, w, mask=keep)
     tl.store(IDX + out, idx.to(IDX.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def coneighbor_topk_kernel(
+    R,  # (B, N, N) fp16 root of A (`root_kernel`): S up to a per-image constant
+    RM,  # TensorDescriptor of R as (B·N, N), blocks (BLOCK_M, BLOCK_K); None: pointer loads
+    RN,  # the same, blocks (BLOCK_N, BLOCK_K)
+    A,  # (B, N, N) attention, fp32 / fp16 / bf16: the refinement reads it at the kept columns
+    TOP,  # (B,) the largest entry per image, as given to `root_kernel` (None for fp16 A)
+    BUF,  # (B, grid_m * BLOCK_M, 2**LOG_CB) int32 scratch: parked candidate keys
+    W,  # (B, N, K_KEEP) fp32 out: refined weights (REFINE) or S at the kept columns
+    IDX,  # (B, N, K_KEEP) int32 / int64 out: column indices
+    KEYS,  # (B, N, PARTS, KP) int32 out: each part's running list (PARTS > 1, else None)
+    N,
+    C,  # N.bit_length(): the key's column field
+    K_KEEP,
+    eps,
+    LOG_KP: tl.constexpr,  # KP = 2**LOG_KP = next_pow2(K_KEEP) <= BLOCK_N
+    BLOCK_M: tl.constexpr,
+    LOG_BN: tl.constexpr,  # BLOCK_N = 2**LOG_BN, >= KP when LOG_CB = 0
+    BLOCK_K: tl.constexpr,
+    LOG_CB: tl.constexpr,  # 0: merge tiles directly; else park candidates in 2**LOG_CB slots
+    NARROW: tl.constexpr,  # LOG_CB = 0: tiles with <= NARROW keys per row to `_merge_largest`
+    REFINE: tl.constexpr,  # epilogue: the refinement (Eq. 7), or TOP(S, k) as (S, index)
+    ROW_WARPS: tl.constexpr,  # warps split the rows, not a row's columns (`_topk_desc`)
+    FLAT: tl.constexpr,  # one loop over (tile, K step) instead of a K loop per tile (LOG_CB 0)
+    LOCKSTEP: tl.constexpr,  # column tiles in one order for all programs (`_column_tile`)
+    PARTS: tl.constexpr,  # programs per row block, each over a share of the column tiles
+):
+    KP: tl.constexpr = 1 << LOG_KP
+    BLOCK_N: tl.constexpr = 1 << LOG_BN
+    LOG_CW: tl.constexpr = LOG_KP if LOG_KP > LOG_BN else LOG_BN  # parked keys merged at once
+    pid = tl.program_id(0)
+    pid_m = pid // PARTS
+    pid_b = tl.program_id(1)
+    img = pid_b.to(tl.int64) * N * N
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    slot_rows = (pid_b * tl.num_programs(0) + pid).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    buf = BUF + (slot_rows[:, None] << LOG_CB)
+    held = tl.zeros((BLOCK_M,), tl.int32)  # keys parked per row
+
+    acc = tl.full((BLOCK_M, KP), -1, tl.int32)  # running top-KP keys, ascending
+    kth = tl.full((BLOCK_M,), -1, tl.int32)  # k-th largest key so far: the bar to enter
+    # This part's column tiles [lo, lo + n_tiles), from its diagonal tile if it holds it.
+    part = pid % PARTS
+    all_tiles = (N + BLOCK_N - 1) // BLOCK_N
+    lo = part * all_tiles // PARTS
+    n_tiles = (part + 1) * all_tiles // PARTS - lo
+    first = (pid_m * BLOCK_M) // BLOCK_N - lo
+    first = tl.where((first >= 0) & (first < n_tiles), first, 0)
+    if FLAT:  # one loop over (tile, K step): the next tile's first slices load meanwhile
+        tl.static_assert(LOG_CB == 0, "FLAT merges tiles directly")
+        k0 = 0
+        t = 0
+        s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for _ in range(n_tiles * tl.cdiv(N, BLOCK_K)):
+            col0 = (lo + _column_tile(t, first, n_tiles, LOCKSTEP)) * BLOCK_N
+            r, c = _slices(R, RM, RN, img, pid_b, pid_m * BLOCK_M, col0, k0, N,
+                           BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+            s = tl.dot(r, tl.trans(c), s)
+            last = k0 + BLOCK_K >= N  # the tile's last K step
+            if last:
+                key = _keys(s, row_ok, col0 + tl.arange(0, BLOCK_N), N, C)
+                acc, kth = _fold(acc, kth, key, K_KEEP, LOG_KP, LOG_BN, NARROW, ROW_WARPS)
+                s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            k0 = tl.where(last, 0, k0 + BLOCK_K)
+            t = tl.where(last, t + 1, t)
+    else:
+        for t in range(n_tiles + 1):  # the last pass only merges what is still parked
+            if LOG_CB > 0:
+                if (tl.max(held) > (1 << LOG_CB) - BLOCK_N) | (t == n_tiles):
+                    acc = _merge_parked(acc, buf, held, LOG_KP, LOG_CW, ROW_WARPS)
+                    kth = _kth(acc, K_KEEP, KP)
+                    held = tl.zeros((BLOCK_M,), tl.int32)
+            if t < n_tiles:
+                col0 = (lo + _column_tile(t, first, n_tiles, LOCKSTEP)) * BLOCK_N
+                cols = col0 + tl.arange(0, BLOCK_N)  # taken after the K loop, 3.8 spills
+                s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                for k0 in range(0, N, BLOCK_K):
+                    r, c = _slices(R, RM, RN, img, pid_b, pid_m * BLOCK_M, col0, k0, N,
+                                   BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                    s = tl.dot(r, tl.trans(c), s)
+                key = _keys(s, row_ok, cols, N, C)
+                if LOG_CB == 0:
+                    acc, kth = _fold(acc, kth, key, K_KEEP, LOG_KP, LOG_BN, NARROW, ROW_WARPS)
+                else:
+                    new = (key > kth[:, None]).to(tl.int32)  # could still enter the top k
+                    spot = held[:, None] + tl.cumsum(new, axis=1) - 1
+                    tl.store(buf + spot, key, mask=new > 0)
+                    held += tl.sum(new, axis=1)
+
+    if PARTS > 1:  # the parts' lists meet in `merge_parts_kernel`
+        out = ((pid_b * N + rows) * PARTS + part).to(tl.int64)[:, None] * KP
+        tl.store(KEYS + out + tl.arange(0, KP)[None, :], acc, mask=row_ok[:, None])
+    else:
+        _epilogue(acc, rows, pid_b, A, TOP, W, IDX, N, C, K_KEEP, eps, REFINE)
+
+
+@triton.jit
+def merge_parts_kernel(
+    KEYS,  # (B, N, PARTS, KP) int32: each part's top-KP keys of a row, ascending
+    A,  # as in `coneighbor_topk_kernel`, and the rest of its epilogue's arguments
+    TOP,
+    W,
+    IDX,
+    N,
+    C,
+    K_KEEP,
+    eps,
+    LOG_KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PARTS: tl.constexpr,
+    REFINE: tl.constexpr,
+):
+    """The top-KP keys of each row over its parts' lists (column sets that do not meet, so
+    the list the whole row would have made: the same output), then the epilogue. Each next
+    list is read in reverse, descending, so that ``max(acc, list)`` keeps the KP largest of
+    both as a bitonic run, which `_bitonic_merge` sorts."""
+    KP: tl.constexpr = 1 << LOG_KP
+    pid_b = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = (rows < N)[:, None]
+    place = tl.arange(0, KP)[None, :]
+    lists = KEYS + ((pid_b * N + rows) * PARTS).to(tl.int64)[:, None] * KP
+    acc = tl.load(lists + place, mask=row_ok, other=-1)
+    for p in tl.static_range(1, PARTS):
+        down = tl.load(lists + p * KP + KP - 1 - place, mask=row_ok, other=-1)
+        acc = _bitonic_merge(tl.maximum(acc, down), LOG_KP, 0, False)
+    _epilogue(acc, rows, pid_b, A, TOP, W, IDX, N, C, K_KEEP, eps, REFINE)
 
 
 @triton.jit
@@ -502,10 +568,13 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     of spills, 144 KiB of shared memory); and the default tiling and 128×128 narrow = 16
     with ``lockstep``, whose programs walk the column tiles after the diagonal one in one
     order, so that L2 keeps the column tiles in use rather than whole images (the fastest
-    at B = 1 and 32, N = 2304). Parking, 64×64 tiles, narrow = 64, five stages, whole-tile
-    128×128, BLOCK_K = 128, 128×128 with flat, and the TMA builds of 64×128 with four
-    stages and 128×128 narrow = 16 with neither flat nor lockstep (their twins with one of
-    them won instead) were never the fastest and are no longer candidates.
+    at B = 1 and 32, N = 2304); and the default and 128×256 in two parts (``parts``: two
+    programs per row block, each over half its column tiles, so that the resident programs
+    hold half the images and L2 their rows; an experiment, not yet timed). Parking, 64×64
+    tiles, narrow = 64, five stages, whole-tile 128×128, BLOCK_K = 128, 128×128 with flat,
+    and the TMA builds of 64×128 with four stages and 128×128 narrow = 16 with neither flat
+    nor lockstep (their twins with one of them won instead) were never the fastest and are
+    no longer candidates.
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
@@ -526,6 +595,8 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
             Config(128, 256, 64, num_warps=8, num_stages=3, narrow=16, tma=True),
             Config(64, 128, 64, num_warps=4, num_stages=4, tma=True, lockstep=True),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True, lockstep=True),
+            dataclasses.replace(default, parts=2),
+            Config(128, 256, 64, num_warps=8, num_stages=3, narrow=16, tma=True, parts=2),
         )
     if kp <= 64:
         default = Config(64, 128, 64, num_warps=4, num_stages=3)
@@ -556,6 +627,7 @@ def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:
         REFINE=refine,
         FLAT=cfg.flat,
         LOCKSTEP=cfg.lockstep,
+        PARTS=max(cfg.parts, 1),
     )
 
 
@@ -669,21 +741,32 @@ def _topk(
         """The top-k kernel on images [lo, hi), their sqrt(A) in ``root``; with ``warmup``
         only built (``top`` may then be its dtype). Returns the build."""
         r = root[: hi - lo]
-        grid = (triton.cdiv(n, cfg.block_m), hi - lo)
+        parts = max(cfg.parts, 1)
+        grid = (triton.cdiv(n, cfg.block_m) * parts, hi - lo)
         parked = grid[0] * cfg.block_m * cfg.slots * grid[1]  # whole tiles: none
         buf = torch.empty(max(parked, 1), dtype=torch.int32, device=A.device)
+        keys = None  # each part's list, (images, N, parts, kp)
+        if parts > 1:
+            keys = torch.empty(hi - lo, n, parts, kp, dtype=torch.int32, device=A.device)
         rm = rn = None
         if cfg.tma:
             rm, rn = (
                 TensorDescriptor.from_tensor(r.view(-1, n), [rows, cfg.block_k])
                 for rows in (cfg.block_m, cfg.block_n)
             )
-        args = (r, rm, rn, A[lo:hi], top, buf, w[lo:hi], idx[lo:hi], n, n.bit_length(), keep,
-                eps)  # fmt: skip
+        a, w_out, idx_out = A[lo:hi], w[lo:hi], idx[lo:hi]
+        args = (r, rm, rn, a, top, buf, w_out, idx_out, keys, n, n.bit_length(), keep, eps)
         options = topk_constants(kp, cfg, refine) | cfg.launch_options()
         if warmup:
             return coneighbor_topk_kernel.warmup(*args, grid=grid, **options)
-        return coneighbor_topk_kernel[grid](*args, **options)
+        kernel = coneighbor_topk_kernel[grid](*args, **options)
+        if parts > 1:
+            bm = MERGE_ENTRIES // kp
+            merge_parts_kernel[(triton.cdiv(n, bm), hi - lo)](
+                keys, a, top, w_out, idx_out, n, n.bit_length(), keep, eps,
+                LOG_KP=kp.bit_length() - 1, BLOCK_M=bm, PARTS=parts, REFINE=refine,
+            )  # fmt: skip
+        return kernel
 
     def run(cfg: Config, lo: int = 0, hi: int = cap) -> None:
         topk_launch(cfg, lo, hi, take_root(A[lo:hi], root[: hi - lo]), warmup=False)
@@ -699,7 +782,8 @@ def _topk(
                 kernel = topk_launch(cfg, 0, cap, top, warmup=True)
                 _RESIDENT[built] = launch.resident_programs(kernel, cfg.num_warps, A.device)
             slots = _RESIDENT[built] * launch.device_properties(A.device).multi_processor_count
-            chunk = images_per_launch(b, cap, triton.cdiv(n, cfg.block_m), slots)
+            programs = triton.cdiv(n, cfg.block_m) * max(cfg.parts, 1)
+            chunk = images_per_launch(b, cap, programs, slots)
         for lo in range(0, b, chunk):
             run(cfg, lo, min(b, lo + chunk))
     return w, idx

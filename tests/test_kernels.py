@@ -240,6 +240,25 @@ def test_refine_merge_schedules_agree(gen, n, k, block_n, dtype):
         assert torch.equal(idx, outs[0][1]) and torch.equal(w, outs[0][0])
 
 
+def test_refine_column_parts_agree(gen):
+    """A row block's column tiles shared out over 2, 3 or 5 programs (5 parts of 4 tiles:
+    one without a tile), each walking its share in a K loop per tile, in one loop over
+    (tile, K step) or parking candidates, and their lists merged after: bitwise the output
+    of one program per row block, for the refinement and for ``TOP(S, k)``."""
+    (A,) = to_device(random_attention(1, 60, 60, generator=gen, dtype=torch.float32))
+    whole = Config(32, 16, 16)
+    parts = [dict(parts=3), dict(parts=2, flat=True, narrow=4, lockstep=True)]
+    parts += [dict(parts=2, slots=32), dict(parts=5)]
+    configs = [whole, *(dataclasses.replace(whole, **p) for p in parts)]
+    outs = [coneighbor_topk.refine_sparse(A, 10, reference.EPS, config=c) for c in configs]
+    check_refinement(A, 10, *outs[0])
+    for (w, idx), cfg in zip(outs[1:], configs[1:], strict=True):
+        assert torch.equal(idx, outs[0][1]) and torch.equal(w, outs[0][0]), cfg
+    s, cols = coneighbor_topk.similarity_topk(A, 10, config=whole)
+    s_parts, cols_parts = coneighbor_topk.similarity_topk(A, 10, config=configs[1])
+    assert torch.equal(cols, cols_parts) and torch.equal(s, s_parts)
+
+
 @pytest.mark.parametrize(
     ("n", "block_k", "dtype"),
     [(72, 16, torch.float32), (72, 32, torch.float32), (40, 16, torch.bfloat16)],
@@ -671,13 +690,14 @@ def test_gpu_tensors_on_a_device_that_is_not_current():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [576, 2304])
 def test_gpu_merge_schedules_agree(n):
-    """On the GPU (real CTA barriers and caches), the merge schedules (whole tiles, narrow,
-    parked) on the default tiling, and the default with its registers capped (spills), keep
-    bitwise the same columns."""
+    """On the GPU (real CTA barriers and caches, programs side by side), the merge schedules
+    (whole tiles, narrow, parked; parked in two parts of the columns, whose programs must not
+    share slots) on the default tiling, and the default with its registers capped (spills),
+    keep bitwise the same columns."""
     gen = torch.Generator().manual_seed(n + 1)
     A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
     default = coneighbor_topk.topk_configs(64)[0]
-    variants = ({"narrow": 16}, {"slots": 128}, {"maxnreg": 168})
+    variants = ({"narrow": 16}, {"slots": 128}, {"maxnreg": 168}, {"parts": 2, "slots": 128})
     schedules = [default, *(dataclasses.replace(default, **v) for v in variants)]
     outs = [coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=c) for c in schedules]
     check_refinement(A, 50, *outs[0])
@@ -689,12 +709,13 @@ def test_gpu_merge_schedules_agree(n):
 @pytest.mark.parametrize("n", [576, 2304])
 def test_gpu_tma_candidates_agree(n):
     """Each candidate that takes R by the copy engine (TMA) gives bitwise the output of its
-    config with pointer loads (and no register cap, a K loop per tile and each program's
-    own column order)."""
+    config with pointer loads (and no register cap, a K loop per tile, each program's own
+    column order and one program per row block)."""
     gen = torch.Generator().manual_seed(n + 2)
     A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
     for cfg in coneighbor_topk.topk_configs(64, aligned=True)[1]:
-        loads = dataclasses.replace(cfg, tma=False, maxnreg=0, flat=False, lockstep=False)
+        loads = Config(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
+                       narrow=cfg.narrow)  # fmt: skip
         w, idx = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=cfg)
         w_ref, idx_ref = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=loads)
         assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref), cfg
