@@ -1,7 +1,8 @@
-"""Merges per program of each top-k merge schedule of kernels 1+2, counted on the CPU.
+"""Merges per row block of each top-k merge schedule of kernels 1+2, counted on the CPU.
 
 A float64 model of the schedule of ``coneighbor_topk_kernel`` (no Triton). Per block of
-``BLOCK_M`` rows, the column tiles in the kernel's order (its diagonal tile first) and
+``BLOCK_M`` rows, the column tiles in the kernel's order (its diagonal tile first; with
+``--parts``, each program's run of them, from the diagonal tile in the run that holds it) and
 
 - whole tiles (slots 0): one merge for every tile that holds a key above some row's k-th
   best so far;
@@ -64,30 +65,40 @@ def attention(
     return noise.mul_(0.5).add_(2 * same - (torch.cdist(yx, yx) / 3) ** 2).softmax(-1)
 
 
+def walks(n: int, block_m: int, block_n: int, parts: int = 1):
+    """(first row, column tiles in order) of each program: a row block's tiles in ``parts``
+    runs, each from the diagonal tile if the run holds it, wrapping around."""
+    tiles = -(-n // block_n)
+    for m0 in range(0, n, block_m):
+        diag = m0 // block_n
+        for part in range(parts):
+            run = list(range(part * tiles // parts, (part + 1) * tiles // parts))
+            start = run.index(diag) if diag in run else 0
+            yield m0, run[start:] + run[:start]
+
+
 def merges(
-    S: torch.Tensor, k: int, block_m: int, block_n: int, slots: int
+    S: torch.Tensor, k: int, block_m: int, block_n: int, slots: int, parts: int = 1
 ) -> tuple[float, list[int]]:
-    """Mean merges per program of one schedule over the row blocks of S (N, N), and for
-    whole tiles, per merge, the most candidates any row of the block brought."""
+    """Mean merges per row block (over its ``parts`` programs) of one schedule over S
+    (N, N), and for whole tiles, per merge, the most candidates any row of the block
+    brought."""
     n, kp = S.shape[0], next_pow2(k)
     width = max(block_n, kp)
-    tiles = -(-n // block_n)
     total, most_new = 0, []
-    for m0 in range(0, n, block_m):
+    for m0, order in walks(n, block_m, block_n, parts):
         rows = S[m0 : m0 + block_m]
         best = torch.full((rows.shape[0], kp), -math.inf, dtype=S.dtype)  # running top kp
         parked = rows[:, :0]
-        first = m0 // block_n
-        for t in range(tiles + 1):
+        for t in range(len(order) + 1):
             most = parked.isfinite().sum(1).max().item() if slots else 0  # most parked in a row
-            if slots and (t == tiles or most > slots - block_n):
+            if slots and (t == len(order) or most > slots - block_n):
                 total += math.ceil(most / width)
                 best = torch.cat([best, parked], 1).topk(kp, 1).values
                 parked = rows[:, :0]
-            if t == tiles:
+            if t == len(order):
                 break
-            c0 = (first + t) % tiles * block_n
-            tile = rows[:, c0 : c0 + block_n]
+            tile = rows[:, order[t] * block_n : (order[t] + 1) * block_n]
             new = tile > best[:, k - 1 : k]
             if not slots:
                 if new.any():
@@ -107,15 +118,19 @@ def main() -> None:
     p.add_argument("--block-m", type=int, default=64)
     p.add_argument("--block-n", type=int, default=64)
     p.add_argument("--narrow", type=int, default=16, help="candidates per row of a narrow merge")
+    p.add_argument("--parts", type=int, default=1, help="programs per row block (config parts)")
     args = p.parse_args()
     gen = torch.Generator().manual_seed(0)
     for n in args.sizes:
         for kind in KINDS:
             R = attention(1, n, kind, gen)[0].sqrt()
             S = R @ R.T
-            counts = {s: merges(S, args.k, args.block_m, args.block_n, s) for s in args.slots}
+            counts = {
+                s: merges(S, args.k, args.block_m, args.block_n, s, args.parts) for s in args.slots
+            }
             shown = ", ".join(f"slots {s}: {c:.1f}" for s, (c, _) in counts.items())
-            line = f"N={n} k={args.k} {kind}: {-(-n // args.block_n)} tiles; merges/program {shown}"
+            line = (f"N={n} k={args.k} {kind}: {-(-n // args.block_n)} tiles in {args.parts} "
+                    f"part(s); merges/row block {shown}")  # fmt: skip
             if 0 in counts:
                 most = counts[0][1]
                 few = [m for m in most if m <= args.narrow]

@@ -643,9 +643,10 @@ def refine_sparse(
     Returns ``(weights, indices)``, (B, N, min(k, N)) fp32 and ``index_dtype`` (int64 as in
     ``ops.refine_sparse``, or int32), with the contract of ``ops.refine_sparse``. Images go
     in chunks of at most ``ROOT_CHUNK`` entries (one chunk for B·N² <= ROOT_CHUNK), each
-    an amax (not for fp16), a `root_kernel` and a top-k launch; no host sync once the
-    config of this (N, k, batch buckets, dtype) is cached; ``config`` fixes one instead (it
-    must satisfy `topk_configs`' constraints).
+    an amax (not for fp16), a `root_kernel` and a top-k launch (and `merge_parts_kernel`
+    for a config in parts); no host sync once the config of this (N, k, batch buckets,
+    dtype) is cached; ``config`` fixes one instead (it must satisfy `topk_configs`'
+    constraints).
     Raises ValueError for MAX_TOPK < k < N.
     """
     b, n = A.shape[0], A.shape[-1]

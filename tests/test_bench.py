@@ -61,13 +61,16 @@ def test_kernel_benchmark_smoke(tmp_path):
 
 def test_merge_model_blocks_are_the_merge_floor():
     """bench/merge_model.py: on the blocks kind of attention (the kernel benchmark's floor)
-    a program of 128-column tiles merges once; on random attention, every tile."""
-    stdout = _run("merge_model.py", "--sizes", "256", "--block-n", "128", "--slots", "0")
-    merges = {
-        line.split(":")[0].split()[-1]: float(line.split("slots 0: ")[1].split(";")[0])
-        for line in stdout.splitlines()
-    }
-    assert (merges["random"], merges["blocks"]) == (2.0, 1.0)  # of the 2 tiles of a row
+    a program of 128-column tiles merges once; on random attention, every tile. In two
+    parts, each part merges its first tile, so the floor is two merges per row block."""
+    for parts, floor in ((1, 1.0), (2, 2.0)):
+        stdout = _run("merge_model.py", "--sizes", "256", "--block-n", "128", "--slots", "0",
+                      "--parts", str(parts))  # fmt: skip
+        merges = {
+            line.split(":")[0].split()[-1]: float(line.split("slots 0: ")[1].split(";")[0])
+            for line in stdout.splitlines()
+        }
+        assert (merges["random"], merges["blocks"]) == (2.0, floor)  # of the 2 tiles of a row
 
 
 def test_sass_regions_split_a_kernel_by_execution_count(tmp_path):
