@@ -3,7 +3,7 @@
 #   bench/gpu_check.sh RESULTS_DIR [ARCHIVE.tgz]
 # Steps, each under its own time limit (the limits add up to more than 10 minutes; on an
 # H200 the kernel benchmark took 165 s for N = 576, 2304 and 1296 and the GPU tests 73 s,
-# both with six top-k candidates more than there now are, the others 9 to 46; run a subset
+# both with three top-k candidates more than there now are, the others 9 to 46; run a subset
 # with STEPS where a call is capped, as below), each logged to
 # RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the kernel
 # benchmark (RESULTS_DIR/kernels.{json,csv,png}), the GPU tests (pytest -m gpu tests/),

@@ -565,7 +565,9 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     at 168 registers (three programs per SM) and two capped at 128 (four), for a loop whose
     warps mostly wait on their own dependencies; 128×256 tiles, three quarters of 128×128's
     operand bytes per FLOP, the fastest at N = 2304, B = 128 (sm_90a: 255 registers, 8 bytes
-    of spills, 144 KiB of shared memory); and the default tiling and 128×128 narrow = 16
+    of spills, 144 KiB of shared memory), also with narrow = 32 (an experiment, not yet
+    timed: there a pass costs 247 SASS instructions per thread against 10632 for a whole
+    merge, so passes pay far beyond 16); and the default tiling and 128×128 narrow = 16
     with ``lockstep``, whose programs walk the column tiles after the diagonal one in one
     order, so that L2 keeps the column tiles in use rather than whole images (the fastest
     at B = 1 and 32, N = 2304); and the default and 128×256 in two parts (``parts``: two
@@ -593,6 +595,7 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
             Config(64, 128, 64, num_warps=4, num_stages=3, maxnreg=168, tma=True),
             Config(64, 128, 64, num_warps=4, num_stages=2, maxnreg=128, tma=True),
             Config(128, 256, 64, num_warps=8, num_stages=3, narrow=16, tma=True),
+            Config(128, 256, 64, num_warps=8, num_stages=3, narrow=32, tma=True),
             Config(64, 128, 64, num_warps=4, num_stages=4, tma=True, lockstep=True),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True, lockstep=True),
             dataclasses.replace(default, parts=2),
