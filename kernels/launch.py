@@ -35,10 +35,10 @@ class Config:
     ``narrow``, ``tma``; ``flat``, one loop over (tile, K step); ``lockstep``, one column
     order for all programs; ``parts``, programs per row block, 0 or 1 for one), programs
     per image and class block and loads (diffusion: ``parts``, 0 to fill the GPU;
-    ``prefetch``, sources a chunk ahead) and launch options of
-    one kernel variant (unused fields are 0; ``maxnreg`` 0 leaves the registers to ptxas;
-    ``num_stages`` defaults to Triton's own CUDA default, so that a kernel launched without
-    it builds as its Config says)."""
+    ``prefetch``, sources a chunk ahead) and launch options of one kernel variant (unused
+    fields are 0; ``maxnreg`` 0 leaves the registers to ptxas; ``num_stages`` defaults to
+    Triton's own CUDA default, so that a kernel launched without it builds as its Config
+    says)."""
 
     block_m: int = 0
     block_n: int = 0
