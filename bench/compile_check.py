@@ -39,6 +39,7 @@ from triton.runtime.jit import create_function_from_signature
 from adcam_fast.kernels import csr, diffusion
 from adcam_fast.kernels.coneighbor_topk import (
     MERGE_ENTRIES,
+    ROOT_BLOCK,
     coneighbor_topk_kernel,
     merge_parts_kernel,
     root_kernel,
@@ -134,7 +135,6 @@ def topk_jobs(quick: bool):
     if not quick:
         dtypes.append("bf16")
     for name in dtypes:
-        top = None if name == "fp16" else f"*{name}"  # the launcher passes no maxima for fp16
         for kp in (64,) if quick else (1, 64, 128, 256, 1024):
             default, candidates = topk_configs(kp)
             aligned_default, aligned = topk_configs(kp, aligned=True)
@@ -149,13 +149,11 @@ def topk_jobs(quick: bool):
                     parts = cfg.parts > 1
                     sig = signature(
                         coneighbor_topk_kernel, R="*fp16", RM=rm, RN=rn, A=f"*{name}",
-                        TOP=top or "constexpr", BUF="*i32", W="*fp32", IDX="*i32",
+                        EXP="*i32", BUF="*i32", W="*fp32", IDX="*i32",
                         KEYS="*i32" if parts else "constexpr", N="i32", C="i32", K_KEEP="i32",
                         eps="fp32",
                     )  # fmt: skip
                     constants = topk_constants(kp, cfg, refine)
-                    if top is None:
-                        constants["TOP"] = None
                     if not cfg.tma:
                         constants |= dict(RM=None, RN=None)
                     if not parts:
@@ -168,7 +166,7 @@ def merge_parts_jobs():
     """`merge_parts_kernel` for the parts of the kp <= 64 candidates (fp32 attention)."""
     for parts in sorted({c.parts for c in topk_configs(64, aligned=True)[1] if c.parts > 1}):
         sig = signature(
-            merge_parts_kernel, KEYS="*i32", A="*fp32", TOP="*fp32", W="*fp32", IDX="*i32",
+            merge_parts_kernel, KEYS="*i32", A="*fp32", EXP="*i32", W="*fp32", IDX="*i32",
             N="i32", C="i32", K_KEEP="i32", eps="fp32",
         )  # fmt: skip
         constants = dict(LOG_KP=6, BLOCK_M=MERGE_ENTRIES // 64, PARTS=parts, REFINE=True)
@@ -188,10 +186,11 @@ def diffusion_jobs(quick: bool):
 
 
 def root_jobs():
-    for name, top in (("fp32", "*fp32"), ("fp16", None)):
-        sig = signature(root_kernel, A=f"*{name}", TOP=top or "constexpr", R="*fp16", NN="i32")
-        constants = dict(BLOCK=1024) if top else dict(BLOCK=1024, TOP=None)
-        yield f"root {name}", root_kernel, sig, constants, Config()
+    for name in ("fp32", "fp16"):
+        sig = signature(root_kernel, A=f"*{name}", R="*fp16", EXP="*i32", N="i32")
+        for whole in (True, False):  # N <= ROOT_BLOCK, and larger N
+            constants = dict(BLOCK=ROOT_BLOCK, WHOLE=whole)
+            yield f"root {name} whole={whole}", root_kernel, sig, constants, Config(num_warps=8)
 
 
 def csr_jobs():

@@ -16,7 +16,7 @@ three eager torch paths above), the peak extra device memory of each, and for th
 similarity stage alone (kernels 1+2 with their sqrt(A) pass, ``refine_sparse``): achieved
 TFLOP/s at ``2·B·N³`` flops next to a dense ``torch.bmm`` of the same shape and input
 precision (fp16 sqrt(A)) measured in the same run, the time of its passes before the tiles
-(``take_root``: maximum and sqrt(A)) and of the diffusion (kernel 3) alone and of its CSR
+(``take_root``: sqrt(A) and its row scales) and of the diffusion (kernel 3) alone and of its CSR
 (the autotuned build), each with its host part (``<stage>_host_ms``), and the time of
 every autotune candidate of kernels 1+2 (tiling and merge schedule), of the CSR (sort or
 count) and of the diffusion (class block, whether an image is split over programs, and
@@ -245,8 +245,8 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
         return row[f"{name}_ms"]
 
     # The similarity stage alone (kernels 1+2), against a dense bmm of the same shape; and
-    # its parts: the passes before the tiles (maximum, sqrt(A)), and the diffusion after it,
-    # with the sort that makes its CSR timed apart too.
+    # its parts: the pass before the tiles (sqrt(A) and its row scales), and the diffusion
+    # after it, with the sort that makes its CSR timed apart too.
     flops = 2 * b * n**3
     sim_ms = stage("similarity", lambda i: refine_sparse(As[i % sets], k, EPS))
     row["similarity_tflops"] = flops / sim_ms / 1e9
@@ -267,8 +267,9 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
                 row[f"similarity_{label}_ms"] = time_ms(
                     lambda i: refine_sparse(As[i % sets], k, EPS), args.repeats, cuda
                 )
-    stage("root", lambda i, r=root: take_root(As[i % sets], r))
-    root = None
+    exponents = torch.empty(As[0].shape[:-1], dtype=torch.int32, device=device)
+    stage("root", lambda i, r=root, e=exponents: take_root(As[i % sets], r, e))
+    root = exponents = None
     w, idx = refine_sparse(As[0], k, EPS, torch.int32)
     stage("diffusion", lambda i: diffuse_sparse(w, idx, cams[i % sets], steps))
     stage("csr", lambda i: csr.csr_edges(w, idx))

@@ -22,27 +22,31 @@ L2 their rows (at N = 2304, 264 programs of 64 rows hold 7.3 images, 78 MB of fp
 an H200's 50 MB of L2; with P = 2, 39 MB). Each S tile is a ``tl.dot`` over ``BLOCK_K`` slices
 of R in fp16, fp32 accumulation. R is taken once per image by `root_kernel` (not on every
 load: the (BLOCK_M + BLOCK_N)·N square roots per tile would cost more than its dot), in
-chunks of whole images of at most ``ROOT_CHUNK`` entries, as ``fp16(sqrt(A · 2**-e))`` with
-a per-image power of two that keeps R < 1: the same relative rounding (2**-11) as the tf32 a
-fp32 dot would use, for fp32, fp16 and bf16 attention alike, at half the bytes and twice the
-tensor-core rate. The scale multiplies a whole image's S by one constant, so no row's order
-changes. The slices arrive by masked pointer loads, or (config ``tma``) by the copy engine
-from two TMA descriptors of R viewed as (B·N, N): the same values wherever S is used (slices
-past row N hold the next image's rows, or zeros after the last image, and the keys of rows
-and columns >= N are masked), in the same order, so the same S; tests check both bitwise.
+chunks of whole images of at most ``ROOT_CHUNK`` entries, as ``R_i = fp16(sqrt(A_i ·
+4**-a_i))`` with a power of four per row that puts the row's peak in [1, 4), found by the
+same pass (one read of A): the same relative rounding (2**-11) as the tf32 a fp32 dot would
+use, for fp32, fp16 and bf16 attention alike, at half the bytes and twice the tensor-core
+rate. The tiles make ``S' = R·Rᵀ = S_ij · 2**-(a_i + a_j)``, and the keys rank ``S'_ij ·
+2**(a_j - a_i) = S_ij · 4**-a_i``: exact powers of two, one constant per row, so every row's
+order is that of S. The slices arrive by masked pointer loads, or (config ``tma``) by the
+copy engine from two TMA descriptors of R viewed as (B·N, N): the same values wherever S is
+used (slices past row N hold the next image's rows, or zeros after the last image, and the
+keys of rows and columns >= N are masked), in the same order, so the same S; tests check
+both bitwise.
 With config ``flat``, one loop runs over the (tile, K step) pairs and a tile's keys and
 merge sit in a branch on its last K step, so that the software pipeline already has the next
 tile's first slices in flight during them; the same S, merged in the same order.
 
 Top-k keys: S >= 0, so the bits of an fp32 value read as an integer order like the value.
-With ``f = max(bits(S_ij) - bits(2**-62), 0)`` (< 2**30, since S < 2**64) and
+With ``v = S_ij · 4**-a_i`` (< N·2**(a_j - a_i + 2): below 2**66 unless row maxima of one
+image differ by about 2**100), ``f = min(max(bits(v) - bits(2**-62), 0), 2**30 - 1)`` and
 ``c = N.bit_length()``, a key is the int32 ``(f >> (c - 1)) << c | (N - j)``: distinct per
-column, larger S wins, and S values equal in their top 24 - c significant bits (and all S
-below 2**-62) go to the smaller column. That truncation, 2**-(24 - c) relative (2**-11 at
-N = 4096), is below the error of S itself (2**-10, from fp16 R), and int32 keys take half
-the registers and instructions of exact int64 ones in the sorting network. Padding (rows
-or columns >= N) is -1. The running top ``KP = next_pow2(k)`` keys per row are kept
-sorted ascending; keys are merged in by the bitonic rule
+column, larger S wins, and S values equal in their top 24 - c significant bits (and all v
+below 2**-62, or from 2**66) go to the smaller column. That truncation, 2**-(24 - c)
+relative (2**-11 at N = 4096), is below the error of S itself (2**-10, from fp16 R), and
+int32 keys take half the registers and instructions of exact int64 ones in the sorting
+network. Padding (rows or columns >= N) is -1. The running top ``KP = next_pow2(k)`` keys
+per row are kept sorted ascending; keys are merged in by the bitonic rule
 ``acc <- bitonic_merge(max(acc, topk(x, KP)))`` (an ascending and a descending sorted
 list, compared place by place, keep the KP largest of both as a bitonic list, which the
 merge sorts). Only keys above a row's current k-th best can enter. With ``LOG_CB = 0`` a
@@ -81,6 +85,9 @@ from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2
 
 MAX_TOPK = 1024
 """The largest k < N supported (the running top-k of a row block is held on chip)."""
+
+ROOT_BLOCK = 4096
+"""Entries of a row that `root_kernel` holds at once: rows up to this N are read once."""
 
 MERGE_ENTRIES = 4096
 """Keys per program of `merge_parts_kernel`: 64 rows of a running top-64 on 4 warps."""
@@ -287,9 +294,13 @@ def _slices(R, RM, RN, img, pid_b, row0, col0, k0, N, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def _keys(s, row_ok, cols, N, C):
-    """The int32 keys of an S tile (the module's rule), -1 at rows or columns >= N."""
-    field = tl.maximum(s.to(tl.int32, bitcast=True) - S_FLOOR_BITS, 0)
+def _keys(s, row_ok, cols, a_rows, EXP, N, C):
+    """The int32 keys of a tile of ``S' = R·Rᵀ`` (the module's rule) for its rows, whose
+    exponents are ``a_rows``, and columns ``cols`` of one image (exponents at ``EXP``), -1
+    at rows or columns >= N: of ``S'_ij · 2**(a_j - a_i)``, which is ``S_ij · 4**-a_i``."""
+    a_cols = tl.load(EXP + cols, mask=cols < N, other=0)
+    v = s * _pow2(a_cols[None, :] - a_rows[:, None])  # |a_j - a_i| <= 126: exact
+    field = tl.minimum(tl.maximum(v.to(tl.int32, bitcast=True) - S_FLOOR_BITS, 0), 2**30 - 1)
     key = ((field >> (C - 1)) << C) | (N - cols)[None, :]
     return tl.where(row_ok[:, None] & (cols < N)[None, :], key, -1)
 
@@ -314,19 +325,26 @@ def _fold(acc, kth, key, K_KEEP, LOG_KP: tl.constexpr, LOG_BN: tl.constexpr,
 
 
 @triton.jit
-def _exponent(TOP, b):
-    """e with ``2**e > TOP[b]`` >= image b's largest entry, -126 <= e <= 126 (frexp's)."""
-    top = tl.load(TOP + b).to(tl.float32)
-    e = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
-    return tl.minimum(tl.maximum(e, -126), 126)
+def _pow2(e):
+    """``2.0**e`` in fp32 for integers -126 <= e <= 127."""
+    return ((127 + e) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _epilogue(acc, rows, pid_b, A, TOP, W, IDX, N, C, K_KEEP, eps, REFINE: tl.constexpr):
+def _row_exponent(top):
+    """a with ``4**a <= top < 4**(a + 1)`` for a row's largest entry ``top`` >= 0, clamped to
+    -64 <= a <= 62 (a = -64 below 2**-126)."""
+    e = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126  # 2**(e-1) <= top < 2**e
+    return (tl.minimum(tl.maximum(e, -126), 126) - 1) >> 1
+
+
+@triton.jit
+def _epilogue(acc, rows, pid_b, A, EXP, W, IDX, N, C, K_KEEP, eps, REFINE: tl.constexpr):
     """The outputs of rows ``rows`` of image ``pid_b`` from their top-KP keys ``acc``
     (BLOCK_M, KP), ascending: place p of the descending order is ``acc[:, KP - 1 - p]``.
     REFINE: the refined weights of Eq. 7 (the self row where the kept mass is <= eps) and
-    columns; else ``TOP(S, k)``, S read back from the key's field."""
+    columns; else ``TOP(S, k)``, S read back from the key's field and the row's exponent
+    (at ``EXP``, per image row)."""
     KP: tl.constexpr = acc.shape[1]
     img = pid_b.to(tl.int64) * N * N
     row_ok = rows < N
@@ -341,11 +359,11 @@ def _epilogue(acc, rows, pid_b, A, TOP, W, IDX, N, C, K_KEEP, eps, REFINE: tl.co
         lead = (place == 0)[None, :]
         w = tl.where(empty, tl.where(lead, 1.0, 0.0), a / tl.maximum(mass, eps)[:, None])
         idx = tl.where(empty & lead, rows[:, None], cols)
-    else:  # S from the key's field (truncated; 0 below 2**-62), times 2**e from the root
+    else:  # S from the key's field (truncated; 0 below 2**-62), times 4**a_i from the root
         field = (acc >> C) << (C - 1)
         w = tl.where(field > 0, (field + S_FLOOR_BITS).to(tl.float32, bitcast=True), 0.0)
-        if TOP is not None:
-            w *= ((127 + _exponent(TOP, pid_b)) << 23).to(tl.float32, bitcast=True)
+        scale = _pow2(tl.load(EXP + pid_b * N + rows, mask=row_ok, other=0))[:, None]
+        w = w * scale * scale
         idx = cols
     tl.store(W + out, w, mask=keep)
     tl.store(IDX + out, idx.to(IDX.dtype.element_ty), mask=keep)
@@ -353,11 +371,11 @@ def _epilogue(acc, rows, pid_b, A, TOP, W, IDX, N, C, K_KEEP, eps, REFINE: tl.co
 
 @triton.jit
 def coneighbor_topk_kernel(
-    R,  # (B, N, N) fp16 root of A (`root_kernel`): S up to a per-image constant
+    R,  # (B, N, N) fp16 root of A (`root_kernel`), row i scaled by 2**-a_i
     RM,  # TensorDescriptor of R as (B·N, N), blocks (BLOCK_M, BLOCK_K); None: pointer loads
     RN,  # the same, blocks (BLOCK_N, BLOCK_K)
     A,  # (B, N, N) attention, fp32 / fp16 / bf16: the refinement reads it at the kept columns
-    TOP,  # (B,) the largest entry per image, as given to `root_kernel` (None for fp16 A)
+    EXP,  # (B, N) int32: the rows' exponents a_i from `root_kernel`
     BUF,  # (B, grid_m * BLOCK_M, 2**LOG_CB) int32 scratch: parked candidate keys
     W,  # (B, N, K_KEEP) fp32 out: refined weights (REFINE) or S at the kept columns
     IDX,  # (B, N, K_KEEP) int32 / int64 out: column indices
@@ -387,6 +405,8 @@ def coneighbor_topk_kernel(
     img = pid_b.to(tl.int64) * N * N
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
+    exp = EXP + pid_b * N  # this image's row exponents
+    a_rows = tl.load(exp + rows, mask=row_ok, other=0)
     slot_rows = (pid_b * tl.num_programs(0) + pid).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     buf = BUF + (slot_rows[:, None] << LOG_CB)
     held = tl.zeros((BLOCK_M,), tl.int32)  # keys parked per row
@@ -412,7 +432,7 @@ def coneighbor_topk_kernel(
             s = tl.dot(r, tl.trans(c), s)
             last = k0 + BLOCK_K >= N  # the tile's last K step
             if last:
-                key = _keys(s, row_ok, col0 + tl.arange(0, BLOCK_N), N, C)
+                key = _keys(s, row_ok, col0 + tl.arange(0, BLOCK_N), a_rows, exp, N, C)
                 acc, kth = _fold(acc, kth, key, K_KEEP, LOG_KP, LOG_BN, NARROW, ROW_WARPS)
                 s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             k0 = tl.where(last, 0, k0 + BLOCK_K)
@@ -432,7 +452,7 @@ def coneighbor_topk_kernel(
                     r, c = _slices(R, RM, RN, img, pid_b, pid_m * BLOCK_M, col0, k0, N,
                                    BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
                     s = tl.dot(r, tl.trans(c), s)
-                key = _keys(s, row_ok, cols, N, C)
+                key = _keys(s, row_ok, cols, a_rows, exp, N, C)
                 if LOG_CB == 0:
                     acc, kth = _fold(acc, kth, key, K_KEEP, LOG_KP, LOG_BN, NARROW, ROW_WARPS)
                 else:
@@ -445,14 +465,14 @@ def coneighbor_topk_kernel(
         out = ((pid_b * N + rows) * PARTS + part).to(tl.int64)[:, None] * KP
         tl.store(KEYS + out + tl.arange(0, KP)[None, :], acc, mask=row_ok[:, None])
     else:
-        _epilogue(acc, rows, pid_b, A, TOP, W, IDX, N, C, K_KEEP, eps, REFINE)
+        _epilogue(acc, rows, pid_b, A, EXP, W, IDX, N, C, K_KEEP, eps, REFINE)
 
 
 @triton.jit
 def merge_parts_kernel(
     KEYS,  # (B, N, PARTS, KP) int32: each part's top-KP keys of a row, ascending
     A,  # as in `coneighbor_topk_kernel`, and the rest of its epilogue's arguments
-    TOP,
+    EXP,
     W,
     IDX,
     N,
@@ -478,7 +498,7 @@ def merge_parts_kernel(
     for p in tl.static_range(1, PARTS):
         down = tl.load(lists + p * KP + KP - 1 - place, mask=row_ok, other=-1)
         acc = _bitonic_merge(tl.maximum(acc, down), LOG_KP, 0, False)
-    _epilogue(acc, rows, pid_b, A, TOP, W, IDX, N, C, K_KEEP, eps, REFINE)
+    _epilogue(acc, rows, pid_b, A, EXP, W, IDX, N, C, K_KEEP, eps, REFINE)
 
 
 @triton.jit
@@ -519,20 +539,34 @@ def rownorm_kernel(
 
 
 @triton.jit
-def root_kernel(A, TOP, R, NN, BLOCK: tl.constexpr):
-    """``R = fp16(sqrt(A · 2**-e))`` over images (B, N, N), ``2**e > TOP[b]`` >= image b's
-    largest entry (-126 <= e <= 126): R < 2 never overflows fp16, the power-of-two scale
-    is exact (one rounding, relative error <= 2**-11 for R >= 2**-14), and S computed from
-    R is the true S times 2**-e, which leaves every row's order unchanged.
-    TOP = None (fp16 attention, whose square roots all fit fp16's normal range): e = 0."""
-    pid = tl.program_id(0)
-    img = tl.program_id(1).to(tl.int64) * NN
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < NN
-    a = tl.load(A + img + offs, mask=ok, other=0.0).to(tl.float32)
-    if TOP is not None:
-        a *= ((127 - _exponent(TOP, tl.program_id(1))) << 23).to(tl.float32, bitcast=True)
-    tl.store(R + img + offs, tl.sqrt_rn(a).to(tl.float16), mask=ok)
+def root_kernel(A, R, EXP, N, BLOCK: tl.constexpr, WHOLE: tl.constexpr):
+    """Per row i of an image (B, N, N): ``R_i = fp16(sqrt(A_i · 4**-a_i))`` with
+    ``4**a_i <= max_j A_ij < 4**(a_i + 1)`` (`_row_exponent`), a_i stored at ``EXP``. The
+    scaled row peaks in [1, 4): R < 2 never overflows fp16, the power of four is exact, so
+    R rounds as ``fp16(sqrt(A_i))`` would (relative error <= 2**-11 for R >= 2**-14), and
+    ``S = R·Rᵀ`` is the true S times ``2**-(a_i + a_j)``, which the keys undo (`_keys`).
+    WHOLE (N <= BLOCK): the row is read once, else twice (the second time from cache)."""
+    row = tl.program_id(0)
+    b = tl.program_id(1)
+    base = (b.to(tl.int64) * N + row) * N
+    cols = tl.arange(0, BLOCK)
+    if WHOLE:
+        x = tl.load(A + base + cols, mask=cols < N, other=0.0).to(tl.float32)
+        e = _row_exponent(tl.max(x))
+        scale = _pow2(-e)  # applied twice: 4**-e may not be an fp32 number
+        tl.store(R + base + cols, tl.sqrt_rn(x * scale * scale).to(tl.float16), mask=cols < N)
+    else:
+        top = tl.zeros((BLOCK,), tl.float32)
+        for c0 in range(0, N, BLOCK):
+            x = tl.load(A + base + c0 + cols, mask=c0 + cols < N, other=0.0).to(tl.float32)
+            top = tl.maximum(top, x)
+        e = _row_exponent(tl.max(top))
+        scale = _pow2(-e)
+        for c0 in range(0, N, BLOCK):
+            ok = c0 + cols < N
+            x = tl.load(A + base + c0 + cols, mask=ok, other=0.0).to(tl.float32)
+            tl.store(R + base + c0 + cols, tl.sqrt_rn(x * scale * scale).to(tl.float16), mask=ok)
+    tl.store(EXP + b * N + row, e)
 
 
 @functools.cache
@@ -646,10 +680,9 @@ def refine_sparse(
     Returns ``(weights, indices)``, (B, N, min(k, N)) fp32 and ``index_dtype`` (int64 as in
     ``ops.refine_sparse``, or int32), with the contract of ``ops.refine_sparse``. Images go
     in chunks of at most ``ROOT_CHUNK`` entries (one chunk for B·N² <= ROOT_CHUNK), each
-    an amax (not for fp16), a `root_kernel` and a top-k launch (and `merge_parts_kernel`
-    for a config in parts); no host sync once the config of this (N, k, batch buckets,
-    dtype) is cached; ``config`` fixes one instead (it must satisfy `topk_configs`'
-    constraints).
+    a `root_kernel` and a top-k launch (and `merge_parts_kernel` for a config in parts); no
+    host sync once the config of this (N, k, batch buckets, dtype) is cached; ``config``
+    fixes one instead (it must satisfy `topk_configs`' constraints).
     Raises ValueError for MAX_TOPK < k < N.
     """
     b, n = A.shape[0], A.shape[-1]
@@ -672,7 +705,7 @@ def similarity_topk(
 
     A value is S as the kernel ranked it: from fp16 sqrt(A) (relative error <= 2**-10 per
     term), truncated to ``24 - N.bit_length()`` significant bits, and 0 below 2**-62 times
-    the image's power-of-two scale. Raises ValueError for min(k, N) > MAX_TOPK.
+    the row's power-of-four scale. Raises ValueError for min(k, N) > MAX_TOPK.
     """
     return _topk(A, k, 0.0, index_dtype, config, refine=False)
 
@@ -683,14 +716,15 @@ def tma_fits(n: int) -> bool:
     return n % 8 == 0
 
 
-def take_root(A: Tensor, out: Tensor) -> Tensor | None:
-    """The passes before the tiles: ``out = fp16(sqrt(A · 2**-e))`` by `root_kernel`, for A
-    (B, N, N) contiguous; returns the per-image maxima it scaled by (None for fp16 A)."""
+def take_root(A: Tensor, out: Tensor, exponents: Tensor) -> None:
+    """The pass before the tiles: ``out = fp16(sqrt(A_i · 4**-a_i))`` per row by
+    `root_kernel`, the rows' a_i into ``exponents`` (B, N) int32, for A (B, N, N)
+    contiguous: one read of A."""
     b, n = A.shape[0], A.shape[-1]
-    top = A.amax(dim=(-2, -1)) if A.dtype != torch.float16 else None
+    block = min(next_pow2(n), ROOT_BLOCK)
     with on_device(A.device):
-        root_kernel[(triton.cdiv(n * n, 1024), b)](A, top, out, n * n, BLOCK=1024)
-    return top
+        warps = max(1, min(8, block // 256))
+        root_kernel[(n, b)](A, out, exponents, n, BLOCK=block, WHOLE=n <= block, num_warps=warps)
 
 
 @functools.cache
@@ -738,13 +772,12 @@ def _topk(
     default, candidates = topk_configs(kp, aligned)
     cap = max(1, min(b, ROOT_CHUNK // (n * n)))
     root = torch.empty(cap, n, n, dtype=torch.float16, device=A.device)
+    exponents = torch.empty(cap, n, dtype=torch.int32, device=A.device)
 
-    def topk_launch(
-        cfg: Config, lo: int, hi: int, top: Tensor | torch.dtype | None, warmup: bool
-    ) -> CompiledKernel:
-        """The top-k kernel on images [lo, hi), their sqrt(A) in ``root``; with ``warmup``
-        only built (``top`` may then be its dtype). Returns the build."""
-        r = root[: hi - lo]
+    def topk_launch(cfg: Config, lo: int, hi: int, warmup: bool) -> CompiledKernel:
+        """The top-k kernel on images [lo, hi), their sqrt(A) in ``root`` and ``exponents``;
+        with ``warmup`` only built. Returns the build."""
+        r, exp = root[: hi - lo], exponents[: hi - lo]
         parts = max(cfg.parts, 1)
         grid = (triton.cdiv(n, cfg.block_m) * parts, hi - lo)
         parked = grid[0] * cfg.block_m * cfg.slots * grid[1]  # whole tiles: none
@@ -759,7 +792,7 @@ def _topk(
                 for rows in (cfg.block_m, cfg.block_n)
             )
         a, w_out, idx_out = A[lo:hi], w[lo:hi], idx[lo:hi]
-        args = (r, rm, rn, a, top, buf, w_out, idx_out, keys, n, n.bit_length(), keep, eps)
+        args = (r, rm, rn, a, exp, buf, w_out, idx_out, keys, n, n.bit_length(), keep, eps)
         options = topk_constants(kp, cfg, refine) | cfg.launch_options()
         if warmup:
             return coneighbor_topk_kernel.warmup(*args, grid=grid, **options)
@@ -767,13 +800,14 @@ def _topk(
         if parts > 1:
             bm = MERGE_ENTRIES // kp
             merge_parts_kernel[(triton.cdiv(n, bm), hi - lo)](
-                keys, a, top, w_out, idx_out, n, n.bit_length(), keep, eps,
+                keys, a, exp, w_out, idx_out, n, n.bit_length(), keep, eps,
                 LOG_KP=kp.bit_length() - 1, BLOCK_M=bm, PARTS=parts, REFINE=refine,
             )  # fmt: skip
         return kernel
 
     def run(cfg: Config, lo: int = 0, hi: int = cap) -> None:
-        topk_launch(cfg, lo, hi, take_root(A[lo:hi], root[: hi - lo]), warmup=False)
+        take_root(A[lo:hi], root[: hi - lo], exponents[: hi - lo])
+        topk_launch(cfg, lo, hi, warmup=False)
 
     with on_device(A.device):
         key = ("topk", n_bucket(n), aligned, kp, next_pow2(cap), A.dtype, refine)
@@ -782,8 +816,7 @@ def _topk(
         if A.device.type == "cuda" and b > cap:
             built = (cfg, kp, refine, A.dtype, A.device)
             if built not in _RESIDENT:
-                top = None if A.dtype == torch.float16 else A.dtype
-                kernel = topk_launch(cfg, 0, cap, top, warmup=True)
+                kernel = topk_launch(cfg, 0, cap, warmup=True)
                 _RESIDENT[built] = launch.resident_programs(kernel, cfg.num_warps, A.device)
             slots = _RESIDENT[built] * launch.device_properties(A.device).multi_processor_count
             programs = triton.cdiv(n, cfg.block_m) * max(cfg.parts, 1)

@@ -4,17 +4,19 @@ Without CUDA the kernels run on CPU tensors under Triton's interpreter (``confte
 ``TRITON_INTERPRET=1`` before triton is imported), at small N. Tests marked ``gpu`` run the
 real sizes on a CUDA GPU and are skipped without one.
 
-Near-tie rule. The kernel computes S from R = sqrt(A · 2**-e) rounded to fp16 (for every
-attention dtype; 2**-e a per-image power of two, which scales a whole image's S and so
-changes no order) with fp32 accumulation, and ranks columns by int32 keys that keep
+Near-tie rule. The kernel computes S from R_i = sqrt(A_i · 4**-a_i) rounded to fp16 (for
+every attention dtype; 4**-a_i a per-row power of four that puts the row's peak in [1, 4),
+undone exactly in the keys, so that no order changes) with fp32 accumulation, and ranks
+columns by int32 keys that keep
 24 - c significant bits of S (c = N.bit_length() bits hold the column). Its S_ij is within
 ``s_err(N) · S_ij + 1e-5 · max S`` of the true one: R rounded to fp16 has a relative error
 <= 2**-11, so each product and hence S (non-negative terms) is within 2**-10 relative;
 fp32 accumulation adds N·2**-23 (a unit in the last place per addition, which also covers
 tensor cores that truncate), the key's truncation 2**-(24 - c). Entries of R below fp16's
-normal range (2**-14 after the scale) are off by <= 2**-25 absolute instead, which moves
-S by less than 2**-23·sqrt(N) of the image's largest S: < 1e-5 for the N <= 4096 tested
-(N < 7000), when the image's largest entry is a normal fp32 number. So at the k-th place of a
+normal range (2**-14 after the scale) are off by <= 2**-25 absolute instead, in units of
+their row's scale 2**a_j, at most the image's largest entry's square root: that moves S by
+less than 2**-23·sqrt(N) of the image's largest S: < 1e-5 for the N <= 4096 tested
+(N < 7000), when the rows' largest entries are normal fp32 numbers. So at the k-th place of a
 row the kernel may legitimately keep another column than the float64 reference when their
 S values are that close: with ``S_(k)`` the reference k-th largest S of row i, a kept
 column j is valid when ``S_ij >= S_(k) - tol_i`` and every column with
@@ -336,12 +338,35 @@ def test_programs_per_sm():
 
 
 def test_refine_is_blind_to_a_power_of_two_scale(gen):
-    """sqrt(A) is taken at a per-image power-of-two scale: attention far outside fp16's
+    """sqrt(A) is taken at a per-row power-of-four scale: attention far outside fp16's
     range (2**100 · A: its square roots would overflow fp16) gives bitwise the same output."""
     (A,) = to_device(random_attention(2, 50, 50, generator=gen, dtype=torch.float32))
     w, idx = kernels.refine_sparse_triton(A, 8)
     w_big, idx_big = kernels.refine_sparse_triton(A * 2.0**100, 8)
     assert torch.equal(idx, idx_big) and torch.equal(w, w_big)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_root_scales_each_row_by_a_power_of_four(gen, monkeypatch, dtype):
+    """`take_root`: ``R_i = fp16(sqrt(A_i · 4**-a_i))`` with the row's peak scaled into
+    [1, 4) (zero rows: a = -64), bitwise the same whether a row is read whole or in blocks
+    (N > ROOT_BLOCK: two reads of it)."""
+    (A,) = to_device(random_attention(2, 40, 40, generator=gen, dtype=torch.float32))
+    A[0, 3] *= 2.0**-60 if dtype == torch.float32 else 2.0**-10  # rows far apart in scale
+    A[1, 5] = 0.0
+    A = A.to(dtype)
+    R, a = torch.empty(A.shape, dtype=torch.float16), torch.empty(2, 40, dtype=torch.int32)
+    R, a = to_device(R, a)
+    coneighbor_topk.take_root(A, R, a)
+    peak = A.float().amax(-1)
+    quarter = torch.exp2(-2.0 * a.double())
+    assert a[1, 5] == -64 and ((peak * quarter >= 1) & (peak * quarter < 4) | (peak == 0)).all()
+    expected = (A.double() * quarter[..., None]).sqrt()
+    torch.testing.assert_close(R.double(), expected, rtol=2**-11, atol=2**-25)
+    monkeypatch.setattr(coneighbor_topk, "ROOT_BLOCK", 16)  # rows in 3 blocks
+    R_blocks, a_blocks = torch.empty_like(R), torch.empty_like(a)
+    coneighbor_topk.take_root(A, R_blocks, a_blocks)
+    assert torch.equal(R_blocks, R) and torch.equal(a_blocks, a)
 
 
 # ---------------------------------------------------------------- TOP(S, k) alone (kernel 1)

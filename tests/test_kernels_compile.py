@@ -36,9 +36,10 @@ def test_default_configurations_compile_for_sm90_without_spills():
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     lines = [line for line in run.stdout.splitlines() if line.startswith("OK ")]
-    # root fp32 + fp16; top-k fp16 + fp32, by pointers (N % 8 != 0) and TMA; the merge of
-    # the candidates' column parts; CSR: the 2 kernels around the sort; diffusion
-    assert len(lines) == 11, run.stdout
+    # root fp32 + fp16, each for rows read once and twice; top-k fp16 + fp32, by pointers
+    # (N % 8 != 0) and TMA; the merge of the candidates' column parts; CSR: the 2 kernels
+    # around the sort; diffusion
+    assert len(lines) == 13, run.stdout
     assert re.match(r"OK   diffusion: (\d+) launch .* counts 1\.\.64, \1 for one$", lines.pop())
     assert all(re.search(r"spill=0\b", line) for line in lines), run.stdout
     assert all("mma=wgmma" in line for line in lines if line.startswith("OK   topk")), run.stdout
