@@ -87,7 +87,8 @@ MAX_TOPK = 1024
 """The largest k < N supported (the running top-k of a row block is held on chip)."""
 
 ROOT_BLOCK = 4096
-"""Entries of a row that `root_kernel` holds at once: rows up to this N are read once."""
+"""Entries that a `root_kernel` program holds at once, in whole rows up to this N (which are
+read once), else in blocks of one row."""
 
 MERGE_ENTRIES = 4096
 """Keys per program of `merge_parts_kernel`: 64 rows of a running top-64 on 4 warps."""
@@ -539,34 +540,37 @@ def rownorm_kernel(
 
 
 @triton.jit
-def root_kernel(A, R, EXP, N, BLOCK: tl.constexpr, WHOLE: tl.constexpr):
+def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl.constexpr):
     """Per row i of an image (B, N, N): ``R_i = fp16(sqrt(A_i · 4**-a_i))`` with
     ``4**a_i <= max_j A_ij < 4**(a_i + 1)`` (`_row_exponent`), a_i stored at ``EXP``. The
     scaled row peaks in [1, 4): R < 2 never overflows fp16, the power of four is exact, so
     R rounds as ``fp16(sqrt(A_i))`` would (relative error <= 2**-11 for R >= 2**-14), and
     ``S = R·Rᵀ`` is the true S times ``2**-(a_i + a_j)``, which the keys undo (`_keys`).
-    WHOLE (N <= BLOCK): the row is read once, else twice (the second time from cache)."""
-    row = tl.program_id(0)
+    A program takes ROWS rows, BLOCK columns at a time; WHOLE (N <= BLOCK): each row is
+    read once, else twice (the second time from cache)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     b = tl.program_id(1)
-    base = (b.to(tl.int64) * N + row) * N
-    cols = tl.arange(0, BLOCK)
+    row_ok = rows < N
+    at = (b.to(tl.int64) * N + rows)[:, None] * N + tl.arange(0, BLOCK)[None, :]
+    cols = tl.arange(0, BLOCK)[None, :]
     if WHOLE:
-        x = tl.load(A + base + cols, mask=cols < N, other=0.0).to(tl.float32)
-        e = _row_exponent(tl.max(x))
-        scale = _pow2(-e)  # applied twice: 4**-e may not be an fp32 number
-        tl.store(R + base + cols, tl.sqrt_rn(x * scale * scale).to(tl.float16), mask=cols < N)
+        ok = row_ok[:, None] & (cols < N)
+        x = tl.load(A + at, mask=ok, other=0.0).to(tl.float32)
+        e = _row_exponent(tl.max(x, axis=1))
+        scale = _pow2(-e)[:, None]  # applied twice: 4**-e may not be an fp32 number
+        tl.store(R + at, tl.sqrt_rn(x * scale * scale).to(tl.float16), mask=ok)
     else:
-        top = tl.zeros((BLOCK,), tl.float32)
+        top = tl.zeros((ROWS, BLOCK), tl.float32)
         for c0 in range(0, N, BLOCK):
-            x = tl.load(A + base + c0 + cols, mask=c0 + cols < N, other=0.0).to(tl.float32)
-            top = tl.maximum(top, x)
-        e = _row_exponent(tl.max(top))
-        scale = _pow2(-e)
+            ok = row_ok[:, None] & (c0 + cols < N)
+            top = tl.maximum(top, tl.load(A + at + c0, mask=ok, other=0.0).to(tl.float32))
+        e = _row_exponent(tl.max(top, axis=1))
+        scale = _pow2(-e)[:, None]
         for c0 in range(0, N, BLOCK):
-            ok = c0 + cols < N
-            x = tl.load(A + base + c0 + cols, mask=ok, other=0.0).to(tl.float32)
-            tl.store(R + base + c0 + cols, tl.sqrt_rn(x * scale * scale).to(tl.float16), mask=ok)
-    tl.store(EXP + b * N + row, e)
+            ok = row_ok[:, None] & (c0 + cols < N)
+            x = tl.load(A + at + c0, mask=ok, other=0.0).to(tl.float32)
+            tl.store(R + at + c0, tl.sqrt_rn(x * scale * scale).to(tl.float16), mask=ok)
+    tl.store(EXP + b * N + rows, e, mask=row_ok)
 
 
 @functools.cache
@@ -722,9 +726,12 @@ def take_root(A: Tensor, out: Tensor, exponents: Tensor) -> None:
     contiguous: one read of A."""
     b, n = A.shape[0], A.shape[-1]
     block = min(next_pow2(n), ROOT_BLOCK)
+    rows = ROOT_BLOCK // block  # as many rows as make ROOT_BLOCK entries
     with on_device(A.device):
-        warps = max(1, min(8, block // 256))
-        root_kernel[(n, b)](A, out, exponents, n, BLOCK=block, WHOLE=n <= block, num_warps=warps)
+        root_kernel[(triton.cdiv(n, rows), b)](
+            A, out, exponents, n, ROWS=rows, BLOCK=block, WHOLE=n <= block,
+            num_warps=max(1, min(8, ROOT_BLOCK // 512)),
+        )  # fmt: skip
 
 
 @functools.cache
