@@ -40,6 +40,7 @@ from adcam_fast.kernels import csr, diffusion
 from adcam_fast.kernels.coneighbor_topk import (
     MERGE_ENTRIES,
     ROOT_BLOCK,
+    ROOT_WARPS,
     coneighbor_topk_kernel,
     merge_parts_kernel,
     root_kernel,
@@ -190,7 +191,8 @@ def root_jobs():
         sig = signature(root_kernel, A=f"*{name}", R="*fp16", EXP="*i32", N="i32")
         for rows in (4, 1):  # 4 whole rows at N = 576 to 1024, 1 row a block past ROOT_BLOCK
             constants = dict(ROWS=rows, BLOCK=ROOT_BLOCK // rows, WHOLE=rows > 1)
-            yield f"root {name} rows={rows}", root_kernel, sig, constants, Config(num_warps=8)
+            cfg = Config(num_warps=ROOT_WARPS)
+            yield f"root {name} rows={rows}", root_kernel, sig, constants, cfg
 
 
 def csr_jobs():

@@ -15,12 +15,12 @@ the speed-up of triton (eager, and replayed) over the best torch path (the faste
 three eager torch paths above), the peak extra device memory of each, and for the
 similarity stage alone (kernels 1+2 with their sqrt(A) pass, ``refine_sparse``): achieved
 TFLOP/s at ``2·B·N³`` flops next to a dense ``torch.bmm`` of the same shape and input
-precision (fp16 sqrt(A)) measured in the same run, the time of its passes before the tiles
-(``take_root``: sqrt(A) and its row scales) and of the diffusion (kernel 3) alone and of its CSR
-(the autotuned build), each with its host part (``<stage>_host_ms``), and the time of
-every autotune candidate of kernels 1+2 (tiling and merge schedule), of the CSR (sort or
-count) and of the diffusion (class block, whether an image is split over programs, and
-whether sources are loaded a chunk ahead). The attention is random (softmax of noise);
+precision (fp16 sqrt(A)) measured in the same run, the time of its pass before the tiles
+(``take_root``: sqrt(A) and its row scales) and of the diffusion (kernel 3) alone and of
+its CSR, each with its host part (``<stage>_host_ms``), and the time of every autotune
+candidate of kernels 1+2 (tiling, merge schedule, column parts) and of the diffusion
+(class block, whether an image is split over programs, and whether sources are loaded a
+chunk ahead). The attention is random (softmax of noise);
 the similarity stage is also timed on spatial attention and on block-diagonal attention
 that needs one merge per program, the stage's floor without merges (kinds of
 bench/merge_model.py). Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png``

@@ -55,11 +55,12 @@ def main() -> None:
     cams = torch.rand(args.b, args.classes, args.n, generator=gen, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
 
+    default = topk_configs(next_pow2(args.k), tma_fits(args.n))[0]
+    in_parts = dataclasses.replace(default, parts=args.topk_parts)
+
     def call() -> None:
         if args.topk_parts:
-            default = topk_configs(next_pow2(args.k), tma_fits(args.n))[0]
-            cfg = dataclasses.replace(default, parts=args.topk_parts)
-            refine_sparse(A, args.k, EPS, torch.int32, config=cfg)
+            refine_sparse(A, args.k, EPS, torch.int32, config=in_parts)
         else:
             adcam_triton(A, cams, args.k, args.steps)
 

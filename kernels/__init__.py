@@ -125,12 +125,12 @@ def adcam_triton(A: Tensor, cams: Tensor, k: int, steps: int) -> Tensor:
 
     A: (..., N, N) attention (fp32/fp16/bf16 read as is, other floats as fp32); cams:
     (..., K, N) any float. Values are not validated (``ops.adcam`` does that); shapes and
-    devices are, without a host sync. Per batch: the sqrt pass and the top-k kernel (once per chunk
-    of ``coneighbor_topk.ROOT_CHUNK`` attention entries), the diffusion's CSR (two kernels
-    around one torch sort) and the diffusion (one launch, or one per step when its images
-    are split over programs), and a few torch ops; no data-dependent host code: CUDA-graph
-    capturable once the configs for these sizes are cached (after a first call, or
-    ``ADCAM_AUTOTUNE=0``).
+    devices are, without a host sync. Per batch: the sqrt pass and the top-k kernel (once
+    per chunk of ``coneighbor_topk.ROOT_CHUNK`` attention entries), the diffusion's CSR
+    (two kernels around one torch sort) and the diffusion (one launch, or one per step when
+    its images are split over programs), and a few torch ops; no data-dependent host code:
+    CUDA-graph capturable once the configs for these sizes are cached (after a first call,
+    or ``ADCAM_AUTOTUNE=0``).
     Raises ValueError for mixed devices, CUDA tensors without a usable Triton, and CPU
     tensors when the kernels are not interpreted (set TRITON_INTERPRET=1 or use
     backend="torch").

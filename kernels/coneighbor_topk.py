@@ -90,6 +90,9 @@ ROOT_BLOCK = 4096
 """Entries that a `root_kernel` program holds at once, in whole rows up to this N (which are
 read once), else in blocks of one row."""
 
+ROOT_WARPS = 8
+"""Warps of a `root_kernel` program: 16 entries a thread."""
+
 MERGE_ENTRIES = 4096
 """Keys per program of `merge_parts_kernel`: 64 rows of a running top-64 on 4 warps."""
 
@@ -729,9 +732,8 @@ def take_root(A: Tensor, out: Tensor, exponents: Tensor) -> None:
     rows = ROOT_BLOCK // block  # as many rows as make ROOT_BLOCK entries
     with on_device(A.device):
         root_kernel[(triton.cdiv(n, rows), b)](
-            A, out, exponents, n, ROWS=rows, BLOCK=block, WHOLE=n <= block,
-            num_warps=max(1, min(8, ROOT_BLOCK // 512)),
-        )  # fmt: skip
+            A, out, exponents, n, ROWS=rows, BLOCK=block, WHOLE=n <= block, num_warps=ROOT_WARPS
+        )
 
 
 @functools.cache
@@ -781,12 +783,17 @@ def _topk(
     root = torch.empty(cap, n, n, dtype=torch.float16, device=A.device)
     exponents = torch.empty(cap, n, dtype=torch.int32, device=A.device)
 
+    def programs(cfg: Config) -> int:
+        """Top-k programs per image: its row blocks, times the parts of each."""
+        return triton.cdiv(n, cfg.block_m) * max(cfg.parts, 1)
+
     def topk_launch(cfg: Config, lo: int, hi: int, warmup: bool) -> CompiledKernel:
         """The top-k kernel on images [lo, hi), their sqrt(A) in ``root`` and ``exponents``;
         with ``warmup`` only built. Returns the build."""
         r, exp = root[: hi - lo], exponents[: hi - lo]
-        parts = max(cfg.parts, 1)
-        grid = (triton.cdiv(n, cfg.block_m) * parts, hi - lo)
+        options = topk_constants(kp, cfg, refine) | cfg.launch_options()
+        parts = options["PARTS"]
+        grid = (programs(cfg), hi - lo)
         parked = grid[0] * cfg.block_m * cfg.slots * grid[1]  # whole tiles: none
         buf = torch.empty(max(parked, 1), dtype=torch.int32, device=A.device)
         keys = None  # each part's list, (images, N, parts, kp)
@@ -800,7 +807,6 @@ def _topk(
             )
         a, w_out, idx_out = A[lo:hi], w[lo:hi], idx[lo:hi]
         args = (r, rm, rn, a, exp, buf, w_out, idx_out, keys, n, n.bit_length(), keep, eps)
-        options = topk_constants(kp, cfg, refine) | cfg.launch_options()
         if warmup:
             return coneighbor_topk_kernel.warmup(*args, grid=grid, **options)
         kernel = coneighbor_topk_kernel[grid](*args, **options)
@@ -826,8 +832,7 @@ def _topk(
                 kernel = topk_launch(cfg, 0, cap, warmup=True)
                 _RESIDENT[built] = launch.resident_programs(kernel, cfg.num_warps, A.device)
             slots = _RESIDENT[built] * launch.device_properties(A.device).multi_processor_count
-            programs = triton.cdiv(n, cfg.block_m) * max(cfg.parts, 1)
-            chunk = images_per_launch(b, cap, programs, slots)
+            chunk = images_per_launch(b, cap, programs(cfg), slots)
         for lo in range(0, b, chunk):
             run(cfg, lo, min(b, lo + chunk))
     return w, idx
