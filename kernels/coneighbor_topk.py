@@ -601,23 +601,23 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     (``tma``: TMA descriptors), which drops the loads' address and mask arithmetic (sm_90a,
     Triton 3.6: the K step 134 → 87 instructions, no spills). The default then runs one loop
     over (tile, K step) (``flat``): the copies of a tile's first slices are in flight during
-    the previous tile's keys and merge, the most often fastest candidate (`gpu8`: 6 of 18
-    rows, within 1.04 times the fastest in half of the 18). The others: three stages capped
-    at 168 registers (three programs per SM) and two capped at 128 (four), for a loop whose
-    warps mostly wait on their own dependencies; 128×256 tiles, three quarters of 128×128's
-    operand bytes per FLOP, the fastest at N = 2304, B = 128 (sm_90a: 255 registers, 8 bytes
-    of spills, 144 KiB of shared memory), also with narrow = 32 (an experiment, not yet
-    timed: there a pass costs 247 SASS instructions per thread against 10632 for a whole
-    merge, so passes pay far beyond 16); and the default tiling and 128×128 narrow = 16
-    with ``lockstep``, whose programs walk the column tiles after the diagonal one in one
-    order, so that L2 keeps the column tiles in use rather than whole images (the fastest
-    at B = 1 and 32, N = 2304); and the default and 128×256 in two parts (``parts``: two
-    programs per row block, each over half its column tiles, so that the resident programs
-    hold half the images and L2 their rows; an experiment, not yet timed). Parking, 64×64
-    tiles, narrow = 64, five stages, whole-tile 128×128, BLOCK_K = 128, 128×128 with flat,
-    and the TMA builds of 64×128 with four stages and 128×128 narrow = 16 with neither flat
-    nor lockstep (their twins with one of them won instead) were never the fastest and are
-    no longer candidates.
+    the previous tile's keys and merge (`gpu8`: the most often fastest, 6 of 18 rows). The
+    others (`gpu9`: B = 1, 32, 128; N = 576, 1296, 2304) are each the fastest or within 1 %
+    of it somewhere, but the last: three stages capped at 168 registers (three programs per
+    SM) and two capped at 128 (four), for a loop whose warps mostly wait on their own
+    dependencies; the default in two parts (``parts``: two programs per row block, each
+    over half its column tiles; the fastest at B <= 32, N >= 1296, since an image takes
+    twice the programs); 128×128 narrow = 16 with ``lockstep``, whose programs walk the
+    column tiles after the diagonal one in one order; and 128×256 tiles, three quarters of
+    128×128's operand bytes per FLOP and the lowest floor (one merge per program) at
+    N = 2304, with narrow = 32 (there a pass costs 247 SASS instructions per thread against
+    10632 for a whole merge: 0.92 times narrow = 16's time at N = 2304, B = 128), 1.02
+    times the fastest there, kept for attention that merges less than random rows do.
+    Parking, 64×64 tiles, narrow = 64, five stages, whole-tile 128×128, BLOCK_K = 128,
+    128×128 with flat, the default tiling with lockstep, 128×256 with narrow = 16 (in one
+    part or two), and the TMA builds of 64×128 with four stages and 128×128 narrow = 16
+    with neither flat nor lockstep were never the fastest in the last run that timed them
+    and are no longer candidates.
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
@@ -635,12 +635,9 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
             default,
             Config(64, 128, 64, num_warps=4, num_stages=3, maxnreg=168, tma=True),
             Config(64, 128, 64, num_warps=4, num_stages=2, maxnreg=128, tma=True),
-            Config(128, 256, 64, num_warps=8, num_stages=3, narrow=16, tma=True),
-            Config(128, 256, 64, num_warps=8, num_stages=3, narrow=32, tma=True),
-            Config(64, 128, 64, num_warps=4, num_stages=4, tma=True, lockstep=True),
-            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True, lockstep=True),
             dataclasses.replace(default, parts=2),
-            Config(128, 256, 64, num_warps=8, num_stages=3, narrow=16, tma=True, parts=2),
+            Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True, lockstep=True),
+            Config(128, 256, 64, num_warps=8, num_stages=3, narrow=32, tma=True),
         )
     if kp <= 64:
         default = Config(64, 128, 64, num_warps=4, num_stages=3)
