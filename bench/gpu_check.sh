@@ -19,7 +19,8 @@
 # sass.ncu-rep: a few MB, keep sass.log, gzipped; sass_regions.log sums them by code region:
 # per program, per tile, per K step).
 # STEPS="gpu_tests kernels" (say) runs a subset of the GPU steps, KERNEL_SIZES="576 2304"
-# (say) a subset of the benchmark's sizes.
+# (say) a subset of the benchmark's sizes, KERNEL_ARGS more of its options (say
+# "--batches 128 --topk-config block_m=64,block_n=256,block_k=64,narrow=32,tma=1").
 # A failed step does not stop the next; without a CUDA GPU the GPU steps are skipped. Exits
 # non-zero if any step failed or was skipped. PYTHON picks the interpreter (default python3).
 # ARCHIVE, if given, is rewritten with all of RESULTS_DIR after every step (one file to fetch
@@ -60,7 +61,7 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
   # The goals' sizes first: the torch paths' budget goes there. torch.compile is left out:
   # on an H200 it was slower than eager at both goal sizes, and its compiles cost the step.
   want kernels && step kernels 300 "$py" bench/kernels.py --out "$out" --budget-s 90 \
-    --sizes ${KERNEL_SIZES:-576 2304 1296 4096} --no-compile
+    --sizes ${KERNEL_SIZES:-576 2304 1296 4096} --no-compile ${KERNEL_ARGS:-}
   want gpu_tests && step gpu_tests 200 "$py" -m pytest -m gpu tests/ -q -rs \
     -p no:cacheprovider --junitxml="$out/gpu_tests.xml"
   want pipeline && step pipeline 90 "$py" bench/pipeline.py --out "$out" \

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import statistics
@@ -61,6 +62,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="after this many seconds, remaining sizes run triton only")  # fmt: skip
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
+    p.add_argument("--topk-config", action="append", default=[], metavar="FIELD=VALUE,...",
+                   help="a top-k config to time beside the autotune candidates, as launch."
+                   "Config's fields (e.g. block_m=64,block_n=256,block_k=64,narrow=32,tma=1);"
+                   " repeatable")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny CPU run under the interpreter")
     return p.parse_args()
 
@@ -78,12 +83,34 @@ from adcam_fast import ops, reference  # noqa: E402
 from adcam_fast.kernels import adcam_triton, coneighbor_topk, csr  # noqa: E402
 from adcam_fast.kernels.coneighbor_topk import refine_sparse, take_root, topk_configs  # noqa: E402
 from adcam_fast.kernels.diffusion import diffuse_sparse, diffusion_configs  # noqa: E402
-from adcam_fast.kernels.launch import next_pow2  # noqa: E402
+from adcam_fast.kernels.launch import Config, next_pow2  # noqa: E402
 from adcam_fast.reference import EPS  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_BYTES = 8 * 2**30  # float64 S + Ã of the reference must fit in this
 TORCH_PATHS = ("reference", "torch", "torch.compile")  # "best torch path": the fastest of these
+
+
+def topk_config(text: str) -> Config:
+    """A `Config` from ``field=value,...`` (integers; booleans as 0 or 1)."""
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}  # types as strings
+    kwargs = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in fields or not value.isdigit():
+            raise SystemExit(f"--topk-config: {item!r} is not FIELD=INTEGER with FIELD one of "
+                             f"{', '.join(fields)}")  # fmt: skip
+        kwargs[name] = bool(int(value)) if fields[name] == "bool" else int(value)
+    return Config(**kwargs)
+
+
+def topk_label(c: Config) -> str:
+    """A top-k config's name in the results (``topk_<label>_ms``, ``floor_<label>_ms``)."""
+    return (f"{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}"
+            f"_s{c.num_stages}_slots{c.slots}_narrow{c.narrow}"
+            + (f"_r{c.maxnreg}" if c.maxnreg else "") + ("_tma" if c.tma else "")
+            + ("_flat" if c.flat else "") + ("_lockstep" if c.lockstep else "")
+            + (f"_parts{c.parts}" if c.parts > 1 else ""))  # fmt: skip
 
 
 def time_ms(fn: Callable[[int], object], repeats: int, cuda: bool) -> float:
@@ -279,16 +306,16 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
         row["bmm_ms"] = bmm_ms
         row["bmm_tflops"] = flops / bmm_ms / 1e9
         del R
-    # Every autotune candidate, so that a run shows which tiling and merge schedule wins.
+    # Every autotune candidate, so that a run shows which tiling and merge schedule wins, and
+    # the configs asked for (--topk-config; those with tma where N allows it).
     candidates = {
-        (f"{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}"
-         f"_s{c.num_stages}_slots{c.slots}_narrow{c.narrow}"
-         + (f"_r{c.maxnreg}" if c.maxnreg else "") + ("_tma" if c.tma else "")
-         + ("_flat" if c.flat else "") + ("_lockstep" if c.lockstep else "")
-         + (f"_parts{c.parts}" if c.parts > 1 else "")): c
+        topk_label(c): c
         for aligned in ((False, True) if coneighbor_topk.tma_fits(n) else (False,))
         for c in topk_configs(next_pow2(k), aligned)[1]
-    }  # fmt: skip
+    }
+    for c in args.topk_config:
+        if coneighbor_topk.tma_fits(n) or not c.tma:
+            candidates[topk_label(c)] = c
     for label, cfg in candidates.items():
         row[f"topk_{label}_ms"] = time_ms(
             lambda i, cfg=cfg: refine_sparse(As[i % sets], k, EPS, config=cfg),
@@ -360,6 +387,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     args = ARGS
+    args.topk_config = [topk_config(text) for text in args.topk_config]  # bad input: now
     cuda = torch.cuda.is_available()
     if args.smoke:
         args.sizes, args.batches, args.repeats = [64], [2], 3

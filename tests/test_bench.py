@@ -31,7 +31,9 @@ def test_kernel_benchmark_smoke(tmp_path):
     pytest.importorskip("triton")
     from adcam_fast.kernels.coneighbor_topk import topk_configs
 
-    stdout = _run("kernels.py", "--smoke", "--out", str(tmp_path), TRITON_INTERPRET="1")
+    extra = "block_m=32,block_n=64,block_k=32,num_stages=2"  # not a candidate: timed too
+    stdout = _run("kernels.py", "--smoke", "--out", str(tmp_path), "--topk-config", extra,
+                  TRITON_INTERPRET="1")  # fmt: skip
     result = json.loads((tmp_path / "kernels.json").read_text())
     assert result["meta"]["device"] == "cpu (Triton interpreter)"
     assert result["meta"]["triton_launch_host_us"] > 0 and result["meta"]["torch_op_host_us"] > 0
@@ -46,7 +48,8 @@ def test_kernel_benchmark_smoke(tmp_path):
     best_torch = min(row["torch_ms"], row["reference_ms"])  # no torch.compile off CUDA
     assert row["speedup_vs_best_torch"] == pytest.approx(best_torch / row["triton_ms"])
     n_candidates = len(topk_configs(64)[1] + topk_configs(64, aligned=True)[1])  # N = 64
-    assert len({key for key in row if key.startswith("topk_")}) == n_candidates
+    assert len({key for key in row if key.startswith("topk_")}) == n_candidates + 1
+    assert row["topk_32x64x32_w4_s2_slots0_narrow0_ms"] > 0
     for kind in ("spatial", "blocks"):  # the stage on the other kinds of attention
         assert row[f"similarity_{kind}_ms"] > 0, kind
     floors = {key for key in row if key.startswith("floor_")}  # every candidate's floor
@@ -57,6 +60,15 @@ def test_kernel_benchmark_smoke(tmp_path):
         (csv_row,) = list(csv.DictReader(f))
     assert float(csv_row["triton_ms"]) == pytest.approx(row["triton_ms"])
     assert "| 64 | 2 |" in stdout  # the closing table
+
+
+def test_kernel_benchmark_names_a_bad_topk_config():
+    """A --topk-config with an unknown field stops the run before it times anything."""
+    argv = [sys.executable, str(BENCH / "kernels.py"), "--smoke", "--topk-config"]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([*argv, "block_m=64,warps=4"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "'warps=4' is not FIELD=INTEGER" in run.stderr
+    assert "| 64 | 2 |" not in run.stdout
 
 
 def test_merge_model_blocks_are_the_merge_floor():
