@@ -20,16 +20,17 @@ precision (fp16 sqrt(A)) measured in the same run, the time of its pass before t
 its CSR, each with its host part (``<stage>_host_ms``), and the time of every autotune
 candidate of kernels 1+2 (tiling, merge schedule, column parts) and of the diffusion
 (class block, whether an image is split over programs, and whether sources are loaded a
-chunk ahead). The attention is random (softmax of noise);
-the similarity stage is also timed on spatial attention and on block-diagonal attention
-that needs one merge per program, the stage's floor without merges (kinds of
-bench/merge_model.py). Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png``
+chunk ahead), the candidates of a stage timed in interleaved rounds (`time_rounds`). The
+attention is random (softmax of noise); the similarity stage is also timed on spatial
+attention and on block-diagonal attention that needs one merge per program, the stage's
+floor without merges (kinds of bench/merge_model.py). Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png``
 (matplotlib permitting) under ``--out``, with GPU name, its L2 size and SM count, versions
 and date, and the host's unit costs: one bare Triton launch and one small torch op
 (microseconds), beside each row's count of torch ops per call (``triton_torch_ops``).
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
                             [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
+                            [--topk-config FIELD=VALUE,... ...]
     python bench/kernels.py --smoke   # CPU: Triton interpreter, N = 64, B = 2
 """
 
@@ -113,23 +114,42 @@ def topk_label(c: Config) -> str:
             + (f"_parts{c.parts}" if c.parts > 1 else ""))  # fmt: skip
 
 
+def elapsed_ms(fn: Callable[[int], object], i: int, cuda: bool) -> float:
+    """Milliseconds of the one call ``fn(i)``: CUDA events around it, or the host clock."""
+    if not cuda:
+        t0 = time.perf_counter()
+        fn(i)
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn(i)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def time_rounds(
+    fns: dict[str, Callable[[int], object]], repeats: int, cuda: bool, rounds: int = 5
+) -> dict[str, float]:
+    """Median milliseconds of each ``fn(i)`` over ``repeats`` calls after two warm-ups, the
+    calls of all of them in ``rounds`` interleaved rounds (each a share of its repeats per
+    round): a drift of the device's speed within the run (clocks, heat) falls on every fn
+    alike, where timed one after another it would pass for a difference between them (in
+    `gpu9`, the same call timed twice, minutes apart, differed by up to 1.18 times)."""
+    for fn in fns.values():
+        fn(0), fn(1)
+    share = -(-repeats // rounds)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            calls = range(r * share, min(repeats, (r + 1) * share))
+            times[name] += [elapsed_ms(fn, i, cuda) for i in calls]
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def time_ms(fn: Callable[[int], object], repeats: int, cuda: bool) -> float:
     """Median milliseconds of ``fn(i)`` over ``repeats`` calls after two warm-ups."""
-    fn(0), fn(1)
-    times = []
-    for i in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(i)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn(i)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return time_rounds({"": fn}, repeats, cuda)[""]
 
 
 def host_ms(fn: Callable[[int], object], repeats: int, cuda: bool) -> float:
@@ -316,12 +336,11 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     for c in args.topk_config:
         if coneighbor_topk.tma_fits(n) or not c.tma:
             candidates[topk_label(c)] = c
-    for label, cfg in candidates.items():
-        row[f"topk_{label}_ms"] = time_ms(
-            lambda i, cfg=cfg: refine_sparse(As[i % sets], k, EPS, config=cfg),
-            args.repeats,
-            cuda,
-        )
+    runs = {
+        f"topk_{label}_ms": lambda i, cfg=cfg: refine_sparse(As[i % sets], k, EPS, config=cfg)
+        for label, cfg in candidates.items()
+    }
+    row.update(time_rounds(runs, args.repeats, cuda))
     # The stage on the other kinds of attention, with the config tuned above: spatial, as
     # real attention is, and blocks, whose rows find their k best in their first tile, so
     # that a program merges once: the stage without its merges (its floor), for every
@@ -333,12 +352,14 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
             row[f"similarity_{kind}_ms"] = time_ms(
                 lambda i, other=other: refine_sparse(other[i % 2], k, EPS), args.repeats, cuda
             )
-            for label, cfg in candidates.items() if kind == "blocks" else ():
-                row[f"floor_{label}_ms"] = time_ms(
-                    lambda i, cfg=cfg, o=other: refine_sparse(o[i % 2], k, EPS, config=cfg),
-                    args.repeats,
-                    cuda,
-                )
+            if kind == "blocks":
+                floors = {
+                    f"floor_{label}_ms": lambda i, cfg=cfg, o=other: refine_sparse(
+                        o[i % 2], k, EPS, config=cfg
+                    )
+                    for label, cfg in candidates.items()
+                }
+                row.update(time_rounds(floors, args.repeats, cuda))
         except ValueError as e:  # a kind this N cannot have (spatial: N a square)
             notes.append(f"{kind} attention skipped: {e}")
         except torch.OutOfMemoryError:  # the row keeps what it measured
@@ -346,15 +367,15 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
         other = None  # freed before the next kind's inputs are made
     # And every diffusion candidate (class block and warps; parts 1: one program per image
     # and class block, 0: split to fill the GPU; sources loaded a chunk ahead or not).
+    walks = {}
     for cfg in diffusion_configs(args.classes, torch.device(device))[1]:
         label = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}_w{cfg.num_warps}_parts{cfg.parts}"
                  + ("_prefetch" if cfg.prefetch else "")
                  + (f"_r{cfg.maxnreg}" if cfg.maxnreg else ""))  # fmt: skip
-        row[f"diffusion_{label}_ms"] = time_ms(
-            lambda i, cfg=cfg: diffuse_sparse(w, idx, cams[i % sets], steps, config=cfg),
-            args.repeats,
-            cuda,
+        walks[f"diffusion_{label}_ms"] = lambda i, cfg=cfg: diffuse_sparse(
+            w, idx, cams[i % sets], steps, config=cfg
         )
+    row.update(time_rounds(walks, args.repeats, cuda))
     row["notes"] = "; ".join(notes)
     shown = {key: round(v, 3) if isinstance(v, float) else v for key, v in row.items()}
     print(json.dumps(shown), flush=True)
