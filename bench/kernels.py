@@ -23,10 +23,11 @@ candidate of kernels 1+2 (tiling, merge schedule, column parts) and of the diffu
 chunk ahead), the candidates of a stage timed in interleaved rounds (`time_rounds`). The
 attention is random (softmax of noise); the similarity stage is also timed on spatial
 attention and on block-diagonal attention that needs one merge per program, the stage's
-floor without merges (kinds of bench/merge_model.py). Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png``
-(matplotlib permitting) under ``--out``, with GPU name, its L2 size and SM count, versions
-and date, and the host's unit costs: one bare Triton launch and one small torch op
-(microseconds), beside each row's count of torch ops per call (``triton_torch_ops``).
+floor without merges (kinds of bench/merge_model.py). Writes ``kernels.json``,
+``kernels.csv`` and ``kernels.png`` (matplotlib permitting) under ``--out``, with GPU name,
+its L2 size and SM count, versions and date, and the host's unit costs: one bare Triton
+launch and one small torch op (microseconds), beside each row's count of torch ops per
+call (``triton_torch_ops``).
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
                             [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
@@ -409,6 +410,11 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     args = ARGS
     args.topk_config = [topk_config(text) for text in args.topk_config]  # bad input: now
+    for c in args.topk_config:
+        try:
+            coneighbor_topk.check_config(c, next_pow2(args.k))
+        except ValueError as e:
+            sys.exit(f"--topk-config: {e}")
     cuda = torch.cuda.is_available()
     if args.smoke:
         args.sizes, args.batches, args.repeats = [64], [2], 3
