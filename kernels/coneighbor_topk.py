@@ -653,6 +653,36 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     return default, (default, Config(bm, 64, bk, num_warps=8, num_stages=stages, slots=2 * kp))
 
 
+def check_config(cfg: Config, kp: int) -> None:
+    """Raises ValueError naming the field of ``cfg`` that `coneighbor_topk_kernel` cannot
+    run with for a running top-``kp``: block sizes powers of two >= 16 (the dot's least),
+    ``num_warps`` a power of two, ``slots`` 0 (then ``block_n >= kp``: a tile merges whole)
+    or a power of two >= ``block_n`` (a tile's candidates fit after a merge), and ``flat``
+    only with ``slots`` 0."""
+
+    def power_of_two(v: int, least: int) -> bool:
+        return v >= least and v & (v - 1) == 0
+
+    for name, least in (("block_m", 16), ("block_n", 16), ("block_k", 16), ("num_warps", 1)):
+        if not power_of_two(getattr(cfg, name), least):
+            raise ValueError(
+                f"config {name} must be a power of two >= {least}, got {getattr(cfg, name)}"
+            )
+    if cfg.slots == 0 and cfg.block_n < kp:
+        raise ValueError(
+            f"config block_n must be >= next_pow2(k) = {kp} with slots 0, got {cfg.block_n}"
+        )
+    if cfg.slots and not power_of_two(cfg.slots, cfg.block_n):
+        raise ValueError(
+            f"config slots must be 0 or a power of two >= block_n = {cfg.block_n}, got {cfg.slots}"
+        )
+    if cfg.flat and cfg.slots:
+        raise ValueError(f"config flat needs slots 0, got {cfg.slots}")
+    for name in ("narrow", "parts", "maxnreg"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"config {name} must be >= 0, got {getattr(cfg, name)}")
+
+
 def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:
     """The constexpr arguments of `coneighbor_topk_kernel` for a running top-``kp`` under
     ``cfg``, with the refinement epilogue or ``TOP(S, k)`` (``refine``): what `_topk`
@@ -686,8 +716,8 @@ def refine_sparse(
     in chunks of at most ``ROOT_CHUNK`` entries (one chunk for B·N² <= ROOT_CHUNK), each
     a `root_kernel` and a top-k launch (and `merge_parts_kernel` for a config in parts); no
     host sync once the config of this (N, k, batch buckets, dtype) is cached; ``config``
-    fixes one instead (it must satisfy `topk_configs`' constraints).
-    Raises ValueError for MAX_TOPK < k < N.
+    fixes one instead (`check_config` says which it can take).
+    Raises ValueError for MAX_TOPK < k < N, and for a ``config`` the kernel cannot run.
     """
     b, n = A.shape[0], A.shape[-1]
     if k < n or b == 0:
@@ -773,8 +803,10 @@ def _topk(
         raise ValueError(f"the triton backend supports k <= {MAX_TOPK}{whole}, got k={k}")
     kp = next_pow2(keep)
     aligned = tma_fits(n)
-    if config is not None and config.tma and not aligned:
-        raise ValueError(f"a config with tma needs N divisible by 8, got N={n}")
+    if config is not None:
+        check_config(config, kp)
+        if config.tma and not aligned:
+            raise ValueError(f"a config with tma needs N divisible by 8, got N={n}")
     default, candidates = topk_configs(kp, aligned)
     cap = max(1, min(b, ROOT_CHUNK // (n * n)))
     root = torch.empty(cap, n, n, dtype=torch.float16, device=A.device)

@@ -63,12 +63,17 @@ def test_kernel_benchmark_smoke(tmp_path):
 
 
 def test_kernel_benchmark_names_a_bad_topk_config():
-    """A --topk-config with an unknown field stops the run before it times anything."""
+    """A --topk-config with an unknown field, or one the kernel cannot run (k = 50 needs
+    tiles of 64 columns at least), stops the run before it times anything."""
     argv = [sys.executable, str(BENCH / "kernels.py"), "--smoke", "--topk-config"]
     env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([*argv, "block_m=64,warps=4"], env=env, capture_output=True, text=True)
-    assert run.returncode != 0 and "'warps=4' is not FIELD=INTEGER" in run.stderr
-    assert "| 64 | 2 |" not in run.stdout
+    for config, message in [
+        ("block_m=64,warps=4", "'warps=4' is not FIELD=INTEGER"),
+        ("block_m=64,block_n=32,block_k=64", "config block_n must be >= next_pow2(k) = 64"),
+    ]:
+        run = subprocess.run([*argv, config], env=env, capture_output=True, text=True)
+        assert run.returncode != 0 and message in run.stderr, run.stderr
+        assert "| 64 | 2 |" not in run.stdout
 
 
 def test_merge_model_blocks_are_the_merge_floor():

@@ -285,11 +285,14 @@ def test_refine_tma_loads_agree(gen, n, block_k, dtype):
 @pytest.mark.parametrize("kp", [1, 64, 128, 1024])
 def test_topk_configs_take_the_copy_engine_where_it_fits(kp):
     """At N divisible by 8 the kp <= 64 default and candidates read R by TMA; elsewhere, and
-    for larger kp, none does; the default is always a candidate."""
+    for larger kp, none does; the default is always a candidate, and every one is a config
+    the kernel can run."""
     for aligned in (False, True):
         default, candidates = coneighbor_topk.topk_configs(kp, aligned)
         assert default in candidates
         assert {c.tma for c in candidates} == {aligned and kp <= 64}
+        for cfg in candidates:
+            coneighbor_topk.check_config(cfg, kp)  # raises for one the kernel cannot run
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -665,6 +668,26 @@ def test_errors_name_the_problem(gen, monkeypatch):
         monkeypatch.setattr(launch, "triton_available", lambda device=None: False)
         with pytest.raises(ValueError, match="working Triton"):
             kernels.adcam_triton(A, cams, 4, 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(block_n=48), "block_n must be a power of two >= 16, got 48"),
+        (dict(block_k=8), "block_k must be a power of two >= 16, got 8"),
+        (dict(num_warps=3), "num_warps must be a power of two >= 1, got 3"),
+        (dict(block_n=16), r"block_n must be >= next_pow2\(k\) = 32 with slots 0, got 16"),
+        (dict(slots=16), "slots must be 0 or a power of two >= block_n = 32, got 16"),
+        (dict(slots=64, flat=True), "flat needs slots 0, got 64"),
+        (dict(narrow=-1), "narrow must be >= 0, got -1"),
+    ],
+)
+def test_a_config_the_kernel_cannot_run_is_named(gen, change, message):
+    """A config passed to the top-k kernels is checked before anything is launched."""
+    (A,) = to_device(random_attention(1, 40, 40, generator=gen))
+    config = dataclasses.replace(Config(32, 32, 16), **change)
+    with pytest.raises(ValueError, match=message):
+        coneighbor_topk.refine_sparse(A, 20, reference.EPS, config=config)
 
 
 def test_triton_available_is_false_without_cuda():
