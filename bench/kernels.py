@@ -23,11 +23,11 @@ candidate of kernels 1+2 (tiling, merge schedule, column parts) and of the diffu
 chunk ahead), the candidates of a stage timed in interleaved rounds (`time_rounds`). The
 attention is random (softmax of noise); the similarity stage is also timed on spatial
 attention and on block-diagonal attention that needs one merge per program, the stage's
-floor without merges (kinds of bench/merge_model.py). Writes ``kernels.json``,
-``kernels.csv`` and ``kernels.png`` (matplotlib permitting) under ``--out``, with GPU name,
-its L2 size and SM count, versions and date, and the host's unit costs: one bare Triton
-launch and one small torch op (microseconds), beside each row's count of torch ops per
-call (``triton_torch_ops``).
+floor without merges (kinds of bench/merge_model.py), each with every candidate too. Writes
+``kernels.json``, ``kernels.csv`` and ``kernels.png`` (matplotlib permitting) under
+``--out``, with GPU name, its L2 size and SM count, versions and date, and the host's unit
+costs: one bare Triton launch and one small torch op (microseconds), beside each row's
+count of torch ops per call (``triton_torch_ops``).
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
                             [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
@@ -342,25 +342,25 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
         for label, cfg in candidates.items()
     }
     row.update(time_rounds(runs, args.repeats, cuda))
-    # The stage on the other kinds of attention, with the config tuned above: spatial, as
-    # real attention is, and blocks, whose rows find their k best in their first tile, so
-    # that a program merges once: the stage without its merges (its floor), for every
-    # candidate too (``floor_<label>_ms``). Timed against the random rows above, they split
-    # the stage into its merges and the rest (the dot and the loads that feed it).
-    for kind in KINDS[1:]:
+    # The stage on the other kinds of attention, with the config tuned above and with every
+    # candidate: spatial, as real attention is (``spatial_<label>_ms``: which tiling would a
+    # user's first call choose), and blocks, whose rows find their k best in their first
+    # tile, so that a program merges once: the stage without its merges, its floor
+    # (``floor_<label>_ms``). Timed against the random rows above, they split the stage into
+    # its merges and the rest (the dot and the loads that feed it).
+    for kind, prefix in zip(KINDS[1:], ("spatial", "floor"), strict=True):
         try:
             other = [attention(b, n, kind, gen, torch.float32).to(dtype) for _ in range(2)]
             row[f"similarity_{kind}_ms"] = time_ms(
                 lambda i, other=other: refine_sparse(other[i % 2], k, EPS), args.repeats, cuda
             )
-            if kind == "blocks":
-                floors = {
-                    f"floor_{label}_ms": lambda i, cfg=cfg, o=other: refine_sparse(
-                        o[i % 2], k, EPS, config=cfg
-                    )
-                    for label, cfg in candidates.items()
-                }
-                row.update(time_rounds(floors, args.repeats, cuda))
+            runs = {
+                f"{prefix}_{label}_ms": lambda i, cfg=cfg, o=other: refine_sparse(
+                    o[i % 2], k, EPS, config=cfg
+                )
+                for label, cfg in candidates.items()
+            }
+            row.update(time_rounds(runs, args.repeats, cuda))
         except ValueError as e:  # a kind this N cannot have (spatial: N a square)
             notes.append(f"{kind} attention skipped: {e}")
         except torch.OutOfMemoryError:  # the row keeps what it measured
@@ -456,22 +456,28 @@ def main() -> None:
 
 def table(rows: list[dict], device: str) -> str:
     """A short Markdown table of the rows: times, speed-up, the S stage (rate, and time per
-    attention kind), fastest config."""
+    attention kind), fastest config on random and on spatial attention."""
     head = ["N", "B", "triton ms", "host ms", "graph ms", "best torch ms", "speed-up",
             "graph speed-up", "S TFLOP/s", "bmm TFLOP/s",
             "S ms", "S spatial ms", "S floor ms", "root ms", "diffusion ms",
-            "fastest top-k config"]  # fmt: skip
+            "fastest top-k config", "fastest on spatial"]  # fmt: skip
     lines = [device, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         torch_ms = [r[f"{p}_ms"] for p in TORCH_PATHS if f"{p}_ms" in r]
-        configs = {key[5:-3]: v for key, v in r.items() if key.startswith("topk_")}
+        fastest = [
+            min(times, key=times.get) if times else None
+            for times in (
+                {key[len(p) : -3]: v for key, v in r.items() if key.startswith(p)}
+                for p in ("topk_", "spatial_")
+            )
+        ]
         cells = [r["N"], r["B"], r.get("triton_ms"), r.get("triton_host_ms"),
                  r.get("triton_graph_ms"), min(torch_ms, default=None),
                  r.get("speedup_vs_best_torch"), r.get("graph_speedup_vs_best_torch"),
                  r.get("similarity_tflops"), r.get("bmm_tflops"),
                  r.get("similarity_ms"), r.get("similarity_spatial_ms"),
                  r.get("similarity_blocks_ms"), r.get("root_ms"), r.get("diffusion_ms"),
-                 min(configs, key=configs.get) if configs else None]  # fmt: skip
+                 *fastest]  # fmt: skip
         shown = [
             f"{c:.3g}" if isinstance(c, float) else "-" if c is None else str(c) for c in cells
         ]

@@ -52,14 +52,14 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert row["topk_32x64x32_w4_s2_slots0_narrow0_ms"] > 0
     for kind in ("spatial", "blocks"):  # the stage on the other kinds of attention
         assert row[f"similarity_{kind}_ms"] > 0, kind
-    floors = {key for key in row if key.startswith("floor_")}  # every candidate's floor
-    assert {key.replace("floor_", "topk_") for key in floors} == {
-        key for key in row if key.startswith("topk_")
-    }
+    candidates = {key[len("topk_") :] for key in row if key.startswith("topk_")}
+    for kind in ("spatial_", "floor_"):  # every candidate on spatial rows and its floor
+        assert {key[len(kind) :] for key in row if key.startswith(kind)} == candidates, kind
     with open(tmp_path / "kernels.csv", newline="") as f:
         (csv_row,) = list(csv.DictReader(f))
     assert float(csv_row["triton_ms"]) == pytest.approx(row["triton_ms"])
-    assert "| 64 | 2 |" in stdout  # the closing table
+    assert "| 64 | 2 |" in stdout  # the closing table, with the fastest on spatial rows
+    assert "| fastest on spatial |" in stdout
 
 
 def test_kernel_benchmark_names_a_bad_topk_config():
