@@ -613,7 +613,9 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     128×128's operand bytes per FLOP and the lowest floor (one merge per program) at
     N = 2304, with narrow = 32 (there a pass costs 247 SASS instructions per thread against
     10632 for a whole merge: 0.92 times narrow = 16's time at N = 2304, B = 128), 1.02
-    times the fastest there, kept for attention that merges less than random rows do.
+    to 1.10 times the fastest there on random rows, but the fastest by a tenth on spatially
+    structured rows, which merge less, as real attention does (`gpu11`: 9.54 ms against
+    10.38 for the next).
     Parking, 64×64 tiles, narrow = 64, five stages, whole-tile 128×128, BLOCK_K = 128,
     128×128 with flat, the default tiling with lockstep, 128×256 with narrow = 16 (in one
     part or two), and the TMA builds of 64×128 with four stages and 128×128 narrow = 16
