@@ -93,8 +93,9 @@ REFERENCE_BYTES = 8 * 2**30  # float64 S + Ã of the reference must fit in this
 TORCH_PATHS = ("reference", "torch", "torch.compile")  # "best torch path": the fastest of these
 
 
-def topk_config(text: str) -> Config:
-    """A `Config` from ``field=value,...`` (integers; booleans as 0 or 1)."""
+def topk_config(text: str, kp: int) -> Config:
+    """A `Config` from ``field=value,...`` (integers; booleans as 0 or 1) that the top-k
+    kernel can run for a running top-``kp`` (`coneighbor_topk.check_config`)."""
     fields = {f.name: f.type for f in dataclasses.fields(Config)}  # types as strings
     kwargs = {}
     for item in text.split(","):
@@ -103,7 +104,12 @@ def topk_config(text: str) -> Config:
             raise SystemExit(f"--topk-config: {item!r} is not FIELD=INTEGER with FIELD one of "
                              f"{', '.join(fields)}")  # fmt: skip
         kwargs[name] = bool(int(value)) if fields[name] == "bool" else int(value)
-    return Config(**kwargs)
+    config = Config(**kwargs)
+    try:
+        coneighbor_topk.check_config(config, kp)
+    except ValueError as e:
+        raise SystemExit(f"--topk-config: {e}") from None
+    return config
 
 
 def topk_label(c: Config) -> str:
@@ -337,11 +343,18 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     for c in args.topk_config:
         if coneighbor_topk.tma_fits(n) or not c.tma:
             candidates[topk_label(c)] = c
-    runs = {
-        f"topk_{label}_ms": lambda i, cfg=cfg: refine_sparse(As[i % sets], k, EPS, config=cfg)
-        for label, cfg in candidates.items()
-    }
-    row.update(time_rounds(runs, args.repeats, cuda))
+
+    def each_candidate(prefix: str, inputs: list[torch.Tensor]) -> dict[str, float]:
+        """Every candidate's time on ``inputs`` (in turn), as ``<prefix>_<label>_ms``."""
+        runs = {
+            f"{prefix}_{label}_ms": lambda i, cfg=cfg: refine_sparse(
+                inputs[i % len(inputs)], k, EPS, config=cfg
+            )
+            for label, cfg in candidates.items()
+        }
+        return time_rounds(runs, args.repeats, cuda)
+
+    row.update(each_candidate("topk", As))
     # The stage on the other kinds of attention, with the config tuned above and with every
     # candidate: spatial, as real attention is (``spatial_<label>_ms``: which tiling would a
     # user's first call choose), and blocks, whose rows find their k best in their first
@@ -354,13 +367,7 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
             row[f"similarity_{kind}_ms"] = time_ms(
                 lambda i, other=other: refine_sparse(other[i % 2], k, EPS), args.repeats, cuda
             )
-            runs = {
-                f"{prefix}_{label}_ms": lambda i, cfg=cfg, o=other: refine_sparse(
-                    o[i % 2], k, EPS, config=cfg
-                )
-                for label, cfg in candidates.items()
-            }
-            row.update(time_rounds(runs, args.repeats, cuda))
+            row.update(each_candidate(prefix, other))
         except ValueError as e:  # a kind this N cannot have (spatial: N a square)
             notes.append(f"{kind} attention skipped: {e}")
         except torch.OutOfMemoryError:  # the row keeps what it measured
@@ -409,12 +416,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     args = ARGS
-    args.topk_config = [topk_config(text) for text in args.topk_config]  # bad input: now
-    for c in args.topk_config:
-        try:
-            coneighbor_topk.check_config(c, next_pow2(args.k))
-        except ValueError as e:
-            sys.exit(f"--topk-config: {e}")
+    args.topk_config = [topk_config(text, next_pow2(args.k)) for text in args.topk_config]
     cuda = torch.cuda.is_available()
     if args.smoke:
         args.sizes, args.batches, args.repeats = [64], [2], 3

@@ -662,20 +662,14 @@ def check_config(cfg: Config, kp: int) -> None:
     ``num_warps`` a power of two, ``slots`` 0 (then ``block_n >= kp``: a tile merges whole)
     or a power of two >= ``block_n`` (a tile's candidates fit after a merge), and ``flat``
     only with ``slots`` 0."""
-
-    def power_of_two(v: int, least: int) -> bool:
-        return v >= least and v & (v - 1) == 0
-
     for name, least in (("block_m", 16), ("block_n", 16), ("block_k", 16), ("num_warps", 1)):
-        if not power_of_two(getattr(cfg, name), least):
-            raise ValueError(
-                f"config {name} must be a power of two >= {least}, got {getattr(cfg, name)}"
-            )
+        if not least <= (v := getattr(cfg, name)) == next_pow2(v):
+            raise ValueError(f"config {name} must be a power of two >= {least}, got {v}")
     if cfg.slots == 0 and cfg.block_n < kp:
         raise ValueError(
             f"config block_n must be >= next_pow2(k) = {kp} with slots 0, got {cfg.block_n}"
         )
-    if cfg.slots and not power_of_two(cfg.slots, cfg.block_n):
+    if cfg.slots and not cfg.block_n <= cfg.slots == next_pow2(cfg.slots):
         raise ValueError(
             f"config slots must be 0 or a power of two >= block_n = {cfg.block_n}, got {cfg.slots}"
         )
