@@ -34,13 +34,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
+from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 from triton.runtime.jit import create_function_from_signature
 
-from adcam_fast.kernels import csr, diffusion
+from adcam_fast.kernels import coneighbor_topk_ws, csr, diffusion
 from adcam_fast.kernels.coneighbor_topk import (
     MERGE_ENTRIES,
     ROOT_BLOCK,
     ROOT_WARPS,
+    WS_CANDIDATE,
     coneighbor_topk_kernel,
     merge_parts_kernel,
     root_kernel,
@@ -91,17 +93,22 @@ DIVISIBLE = {"N", "NN", "E", "span"}
 assume the same (``span``, the diffusion's edges per program, is a multiple of its chunk)."""
 
 
-def compile_one(label: str, fn, sig: dict, constants: dict, cfg: Config) -> bool:
+def compile_one(
+    label: str, fn, sig: dict, constants: dict, cfg: Config, options: dict | None = None
+) -> bool:
+    """Builds ``fn`` for sm_90a with ``options`` (None: ``cfg.launch_options()``; a Gluon
+    kernel needs its own) and prints its resources; False if the build fails."""
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, (name, kind) in enumerate(sig.items())
         if kind.startswith("*") or name in DIVISIBLE
     }
+    source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
     try:
         kernel = triton.compile(
-            ASTSource(fn, sig, constants, attrs),
+            source(fn, sig, constants, attrs),
             target=HOPPER,
-            options=cfg.launch_options(),
+            options=options or cfg.launch_options(),
         )
     except Exception as e:  # report every failure, then go on with the next configuration
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[:500]}")
@@ -161,6 +168,22 @@ def topk_jobs(quick: bool):
                         constants["KEYS"] = None
                     label = f"topk {name} kp={kp} {cfg}" + ("" if refine else " TOP(S,k)")
                     yield label, coneighbor_topk_kernel, sig, constants, cfg
+
+
+def ws_jobs():
+    """The warp-specialized kernel's candidate (Gluon), fp32 attention, kp = 64."""
+    cfg, ws = WS_CANDIDATE, coneighbor_topk_ws
+    rm, rn = (
+        f"tensordesc<fp16[{rows}, {cfg.block_k}],{ws.operand_layout(rows, cfg.block_k)!r}>"
+        for rows in (cfg.block_m, cfg.block_n)
+    )
+    kernel = ws.coneighbor_topk_ws_kernel
+    sig = signature(
+        kernel, RM=rm, RN=rn, A="*fp32", EXP="*i32", W="*fp32", IDX="*i32", KEYS="*i32",
+        N="i32", C="i32", K_KEEP="i32", eps="fp32",
+    )  # fmt: skip
+    constants = ws.ws_constants(cfg, topk_constants(64, cfg, refine=True))
+    yield f"topk-ws fp32 kp=64 {cfg}", kernel, sig, constants, cfg, ws.launch_options(cfg)
 
 
 def merge_parts_jobs():
@@ -237,8 +260,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="default configurations only")
     args = p.parse_args()
-    jobs = [*root_jobs(), *topk_jobs(args.quick), *merge_parts_jobs(), *csr_jobs(),
-            *diffusion_jobs(args.quick)]  # fmt: skip
+    jobs = [*root_jobs(), *topk_jobs(args.quick), *ws_jobs(), *merge_parts_jobs(),
+            *csr_jobs(), *diffusion_jobs(args.quick)]  # fmt: skip
     ok = [compile_one(*job) for job in jobs]
     variants, one_count = class_count_variants()
     ok.append(variants == one_count)

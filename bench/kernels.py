@@ -82,7 +82,7 @@ from merge_model import KINDS, attention  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from adcam_fast import ops, reference  # noqa: E402
-from adcam_fast.kernels import adcam_triton, coneighbor_topk, csr  # noqa: E402
+from adcam_fast.kernels import adcam_triton, coneighbor_topk, csr, launch  # noqa: E402
 from adcam_fast.kernels.coneighbor_topk import refine_sparse, take_root, topk_configs  # noqa: E402
 from adcam_fast.kernels.diffusion import diffuse_sparse, diffusion_configs  # noqa: E402
 from adcam_fast.kernels.launch import Config, next_pow2  # noqa: E402
@@ -118,7 +118,7 @@ def topk_label(c: Config) -> str:
             f"_s{c.num_stages}_slots{c.slots}_narrow{c.narrow}"
             + (f"_r{c.maxnreg}" if c.maxnreg else "") + ("_tma" if c.tma else "")
             + ("_flat" if c.flat else "") + ("_lockstep" if c.lockstep else "")
-            + (f"_parts{c.parts}" if c.parts > 1 else ""))  # fmt: skip
+            + (f"_parts{c.parts}" if c.parts > 1 else "") + ("_ws" if c.ws else ""))  # fmt: skip
 
 
 def elapsed_ms(fn: Callable[[int], object], i: int, cuda: bool) -> float:
@@ -338,7 +338,7 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     candidates = {
         topk_label(c): c
         for aligned in ((False, True) if coneighbor_topk.tma_fits(n) else (False,))
-        for c in topk_configs(next_pow2(k), aligned)[1]
+        for c in topk_configs(next_pow2(k), aligned, launch.can_warp_specialize(As[0].device))[1]
     }
     for c in args.topk_config:
         if coneighbor_topk.tma_fits(n) or not c.tma:

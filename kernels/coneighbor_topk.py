@@ -578,9 +578,12 @@ def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl
 
 
 @functools.cache
-def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, ...]]:
+def topk_configs(
+    kp: int, aligned: bool = False, hopper: bool = False
+) -> tuple[Config, tuple[Config, ...]]:
     """Default and candidate configs for a running top-``kp`` at a size N that the copy
-    engine can read (``aligned``, see `tma_fits`) or not.
+    engine can read (``aligned``, see `tma_fits`) or not, on a Hopper GPU (``hopper``: the
+    warp-specialized kernel, `coneighbor_topk_ws`, is a candidate there) or not.
 
     ``slots`` (kernel argument ``LOG_CB``) chooses the merge schedule: 0 merges every tile
     that holds a candidate (needs ``BLOCK_N >= kp``); otherwise candidates are parked in that
@@ -616,6 +619,10 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     to 1.10 times the fastest there on random rows, but the fastest by a tenth on spatially
     structured rows, which merge less, as real attention does (`gpu11`: 9.54 ms against
     10.38 for the next).
+    On Hopper the candidates end with `WS_CANDIDATE`, the warp-specialized kernel
+    (`coneighbor_topk_ws`, Gluon): at N = 2304, B = 128 on an H200 its stage took 0.85
+    times the fastest Triton build's time on random rows and 0.96 times on spatial rows,
+    1.3 times at N = 576 (bench/kernels_notes.md, v28).
     Parking, 64×64 tiles, narrow = 64, five stages, whole-tile 128×128, BLOCK_K = 128,
     128×128 with flat, the default tiling with lockstep, 128×256 with narrow = 16 (in one
     part or two), and the TMA builds of 64×128 with four stages and 128×128 narrow = 16
@@ -641,6 +648,7 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
             dataclasses.replace(default, parts=2),
             Config(128, 128, 64, num_warps=8, num_stages=4, narrow=16, tma=True, lockstep=True),
             Config(128, 256, 64, num_warps=8, num_stages=3, narrow=32, tma=True),
+            *([WS_CANDIDATE] if hopper else []),
         )
     if kp <= 64:
         default = Config(64, 128, 64, num_warps=4, num_stages=3)
@@ -656,12 +664,19 @@ def topk_configs(kp: int, aligned: bool = False) -> tuple[Config, tuple[Config, 
     return default, (default, Config(bm, 64, bk, num_warps=8, num_stages=stages, slots=2 * kp))
 
 
+WS_CANDIDATE = Config(128, 128, 64, num_warps=8, num_stages=3, tma=True, ws=True, parts=2)
+"""The warp-specialized kernel's candidate (kp <= 64, aligned N, Hopper): 128×128 tiles, 8
+merge warps, three operand stages and two S buffers, two parts of the column tiles."""
+
+
 def check_config(cfg: Config, kp: int) -> None:
     """Raises ValueError naming the field of ``cfg`` that `coneighbor_topk_kernel` cannot
     run with for a running top-``kp``: block sizes powers of two >= 16 (the dot's least),
     ``num_warps`` a power of two, ``slots`` 0 (then ``block_n >= kp``: a tile merges whole)
     or a power of two >= ``block_n`` (a tile's candidates fit after a merge), and ``flat``
-    only with ``slots`` 0."""
+    only with ``slots`` 0; ``ws`` (`coneighbor_topk_ws`) with ``tma``, without ``slots``,
+    ``narrow``, ``flat`` or ``maxnreg``, and a tile of at least 64 rows that one MMA
+    warpgroup holds (block_m·block_n <= 128·128)."""
     for name, least in (("block_m", 16), ("block_n", 16), ("block_k", 16), ("num_warps", 1)):
         if not least <= (v := getattr(cfg, name)) == next_pow2(v):
             raise ValueError(f"config {name} must be a power of two >= {least}, got {v}")
@@ -678,6 +693,17 @@ def check_config(cfg: Config, kp: int) -> None:
     for name in ("narrow", "parts", "maxnreg"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"config {name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.ws:
+        if not cfg.tma:
+            raise ValueError("config ws needs tma (its copy warp takes R by the copy engine)")
+        for name in ("slots", "narrow", "flat", "maxnreg"):
+            if getattr(cfg, name):
+                raise ValueError(f"config ws takes no {name}, got {getattr(cfg, name)}")
+        if not (cfg.block_m >= 64 and cfg.block_m * cfg.block_n <= 128 * 128):
+            raise ValueError(
+                "config ws needs block_m >= 64 and block_m·block_n <= 16384 (the MMA "
+                f"warpgroup's tile), got {cfg.block_m}×{cfg.block_n}"
+            )
 
 
 def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:
@@ -804,7 +830,11 @@ def _topk(
         check_config(config, kp)
         if config.tma and not aligned:
             raise ValueError(f"a config with tma needs N divisible by 8, got N={n}")
-    default, candidates = topk_configs(kp, aligned)
+        if config.ws and not launch.can_warp_specialize(A.device):
+            raise ValueError(
+                f"a config with ws needs a Hopper GPU (sm_90) and Gluon, got {A.device}"
+            )
+    default, candidates = topk_configs(kp, aligned, launch.can_warp_specialize(A.device))
     cap = max(1, min(b, ROOT_CHUNK // (n * n)))
     root = torch.empty(cap, n, n, dtype=torch.float16, device=A.device)
     exponents = torch.empty(cap, n, dtype=torch.int32, device=A.device)
@@ -825,17 +855,26 @@ def _topk(
         keys = None  # each part's list, (images, N, parts, kp)
         if parts > 1:
             keys = torch.empty(hi - lo, n, parts, kp, dtype=torch.int32, device=A.device)
-        rm = rn = None
-        if cfg.tma:
-            rm, rn = (
-                TensorDescriptor.from_tensor(r.view(-1, n), [rows, cfg.block_k])
-                for rows in (cfg.block_m, cfg.block_n)
-            )
         a, w_out, idx_out = A[lo:hi], w[lo:hi], idx[lo:hi]
-        args = (r, rm, rn, a, exp, buf, w_out, idx_out, keys, n, n.bit_length(), keep, eps)
+        if cfg.ws:
+            from adcam_fast.kernels import coneighbor_topk_ws
+
+            kernel = coneighbor_topk_ws.launch(cfg, r, exp, a, w_out, idx_out, keys, keep, eps,
+                                               options, warmup)  # fmt: skip
+        else:
+            rm = rn = None
+            if cfg.tma:
+                rm, rn = (
+                    TensorDescriptor.from_tensor(r.view(-1, n), [rows, cfg.block_k])
+                    for rows in (cfg.block_m, cfg.block_n)
+                )
+            args = (r, rm, rn, a, exp, buf, w_out, idx_out, keys, n, n.bit_length(), keep, eps)
+            if warmup:
+                kernel = coneighbor_topk_kernel.warmup(*args, grid=grid, **options)
+            else:
+                kernel = coneighbor_topk_kernel[grid](*args, **options)
         if warmup:
-            return coneighbor_topk_kernel.warmup(*args, grid=grid, **options)
-        kernel = coneighbor_topk_kernel[grid](*args, **options)
+            return kernel
         if parts > 1:
             bm = MERGE_ENTRIES // kp
             merge_parts_kernel[(triton.cdiv(n, bm), hi - lo)](
@@ -856,7 +895,8 @@ def _topk(
             built = (cfg, kp, refine, A.dtype, A.device)
             if built not in _RESIDENT:
                 kernel = topk_launch(cfg, 0, cap, warmup=True)
-                _RESIDENT[built] = launch.resident_programs(kernel, cfg.num_warps, A.device)
+                warps = cfg.num_warps + 8 if cfg.ws else cfg.num_warps  # copy warp's group
+                _RESIDENT[built] = launch.resident_programs(kernel, warps, A.device)
             slots = _RESIDENT[built] * launch.device_properties(A.device).multi_processor_count
             chunk = images_per_launch(b, cap, programs(cfg), slots)
         for lo in range(0, b, chunk):

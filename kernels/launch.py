@@ -33,7 +33,8 @@ HELP = 'use backend="torch" for the portable path'
 class Config:
     """Block sizes, merge schedule, operand loads and loops (top-k kernel: ``slots``,
     ``narrow``, ``tma``; ``flat``, one loop over (tile, K step); ``lockstep``, one column
-    order for all programs; ``parts``, programs per row block, 0 or 1 for one), programs
+    order for all programs; ``parts``, programs per row block, 0 or 1 for one; ``ws``, the
+    warp-specialized Gluon kernel, `coneighbor_topk_ws`), programs
     per image and class block and loads (diffusion: ``parts``, 0 to fill the GPU;
     ``prefetch``, sources a chunk ahead) and launch options of one kernel variant (unused
     fields are 0; ``maxnreg`` 0 leaves the registers to ptxas; ``num_stages`` defaults to
@@ -53,6 +54,7 @@ class Config:
     flat: bool = False
     lockstep: bool = False
     prefetch: bool = False
+    ws: bool = False
 
     def launch_options(self) -> dict[str, int]:
         """Triton's launch (and compile) options of this variant."""
@@ -95,6 +97,19 @@ def device_properties(device: torch.device | None = None):
     """The properties of a CUDA ``device`` (None, or no index: the current one), queried once
     per process: the launchers read its capability, name and SM count on every call."""
     return _properties(_index(device))
+
+
+def can_warp_specialize(device: torch.device) -> bool:
+    """Whether the warp-specialized kernel can run on ``device``: a Hopper GPU (compute
+    capability 9.x: wgmma, the copy engine and register reallocation between warpgroups)
+    and a Triton with Gluon's ``warp_specialize``."""
+    if device.type != "cuda" or device_properties(device).major != 9:
+        return False
+    try:
+        from triton.experimental.gluon import language as gl
+    except ImportError:
+        return False
+    return hasattr(gl, "warp_specialize")
 
 
 def programs_per_sm(
@@ -206,11 +221,12 @@ def choose_config(
     """The config for ``key``: cached, else the fastest of ``candidates`` (GPU, autotune on),
     else ``default``. ``run(cfg)`` launches the kernel with ``cfg`` on the real arguments; it
     must be idempotent (the kernels only write their outputs). A candidate that fails to
-    compile (e.g. out of shared memory) is skipped."""
+    build (out of shared memory, or a Triton whose Gluon API differs) is skipped."""
     if device.type != "cuda" or not autotune_enabled():
         return default
     full_key = (*key, device.index, device_properties(device).name)
     if full_key not in _CACHE:
+        from triton.compiler.errors import CompilationError
         from triton.runtime.errors import OutOfResources
         from triton.testing import do_bench
 
@@ -218,7 +234,7 @@ def choose_config(
         for cfg in candidates:
             try:
                 ms = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median")
-            except OutOfResources:
+            except (OutOfResources, CompilationError):
                 continue
             if ms < best_ms:
                 best, best_ms = cfg, ms

