@@ -1,6 +1,7 @@
 """Compile the Triton kernels for Hopper (sm_90a) without a GPU and report their resources.
 
-Each kernel configuration is compiled by ``triton.compile`` for a CUDA target, and the PTX is
+Each kernel configuration (and the warp-specialized Gluon kernel's candidate, through
+Gluon's source) is compiled by ``triton.compile`` for a CUDA target, and the PTX is
 assembled by the ``ptxas`` that ships with Triton: registers, spill stores, shared memory,
 whether the S tile uses wgmma or mma, how operands arrive (the copy engine, TMA; ``cp.async``;
 or plain loads), and the number of SASS instructions (nvdisasm, also shipped with Triton), a

@@ -39,7 +39,6 @@ import functools
 import inspect
 
 import triton
-import triton.language as tl
 from torch import Tensor
 from triton.compiler import CompiledKernel
 from triton.experimental import gluon
@@ -168,13 +167,14 @@ def _merge_partition(s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
         mbarrier.arrive(s_free.index(buf))
         key = _keys(s, row_ok, cols, a_rows, exp, N, C)
         bar = gl.convert_layout(kth, gl.SliceLayout(1, layout))
-        if tl.max(tl.max(key > bar[:, None], axis=1), axis=0):
+        if gl.max(gl.max(key > bar[:, None], axis=1), axis=0):  # a key could enter
             acc = _merge(acc, key, LOG_KP, LOG_BN, ROW_WARPS)
             kth = _kth(acc, K_KEEP, KP)
     rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc.type.layout))
     if PARTS > 1:
         out = ((pid_b * N + rows) * PARTS + part).to(gl.int64)[:, None] * KP
-        gl.store(KEYS + out + tl.arange(0, KP)[None, :], acc, mask=(rows < N)[:, None])
+        place = gl.arange(0, KP, layout=gl.SliceLayout(0, acc.type.layout))
+        gl.store(KEYS + out + place[None, :], acc, mask=(rows < N)[:, None])
     else:
         _epilogue(acc, rows, pid_b, A, EXP, W, IDX, N, C, K_KEEP, eps, REFINE)
 

@@ -802,10 +802,10 @@ WS_CONFIGS = [
 def test_gpu_warp_specialized_kernel_agrees(cfg, n, b):
     """The Gluon kernel (copy warp, MMA warpgroup and merge warps side by side; in parts of
     the column tiles, or in lockstep) keeps bitwise the columns of the Triton kernel with
-    the same tiling, pointer loads and one program per row block (the
-    same S, one k16 MMA at a time in column order, and the same keys), and for TOP(S, k)
-    bitwise its values; the refined weights agree to the rounding of their row sums, which
-    the two kernels reduce in different register layouts."""
+    the same tiling, pointer loads and one program per row block (the same S, one k16 MMA
+    at a time in column order, and the same keys), and for TOP(S, k) bitwise its values;
+    the refined weights agree to the rounding of their row sums, which the two kernels
+    reduce in different register layouts."""
     gen = torch.Generator().manual_seed(n + b)
     A = random_attention(b, n, n, generator=gen, dtype=torch.float32).cuda()
     loads = Config(cfg.block_m, cfg.block_n, cfg.block_k, 8, 3)
