@@ -286,13 +286,16 @@ def test_refine_tma_loads_agree(gen, n, block_k, dtype):
 def test_topk_configs_take_the_copy_engine_where_it_fits(kp):
     """At N divisible by 8 the kp <= 64 default and candidates read R by TMA; elsewhere, and
     for larger kp, none does; the default is always a candidate, and every one is a config
-    the kernel can run."""
+    the kernel can run. On Hopper the warp-specialized candidate joins the TMA ones, and
+    only there."""
     for aligned in (False, True):
-        default, candidates = coneighbor_topk.topk_configs(kp, aligned)
-        assert default in candidates
-        assert {c.tma for c in candidates} == {aligned and kp <= 64}
-        for cfg in candidates:
-            coneighbor_topk.check_config(cfg, kp)  # raises for one the kernel cannot run
+        for hopper in (False, True):
+            default, candidates = coneighbor_topk.topk_configs(kp, aligned, hopper)
+            assert default in candidates
+            assert {c.tma for c in candidates} == {aligned and kp <= 64}
+            assert {c.ws for c in candidates} == {False} | {aligned and kp <= 64 and hopper}
+            for cfg in candidates:
+                coneighbor_topk.check_config(cfg, kp)  # raises for one the kernel cannot run
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
