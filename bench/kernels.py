@@ -335,10 +335,11 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
         del R
     # Every autotune candidate, so that a run shows which tiling and merge schedule wins, and
     # the configs asked for (--topk-config; those with tma where N allows it).
+    hopper = launch.can_warp_specialize(As[0].device)
     candidates = {
         topk_label(c): c
         for aligned in ((False, True) if coneighbor_topk.tma_fits(n) else (False,))
-        for c in topk_configs(next_pow2(k), aligned, launch.can_warp_specialize(As[0].device))[1]
+        for c in topk_configs(next_pow2(k), aligned, hopper)[1]
     }
     for c in args.topk_config:
         if coneighbor_topk.tma_fits(n) or not c.tma:

@@ -830,11 +830,10 @@ def _topk(
         check_config(config, kp)
         if config.tma and not aligned:
             raise ValueError(f"a config with tma needs N divisible by 8, got N={n}")
-        if config.ws and not launch.can_warp_specialize(A.device):
-            raise ValueError(
-                f"a config with ws needs a Hopper GPU (sm_90) and Gluon, got {A.device}"
-            )
-    default, candidates = topk_configs(kp, aligned, launch.can_warp_specialize(A.device))
+    hopper = launch.can_warp_specialize(A.device)
+    if config is not None and config.ws and not hopper:
+        raise ValueError(f"a config with ws needs a Hopper GPU (sm_90) and Gluon, got {A.device}")
+    default, candidates = topk_configs(kp, aligned, hopper)
     cap = max(1, min(b, ROOT_CHUNK // (n * n)))
     root = torch.empty(cap, n, n, dtype=torch.float16, device=A.device)
     exponents = torch.empty(cap, n, dtype=torch.int32, device=A.device)
@@ -850,8 +849,6 @@ def _topk(
         options = topk_constants(kp, cfg, refine) | cfg.launch_options()
         parts = options["PARTS"]
         grid = (programs(cfg), hi - lo)
-        parked = grid[0] * cfg.block_m * cfg.slots * grid[1]  # whole tiles: none
-        buf = torch.empty(max(parked, 1), dtype=torch.int32, device=A.device)
         keys = None  # each part's list, (images, N, parts, kp)
         if parts > 1:
             keys = torch.empty(hi - lo, n, parts, kp, dtype=torch.int32, device=A.device)
@@ -859,9 +856,11 @@ def _topk(
         if cfg.ws:
             from adcam_fast.kernels import coneighbor_topk_ws
 
-            kernel = coneighbor_topk_ws.launch(cfg, r, exp, a, w_out, idx_out, keys, keep, eps,
-                                               options, warmup)  # fmt: skip
+            kernel = coneighbor_topk_ws.launch(cfg, grid, r, exp, a, w_out, idx_out, keys, keep,
+                                               eps, options, warmup)  # fmt: skip
         else:
+            parked = grid[0] * cfg.block_m * cfg.slots * grid[1]  # whole tiles: none
+            buf = torch.empty(max(parked, 1), dtype=torch.int32, device=A.device)
             rm = rn = None
             if cfg.tma:
                 rm, rn = (
@@ -895,8 +894,7 @@ def _topk(
             built = (cfg, kp, refine, A.dtype, A.device)
             if built not in _RESIDENT:
                 kernel = topk_launch(cfg, 0, cap, warmup=True)
-                warps = cfg.num_warps + 8 if cfg.ws else cfg.num_warps  # copy warp's group
-                _RESIDENT[built] = launch.resident_programs(kernel, warps, A.device)
+                _RESIDENT[built] = launch.resident_programs(kernel, A.device)
             slots = _RESIDENT[built] * launch.device_properties(A.device).multi_processor_count
             chunk = images_per_launch(b, cap, programs(cfg), slots)
         for lo in range(0, b, chunk):

@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import inspect
 
-import triton
 from torch import Tensor
 from triton.compiler import CompiledKernel
 from triton.experimental import gluon
@@ -299,15 +298,14 @@ def launch_options(cfg: Config) -> dict[str, int]:
     return dict(num_warps=cfg.num_warps, maxnreg=register_split(cfg)[0])
 
 
-def launch(cfg: Config, r: Tensor, exp: Tensor, a: Tensor, w: Tensor, idx: Tensor,
-           keys: Tensor | None, k: int, eps: float, constants: dict,
+def launch(cfg: Config, grid: tuple[int, int], r: Tensor, exp: Tensor, a: Tensor, w: Tensor,
+           idx: Tensor, keys: Tensor | None, k: int, eps: float, constants: dict,
            warmup: bool) -> CompiledKernel:  # fmt: skip
-    """`coneighbor_topk_ws_kernel` on the images of ``r`` (images, N, N) fp16 and their
-    exponents ``exp``, into ``w`` and ``idx``, or each part's list into ``keys`` (the
-    arguments of `coneighbor_topk`'s launch, ``constants`` its `topk_constants`); with
-    ``warmup`` only built. Returns the build."""
-    images, n = r.shape[0], r.shape[-1]
-    grid = (triton.cdiv(n, cfg.block_m) * constants["PARTS"], images)
+    """`coneighbor_topk_ws_kernel` over ``grid`` (row blocks times parts, images) on the
+    images of ``r`` (images, N, N) fp16 and their exponents ``exp``, into ``w`` and ``idx``,
+    or each part's list into ``keys`` (the arguments of `coneighbor_topk`'s launch,
+    ``constants`` its `topk_constants`); with ``warmup`` only built. Returns the build."""
+    n = r.shape[-1]
     args = (*descriptors(r, cfg), a, exp, w, idx, keys, n, n.bit_length(), k, eps)
     options = ws_constants(cfg, constants) | launch_options(cfg)
     if warmup:

@@ -126,16 +126,17 @@ def programs_per_sm(
     return max(1, min(by_registers, by_shared, sm_threads // (32 * num_warps)))
 
 
-def resident_programs(kernel, num_warps: int, device: torch.device) -> int:
-    """`programs_per_sm` of a compiled Triton ``kernel`` launched with ``num_warps`` on the
-    CUDA ``device``."""
+def resident_programs(kernel, device: torch.device) -> int:
+    """`programs_per_sm` of a compiled Triton ``kernel`` on the CUDA ``device``, with the
+    warps its build launches (for a warp-specialized one, every partition's, padded to
+    warpgroups)."""
     from triton.runtime import driver
 
     kernel._init_handles()  # loads the binary: what sets n_regs
     props = device_properties(device)
     registers = driver.active.utils.get_device_properties(_index(device))["max_num_regs"]
     return programs_per_sm(
-        kernel.n_regs, kernel.metadata.shared, num_warps, registers,
+        kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps, registers,
         props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor,
     )  # fmt: skip
 
