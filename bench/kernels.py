@@ -334,7 +334,8 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
         row["bmm_tflops"] = flops / bmm_ms / 1e9
         del R
     # Every autotune candidate, so that a run shows which tiling and merge schedule wins, and
-    # the configs asked for (--topk-config; those with tma where N allows it).
+    # the configs asked for (--topk-config; those with tma where N allows it, with ws on
+    # Hopper).
     hopper = launch.can_warp_specialize(As[0].device)
     candidates = {
         topk_label(c): c
@@ -342,7 +343,7 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
         for c in topk_configs(next_pow2(k), aligned, hopper)[1]
     }
     for c in args.topk_config:
-        if coneighbor_topk.tma_fits(n) or not c.tma:
+        if (coneighbor_topk.tma_fits(n) or not c.tma) and (hopper or not c.ws):
             candidates[topk_label(c)] = c
 
     def each_candidate(prefix: str, inputs: list[torch.Tensor]) -> dict[str, float]:

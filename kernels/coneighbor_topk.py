@@ -664,9 +664,9 @@ def topk_configs(
     return default, (default, Config(bm, 64, bk, num_warps=8, num_stages=stages, slots=2 * kp))
 
 
-WS_CANDIDATE = Config(128, 128, 64, num_warps=8, num_stages=3, tma=True, ws=True, parts=2)
+WS_CANDIDATE = Config(128, 128, 64, num_warps=8, num_stages=4, tma=True, ws=True, parts=2)
 """The warp-specialized kernel's candidate (kp <= 64, aligned N, Hopper): 128×128 tiles, 8
-merge warps, three operand stages and two S buffers, two parts of the column tiles."""
+merge warps, four operand stages and one S buffer, two parts of the column tiles."""
 
 
 def check_config(cfg: Config, kp: int) -> None:

@@ -791,6 +791,7 @@ WS_CONFIGS = [
     Config(128, 128, 64, num_warps=4, num_stages=4, tma=True, ws=True),
     Config(64, 128, 64, num_warps=4, num_stages=4, tma=True, ws=True),
     Config(128, 128, 64, num_warps=8, num_stages=3, tma=True, ws=True, parts=2),
+    Config(128, 128, 64, num_warps=8, num_stages=4, tma=True, ws=True, parts=2),
     Config(128, 128, 64, num_warps=8, num_stages=3, tma=True, ws=True, lockstep=True),
 ]
 
