@@ -53,7 +53,7 @@ list, compared place by place, keep the KP largest of both as a bitonic list, wh
 merge sorts). Only keys above a row's current k-th best can enter. With ``LOG_CB = 0`` a
 tile holding any such key is merged whole; with ``NARROW > 0`` too, unless every row of
 the tile holds at most NARROW of them: then they are taken out one at a time, largest
-first, by row maxima (`_largest`), which costs a few operations per key of the tile
+first, by row maxima (`_merge_largest`), which costs a few operations per key of the tile
 and pass instead of a sorting network over it. Otherwise those candidates are parked,
 compacted by a prefix sum, in ``2**LOG_CB`` scratch slots per row (global memory that
 stays in L1/L2, ordered by CTA barriers), and merged before a tile that could overflow a
@@ -221,24 +221,24 @@ def _merge(acc, x, LOG_KP: tl.constexpr, LOG_W: tl.constexpr, ROW_WARPS: tl.cons
 
 
 @triton.jit
-def _largest(x, count, top):
-    """``top`` (M, KP), -1 everywhere, with the ``count`` (1 to KP) largest keys of each
-    row of x (M, W: distinct keys >= 0, -1 elsewhere) in its first places, descending,
-    for `_bitonic_merge` with an ascending list (the caller makes ``top``, so a Gluon
-    caller gives it a layout). Keys are taken one at a time: each pass finds the largest
-    key below the last one taken, m, as ``m - 1 - min(m - 1 - x)`` with the differences
-    read unsigned (keys >= m wrap to the top): about two instructions per key of x, where
-    `_merge` over the same tile spends about 48 (sm_90a SASS of a 64×128 tile on 4 warps:
-    145 per pass and 700 around the passes, against 3093 instructions per thread)."""
-    place = tl.arange(0, top.shape[1])[None, :]
-    m = tl.max(x, axis=1)
-    top = tl.where(place == 0, m[:, None], top)
-    for p in range(1, count):
+def _merge_largest(acc, x, count, LOG_KP: tl.constexpr):
+    """`_merge` of the ``count`` (<= KP) largest keys of each row of x (M, W): distinct keys
+    >= 0, -1 elsewhere. They are taken one at a time, largest first, as a descending list
+    met place by place with the ascending acc. A pass finds the largest key below the
+    last one taken, m, as ``m - 1 - min(m - 1 - x)`` with the differences read unsigned
+    (keys >= m wrap to the top): about two instructions per key of x, where `_merge` over
+    the same tile spends about 48 (sm_90a SASS of a 64×128 tile on 4 warps: 145 per pass
+    and 700 around the passes, against 3093 instructions per thread)."""
+    KP: tl.constexpr = 1 << LOG_KP
+    place = tl.arange(0, KP)
+    top = tl.full(acc.shape, -1, tl.int32)
+    m = tl.full((acc.shape[0],), 2**31 - 1, tl.int32)  # above every key
+    for p in range(count):
         gap = tl.min((m[:, None] - 1 - x).to(tl.uint32, bitcast=True), axis=1)
         gap = gap.to(tl.int32, bitcast=True)  # < 0: no key below m (the row is spent)
         m = tl.where((m >= 0) & (gap >= 0), m - 1 - gap, -1)
-        top = tl.where(place == p, m[:, None], top)
-    return top
+        top = tl.where(place[None, :] == p, m[:, None], top)
+    return _bitonic_merge(tl.maximum(acc, top), LOG_KP, 0, False)
 
 
 @triton.jit
@@ -314,7 +314,7 @@ def _keys(s, row_ok, cols, a_rows, EXP, N, C):
 def _fold(acc, kth, key, K_KEEP, LOG_KP: tl.constexpr, LOG_BN: tl.constexpr,
           NARROW: tl.constexpr, ROW_WARPS: tl.constexpr):  # fmt: skip
     """acc and its k-th key after a tile of keys (M, 2**LOG_BN) with ``LOG_CB = 0``: merged
-    whole if a row holds more than NARROW keys above its k-th, else by `_largest`."""
+    whole if a row holds more than NARROW keys above its k-th, else by `_merge_largest`."""
     KP: tl.constexpr = 1 << LOG_KP
     new = (key > kth[:, None]).to(tl.int32)  # could still enter the top k
     # The most candidates in one row (without NARROW, whether there are any).
@@ -324,8 +324,7 @@ def _fold(acc, kth, key, K_KEEP, LOG_KP: tl.constexpr, LOG_BN: tl.constexpr,
         kth = _kth(acc, K_KEEP, KP)
     elif NARROW > 0:
         if most > 0:
-            top = _largest(tl.where(new > 0, key, -1), most, tl.full(acc.shape, -1, tl.int32))
-            acc = _bitonic_merge(tl.maximum(acc, top), LOG_KP, 0, False)
+            acc = _merge_largest(acc, tl.where(new > 0, key, -1), most, LOG_KP)
             kth = _kth(acc, K_KEEP, KP)
     return acc, kth
 
@@ -395,7 +394,7 @@ def coneighbor_topk_kernel(
     LOG_BN: tl.constexpr,  # BLOCK_N = 2**LOG_BN, >= KP when LOG_CB = 0
     BLOCK_K: tl.constexpr,
     LOG_CB: tl.constexpr,  # 0: merge tiles directly; else park candidates in 2**LOG_CB slots
-    NARROW: tl.constexpr,  # LOG_CB = 0: tiles with <= NARROW keys per row to `_largest`
+    NARROW: tl.constexpr,  # LOG_CB = 0: tiles with <= NARROW keys per row to `_merge_largest`
     REFINE: tl.constexpr,  # epilogue: the refinement (Eq. 7), or TOP(S, k) as (S, index)
     ROW_WARPS: tl.constexpr,  # warps split the rows, not a row's columns (`_topk_desc`)
     FLAT: tl.constexpr,  # one loop over (tile, K step) instead of a K loop per tile (LOG_CB 0)
@@ -593,7 +592,7 @@ def topk_configs(
     and a scattered store to every tile; on an H200 it was the slower schedule at N = 576
     and 2304 (bench/kernels_notes.md), so it is a candidate only for kp > 64.
     ``narrow`` (with slots 0; at most kp) merges a tile whose rows each hold at most that
-    many candidates by `_largest`, the rest whole: cheaper than the network up to
+    many candidates by `_merge_largest`, the rest whole: cheaper than the network up to
     about 16 passes (sm_90a SASS, kp = 64: 700 + 145 per pass against 3093 instructions per
     thread); only for kp <= 64, since the larger builds spill with it.
     For kp <= 64 the S tile is 64×128 with BLOCK_K = 64, one warpgroup issuing m64n128k16
@@ -676,7 +675,7 @@ def check_config(cfg: Config, kp: int) -> None:
     ``num_warps`` a power of two, ``slots`` 0 (then ``block_n >= kp``: a tile merges whole)
     or a power of two >= ``block_n`` (a tile's candidates fit after a merge), and ``flat``
     only with ``slots`` 0; ``ws`` (`coneighbor_topk_ws`) with ``tma``, without ``slots``,
-    ``flat`` or ``maxnreg``, and a tile of at least 64 rows that one MMA
+    ``narrow``, ``flat`` or ``maxnreg``, and a tile of at least 64 rows that one MMA
     warpgroup holds (block_m·block_n <= 128·128)."""
     for name, least in (("block_m", 16), ("block_n", 16), ("block_k", 16), ("num_warps", 1)):
         if not least <= (v := getattr(cfg, name)) == next_pow2(v):
@@ -697,7 +696,7 @@ def check_config(cfg: Config, kp: int) -> None:
     if cfg.ws:
         if not cfg.tma:
             raise ValueError("config ws needs tma (its copy warp takes R by the copy engine)")
-        for name in ("slots", "flat", "maxnreg"):
+        for name in ("slots", "narrow", "flat", "maxnreg"):
             if getattr(cfg, name):
                 raise ValueError(f"config ws takes no {name}, got {getattr(cfg, name)}")
         if not (cfg.block_m >= 64 and cfg.block_m * cfg.block_n <= 128 * 128):

@@ -52,12 +52,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from adcam_fast.kernels.coneighbor_topk import (
-    _bitonic_merge,
     _column_tile,
     _epilogue,
     _keys,
     _kth,
-    _largest,
     _merge,
     _topk_desc,
 )
@@ -140,8 +138,8 @@ def _mma_partition(r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, n_tiles
 @gluon.jit
 def _merge_partition(s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0, part, lo,
                      first, n_tiles, N, C, K_KEEP, eps, LOG_KP: gl.constexpr,
-                     NARROW: gl.constexpr, ROW_WARPS: gl.constexpr, REFINE: gl.constexpr,
-                     LOCKSTEP: gl.constexpr, PARTS: gl.constexpr):  # fmt: skip
+                     ROW_WARPS: gl.constexpr, REFINE: gl.constexpr, LOCKSTEP: gl.constexpr,
+                     PARTS: gl.constexpr):  # fmt: skip
     """Keys and merge of each tile as it arrives, then the epilogue of the program's rows
     (with PARTS > 1, their running lists into KEYS, as `coneighbor_topk_kernel` does)."""
     KP: gl.constexpr = 1 << LOG_KP
@@ -167,19 +165,10 @@ def _merge_partition(s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
         s = s_bufs.index(buf).load(layout)
         mbarrier.arrive(s_free.index(buf))
         key = _keys(s, row_ok, cols, a_rows, exp, N, C)
-        new = (key > gl.convert_layout(kth, gl.SliceLayout(1, layout))[:, None]).to(gl.int32)
-        # The most keys in one row that could enter (without NARROW, whether there are any).
-        most = gl.max(gl.sum(new, axis=1) if NARROW > 0 else gl.max(new, axis=1), axis=0)
-        if most > NARROW:
+        bar = gl.convert_layout(kth, gl.SliceLayout(1, layout))
+        if gl.max(gl.max(key > bar[:, None], axis=1), axis=0):  # a key could enter
             acc = _merge(acc, key, LOG_KP, LOG_BN, ROW_WARPS)
             kth = _kth(acc, K_KEEP, KP)
-        elif NARROW > 0:
-            if most > 0:
-                top = _largest(gl.where(new > 0, key, -1), most,
-                               gl.full((BLOCK_M, KP), -1, gl.int32, layout))  # fmt: skip
-                top = gl.convert_layout(top, acc.type.layout)
-                acc = _bitonic_merge(gl.maximum(acc, top), LOG_KP, 0, False)
-                kth = _kth(acc, K_KEEP, KP)
     rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc.type.layout))
     if PARTS > 1:
         out = ((pid_b * N + rows) * PARTS + part).to(gl.int64)[:, None] * KP
@@ -203,7 +192,6 @@ def coneighbor_topk_ws_kernel(
     K_KEEP,
     eps,
     LOG_KP: gl.constexpr,
-    NARROW: gl.constexpr,
     ROW_WARPS: gl.constexpr,
     REFINE: gl.constexpr,
     LOCKSTEP: gl.constexpr,
@@ -244,7 +232,7 @@ def coneighbor_topk_ws_kernel(
         [
             (_merge_partition, (s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
                                 part, lo, first, n_tiles, N, C, K_KEEP, eps, LOG_KP,
-                                NARROW, ROW_WARPS, REFINE, LOCKSTEP, PARTS)),
+                                ROW_WARPS, REFINE, LOCKSTEP, PARTS)),
             (_copy_partition, (RM, RN, r_bufs, c_bufs, ready, free, pid_b, row0, lo, first,
                                n_tiles, N, BLOCK_N, BLOCK_K, LOCKSTEP)),
             (_mma_partition, (r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, n_tiles,
@@ -298,7 +286,7 @@ def register_split(cfg: Config) -> tuple[int, int]:
 def ws_constants(cfg: Config, constants: dict) -> dict[str, int | bool]:
     """The constexpr arguments of `coneighbor_topk_ws_kernel` under ``cfg``, from those of
     `coneighbor_topk_kernel` (``constants``, `coneighbor_topk.topk_constants`)."""
-    names = ("LOG_KP", "NARROW", "ROW_WARPS", "REFINE", "LOCKSTEP", "PARTS")
+    names = ("LOG_KP", "ROW_WARPS", "REFINE", "LOCKSTEP", "PARTS")
     return {name: constants[name] for name in names} | dict(
         STAGES=cfg.num_stages, S_BUFS=tile_buffers(cfg), MMA_REGS=register_split(cfg)[1]
     )

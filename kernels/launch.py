@@ -212,6 +212,15 @@ def autotune_enabled() -> bool:
     return os.environ.get("ADCAM_AUTOTUNE", "1") != "0"
 
 
+def build_errors() -> tuple[type[Exception], ...]:
+    """What Triton raises for a config that cannot be built on this GPU: out of shared memory
+    or registers, or a kernel that this Triton cannot compile (a Gluon API that differs)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources, CompilationError
+
+
 def choose_config(
     key: tuple,
     default: Config,
@@ -227,15 +236,13 @@ def choose_config(
         return default
     full_key = (*key, device.index, device_properties(device).name)
     if full_key not in _CACHE:
-        from triton.compiler.errors import CompilationError
-        from triton.runtime.errors import OutOfResources
         from triton.testing import do_bench
 
         best, best_ms = default, float("inf")
         for cfg in candidates:
             try:
                 ms = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median")
-            except (OutOfResources, CompilationError):
+            except build_errors():
                 continue
             if ms < best_ms:
                 best, best_ms = cfg, ms
