@@ -3,8 +3,8 @@
 #   bench/gpu_check.sh RESULTS_DIR [ARCHIVE.tgz]
 # Steps, each under its own time limit (the limits add up to more than 10 minutes; on an
 # H200 the kernel benchmark took 165 s for N = 2304, 576 and 1296 with the torch paths at
-# each and four top-k configs besides the candidates, the GPU tests 85 s (before the Gluon
-# kernel's ten, 55 s on their own), the others 9 to 53; run a subset with STEPS where a
+# each and four top-k configs besides the candidates, the GPU tests 129 s (the Gluon
+# kernel's among them), the others 9 to 53; run a subset with STEPS where a
 # call is capped, as below), each logged to
 # RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the kernel
 # benchmark (RESULTS_DIR/kernels.{json,csv,png}), the GPU tests (pytest -m gpu tests/),

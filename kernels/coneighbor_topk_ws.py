@@ -25,11 +25,12 @@ merged whole (`coneighbor_topk._merge`). Registers are moved between the partiti
 ``setmaxnreg`` (`register_split`: at 128×128 and 8 merge warps, 168 a thread for the MMA
 warpgroup, 24 for the copy warp, 160 for the merge warps).
 
-On an H200 at N = 2304, B = 128 (Triton 3.6; bench/kernels_notes.md, v28) the config in two
-parts took the similarity stage 0.85 times the time of the fastest Triton build on random
-attention and 0.96 times on spatially structured attention; in one part its floor (one
-merge per program) was above 128×256's, as its tiles move 1.33 times the bytes per FLOP.
-At N = 576 it was 1.3 times slower. Gluon kernels compile only for a GPU (Hopper here):
+On an H200 at N = 2304, B = 128 (Triton 3.6; bench/kernels_notes.md, v28 and v29) the
+candidate, in two parts with four operand stages and one tile buffer, took the similarity
+stage 0.84 times the time of the fastest Triton build on random attention (8.89 against
+10.61 ms) and 0.89 times on spatially structured attention (8.38 against 9.44), and its
+floor (one merge per program) was below 128×256's (7.29 against 7.98 ms). At N = 576 the
+Gluon builds were 1.1 to 1.4 times slower. Gluon kernels compile only for a GPU (Hopper here):
 nothing in this module runs under Triton's interpreter.
 """
 
@@ -268,7 +269,9 @@ SM_REGISTERS = 65536
 def tile_buffers(cfg: Config) -> int:
     """S tile buffers beside ``cfg.num_stages`` operand stages: two where both fit in
     `SHARED_BYTES` (the MMA warpgroup stores a tile while the merge reads the last), else
-    one (1 KiB left for the barriers)."""
+    one (1 KiB left for the barriers). The merge warps take a tile into registers as its
+    merge begins, so with one buffer the MMA warpgroup waits only where a tile's merge
+    outlasts the next tile's dot (bench/kernels_notes.md, v29)."""
     stages = cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * 2
     tile = cfg.block_m * cfg.block_n * 4
     return 2 if stages + 2 * tile <= SHARED_BYTES - 1024 else 1
