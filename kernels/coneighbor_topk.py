@@ -620,9 +620,9 @@ def topk_configs(
     structured rows, which merge less, as real attention does (`gpu11`: 9.54 ms against
     10.38 for the next).
     On Hopper the candidates end with `WS_CANDIDATE`, the warp-specialized kernel
-    (`coneighbor_topk_ws`, Gluon): at N = 2304, B = 128 on an H200 its stage took 0.85
-    times the fastest Triton build's time on random rows and 0.96 times on spatial rows,
-    1.3 times at N = 576 (bench/kernels_notes.md, v28).
+    (`coneighbor_topk_ws`, Gluon): at N = 2304, B = 128 on an H200 its stage took 0.84
+    times the fastest Triton build's time on random rows and 0.89 times on spatial rows,
+    1.33 times at N = 576 (bench/kernels_notes.md, v29).
     Parking, 64×64 tiles, narrow = 64, five stages, whole-tile 128×128, BLOCK_K = 128,
     128×128 with flat, the default tiling with lockstep, 128×256 with narrow = 16 (in one
     part or two), and the TMA builds of 64×128 with four stages and 128×128 narrow = 16

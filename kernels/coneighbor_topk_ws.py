@@ -244,8 +244,10 @@ def coneighbor_topk_ws_kernel(
     )  # fmt: skip
 
 
+@functools.cache
 def operand_layout(rows: int, block_k: int) -> gl.NVMMASharedLayout:
-    """The shared layout of a (rows, block_k) fp16 slice of R, as wgmma reads it."""
+    """The shared layout of a (rows, block_k) fp16 slice of R, as wgmma reads it (a frozen
+    value, made once: two of them for every launch's descriptors)."""
     return gl.NVMMASharedLayout.get_default_for([rows, block_k], gl.float16)
 
 
