@@ -92,7 +92,7 @@ def check_refinement(A: torch.Tensor, k: int, w: torch.Tensor, idx: torch.Tensor
     assert w.dtype == torch.float32 and torch.isfinite(w).all()
     A64 = A.double()
     kept = dense(torch.ones_like(w), idx)
-    assert (kept.sum(-1) == keep).all(), "indices of a row must be distinct"
+    assert (kept.amax(-1) == 1).all(), "indices of a row must be distinct"
     expected = A64 * kept
     torch.testing.assert_close(dense(w, idx), expected / expected.sum(-1, keepdim=True), **W_TOL)
     ref = reference.refine_attention(A64, k)
