@@ -771,11 +771,12 @@ def test_gpu_merge_schedules_agree(n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [576, 2304])
+@pytest.mark.parametrize("n", [576, 1296, 2304])
 def test_gpu_tma_candidates_agree(n):
     """Each candidate that takes R by the copy engine (TMA) gives bitwise the output of its
     config with pointer loads (and no register cap, a K loop per tile, each program's own
-    column order and one program per row block)."""
+    column order and one program per row block); at N = 1296 the last K slice holds 16 of
+    its 64 columns, the rest the copy engine's zeros."""
     gen = torch.Generator().manual_seed(n + 2)
     A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
     for cfg in coneighbor_topk.topk_configs(64, aligned=True)[1]:
@@ -810,7 +811,7 @@ def test_gpu_warp_specialized_kernel_agrees(cfg, n, b):
     at a time in column order, and the same keys), and for TOP(S, k) bitwise its values;
     the refined weights agree to the rounding of their row sums, which the two kernels
     reduce in different register layouts. At N = 576 and 1296 the last column tile holds 64
-    and 16 of its 128 columns."""
+    and 16 of its 128 columns, and at 1296 the last K slice 16 of its 64."""
     gen = torch.Generator().manual_seed(n + b)
     A = random_attention(b, n, n, generator=gen, dtype=torch.float32).cuda()
     loads = Config(cfg.block_m, cfg.block_n, cfg.block_k, 8, 3)
