@@ -14,11 +14,13 @@
 # first compile alone outlasts the step), the host's part of a call by function
 # (host.log: cProfile, N = 576, B = 128) and, where Nsight Compute is installed, a profile
 # of the kernels of one call (profile.log: speed of light, occupancy, warp states, memory;
-# N = 576 and 2304, B = 128, and the top-k default in two parts of the column tiles at 2304;
-# and each stall reason's cycles per issue at N = 576), and the
+# N = 576 and 2304, B = 128, and on Hopper the warp-specialized candidate at 2304; and each
+# stall reason's cycles per issue at N = 576), and the
 # stalls per SASS instruction of the top-k and diffusion kernels (sass.log, and the report
 # sass.ncu-rep: a few MB, keep sass.log, gzipped; sass_regions.log sums them by code region:
-# per program, per tile, per K step).
+# per program, per tile, per K step), and on Hopper the same of the warp-specialized
+# candidate at N = 2304 (sass_ws.log, sass_ws_regions.log: its partitions' code runs on
+# different numbers of warps, so they fall into regions of their own).
 # STEPS="gpu_tests kernels" (say) runs a subset of the GPU steps, KERNEL_SIZES="576 2304"
 # (say) a subset of the benchmark's sizes, KERNEL_ARGS more of its options (say
 # "--batches 128 --topk-config block_m=64,block_n=256,block_k=64,narrow=32,tma=1").
@@ -89,6 +91,16 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
     ncu --profile-from-start off "${limit[@]}" "$@" -k "regex:$regex" \
       "$py" bench/profile_kernels.py --n "$n" --b 128 ${PROFILE_ARGS:-}
   }
+  # The warp-specialized candidate as --topk-config takes it, for its profiles; empty off
+  # Hopper (or without ncu).
+  ws=
+  if (want profile || want sass) && command -v ncu >/dev/null; then
+    ws=$("$py" -c 'import sys, torch; sys.path[:0] = ["bench"]
+from configs import config_text
+from adcam_fast.kernels.coneighbor_topk import WS_CANDIDATE
+from adcam_fast.kernels.launch import can_warp_specialize
+if can_warp_specialize(torch.device("cuda")): print(config_text(WS_CANDIDATE))')
+  fi
   sections="--section SpeedOfLight --section Occupancy"
   sections+=" --section WarpStateStats --section MemoryWorkloadAnalysis"
   stalls="--metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
@@ -97,7 +109,7 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
       step profile 150 bash -c "$(declare -f ncu_kernels)
         py=$py; ncu_kernels 576 'root|topk|diffusion' 0 $sections &&
         ncu_kernels 2304 topk 1 $sections; ncu_kernels 576 'topk|diffusion' 0 $stalls
-        PROFILE_ARGS='--topk-parts 2' ncu_kernels 2304 'topk|merge_parts' 2 $sections"
+        [ -z '$ws' ] || PROFILE_ARGS='--topk-config $ws' ncu_kernels 2304 topk_ws 1 $sections"
     else
       echo "== profile: no ncu on PATH, skipped"
     fi
@@ -109,6 +121,13 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
       py=$py; ncu_kernels 576 'topk|diffusion' 0 --section SourceCounters -f -o '$out/sass' &&
       ncu --import '$out/sass.ncu-rep' --page source --print-source sass --csv"
     step sass_regions 20 "$py" bench/sass_regions.py "$out/sass.log"
+    if [ -n "$ws" ]; then
+      step sass_ws 150 bash -c "$(declare -f ncu_kernels)
+        py=$py; PROFILE_ARGS='--topk-config $ws' ncu_kernels 2304 topk_ws 1 \
+          --section SourceCounters -f -o '$out/sass_ws' &&
+        ncu --import '$out/sass_ws.ncu-rep' --page source --print-source sass --csv"
+      step sass_ws_regions 20 "$py" bench/sass_regions.py "$out/sass_ws.log"
+    fi
   fi
 else
   echo "== no CUDA GPU visible: gpu_tests and bench skipped"

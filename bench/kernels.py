@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import os
 import statistics
@@ -78,6 +77,7 @@ if ARGS.smoke:  # the interpreter must be chosen before triton is first imported
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from configs import topk_config  # noqa: E402
 from merge_model import KINDS, attention  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -91,25 +91,6 @@ from adcam_fast.reference import EPS  # noqa: E402
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_BYTES = 8 * 2**30  # float64 S + Ã of the reference must fit in this
 TORCH_PATHS = ("reference", "torch", "torch.compile")  # "best torch path": the fastest of these
-
-
-def topk_config(text: str, kp: int) -> Config:
-    """A `Config` from ``field=value,...`` (integers; booleans as 0 or 1) that the top-k
-    kernel can run for a running top-``kp`` (`coneighbor_topk.check_config`)."""
-    fields = {f.name: f.type for f in dataclasses.fields(Config)}  # types as strings
-    kwargs = {}
-    for item in text.split(","):
-        name, _, value = item.partition("=")
-        if name not in fields or not value.isdigit():
-            raise SystemExit(f"--topk-config: {item!r} is not FIELD=INTEGER with FIELD one of "
-                             f"{', '.join(fields)}")  # fmt: skip
-        kwargs[name] = bool(int(value)) if fields[name] == "bool" else int(value)
-    config = Config(**kwargs)
-    try:
-        coneighbor_topk.check_config(config, kp)
-    except ValueError as e:
-        raise SystemExit(f"--topk-config: {e}") from None
-    return config
 
 
 def topk_label(c: Config) -> str:

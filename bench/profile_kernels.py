@@ -1,7 +1,8 @@
 """One AD-CAM call through the Triton kernels, for a profiler (Nsight Compute or Systems).
 
-Random attention (bench/merge_model.py's ``random`` kind, fp32) and maps at one (N, B),
-default configs (``ADCAM_AUTOTUNE=0``: no candidate launches in the profile), one warm-up
+Attention of one of bench/merge_model.py's kinds (``--kind``, default ``random``; fp32) and
+maps at one (N, B), default configs (``ADCAM_AUTOTUNE=0``: no candidate launches in the
+profile), one warm-up
 call (compiles) and then ``--calls`` profiled ones, between ``cudaProfilerStart`` and
 ``cudaProfilerStop``, so that a profiler that starts there profiles them alone, however
 many launches a call makes. bench/gpu_check.sh runs it under ``ncu`` when the machine has
@@ -10,8 +11,9 @@ it:
     ncu --profile-from-start off -k regex:'topk|diffusion' \
         python bench/profile_kernels.py --n 576 --b 128
 
-``--topk-parts P`` profiles the similarity stage alone instead (the sqrt pass, the top-k
-kernel and `merge_parts_kernel`), its default config in P parts of the column tiles.
+``--topk-config FIELD=VALUE,...`` profiles the similarity stage alone instead (the sqrt
+pass, the top-k kernel and, in parts, `merge_parts_kernel`) under that config (the form
+that bench/kernels.py takes; ``ws=1`` runs on Hopper only).
 ``--host-profile`` runs the profiled calls under cProfile instead, the device idle at each
 call, and prints where the host's part of a call goes (its functions by own time and by
 cumulative time).
@@ -21,16 +23,16 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import os
 import pstats
 from contextlib import nullcontext
 
 import torch
-from merge_model import attention
+from configs import topk_config
+from merge_model import KINDS, attention
 
 from adcam_fast.kernels import adcam_triton
-from adcam_fast.kernels.coneighbor_topk import refine_sparse, tma_fits, topk_configs
+from adcam_fast.kernels.coneighbor_topk import refine_sparse
 from adcam_fast.kernels.launch import next_pow2
 from adcam_fast.reference import EPS
 
@@ -43,24 +45,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--classes", type=int, default=20)
     p.add_argument("--calls", type=int, default=1)
-    p.add_argument(
-        "--topk-parts", type=int, default=0, help="the similarity stage alone, in P parts"
-    )
+    p.add_argument("--kind", choices=KINDS, default="random", help="attention (merge_model)")
+    p.add_argument("--topk-config", metavar="FIELD=VALUE,...",
+                   help="the similarity stage alone, under this top-k config")  # fmt: skip
     p.add_argument("--host-profile", action="store_true", help="cProfile the calls' host work")
     args = p.parse_args()
     os.environ["ADCAM_AUTOTUNE"] = "0"  # the default configs: no candidates in the profile
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = topk_config(args.topk_config, next_pow2(args.k)) if args.topk_config else None
     gen = torch.Generator(device=device).manual_seed(0)
-    A = attention(args.b, args.n, "random", gen, torch.float32)
+    A = attention(args.b, args.n, args.kind, gen, torch.float32)
     cams = torch.rand(args.b, args.classes, args.n, generator=gen, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
 
-    default = topk_configs(next_pow2(args.k), tma_fits(args.n))[0]
-    in_parts = dataclasses.replace(default, parts=args.topk_parts)
-
     def call() -> None:
-        if args.topk_parts:
-            refine_sparse(A, args.k, EPS, torch.int32, config=in_parts)
+        if config:
+            refine_sparse(A, args.k, EPS, torch.int32, config=config)
         else:
             adcam_triton(A, cams, args.k, args.steps)
 
@@ -79,7 +79,7 @@ def main() -> None:
         stats = pstats.Stats(profile).strip_dirs()
         stats.sort_stats("tottime").print_stats(25)
         stats.sort_stats("cumulative").print_stats(40)
-    print(f"{1 + args.calls} calls at N={args.n}, B={args.b} on {device}")
+    print(f"{1 + args.calls} calls at N={args.n}, B={args.b} ({args.kind}) on {device}")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ short: bench/gpu_check.sh) is not lost to a script error. bench/kernels.py in it
 from __future__ import annotations
 
 import csv
+import dataclasses
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -25,6 +28,13 @@ def _run(script: str, *args: str, **env: str) -> str:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout
+
+
+def _bench_module(name: str) -> ModuleType:
+    """bench/``name``.py, imported (bench/ is a folder of scripts, not a package)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
 
 
 def test_kernel_benchmark_smoke(tmp_path):
@@ -74,6 +84,34 @@ def test_kernel_benchmark_names_a_bad_topk_config():
         run = subprocess.run([*argv, config], env=env, capture_output=True, text=True)
         assert run.returncode != 0 and message in run.stderr, run.stderr
         assert "| 64 | 2 |" not in run.stdout
+
+
+def test_profile_script_runs_a_topk_config(tmp_path):
+    """bench/profile_kernels.py profiles the similarity stage alone under a --topk-config
+    (here the default in two parts, on spatial attention); a warp-specialized one, which
+    bench/gpu_check.sh profiles on Hopper, is refused elsewhere with the reason."""
+    from adcam_fast.kernels.coneighbor_topk import WS_CANDIDATE, topk_configs
+
+    config_text = _bench_module("configs").config_text
+    in_parts = dataclasses.replace(topk_configs(64, aligned=True)[0], parts=2)
+    args = ["--n", "64", "--b", "2", "--kind", "spatial", "--topk-config"]
+    stdout = _run("profile_kernels.py", *args, config_text(in_parts), TRITON_INTERPRET="1")
+    assert "2 calls at N=64, B=2 (spatial) on cpu" in stdout
+    argv = [sys.executable, str(BENCH / "profile_kernels.py"), *args, config_text(WS_CANDIDATE)]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "ws needs a Hopper GPU (sm_90)" in run.stderr, run.stderr
+
+
+def test_config_text_reads_back():
+    """The --topk-config text of every candidate (bench/configs.py) gives the config again."""
+    from adcam_fast.kernels.coneighbor_topk import topk_configs
+
+    configs = _bench_module("configs")
+    for kp in (64, 128, 1024):
+        for aligned in (False, True):
+            for cfg in topk_configs(kp, aligned, hopper=True)[1]:
+                assert configs.topk_config(configs.config_text(cfg), kp) == cfg
 
 
 def test_merge_model_blocks_are_the_merge_floor():
