@@ -2,11 +2,10 @@
 
 Attention of one of bench/merge_model.py's kinds (``--kind``, default ``random``; fp32) and
 maps at one (N, B), default configs (``ADCAM_AUTOTUNE=0``: no candidate launches in the
-profile), one warm-up
-call (compiles) and then ``--calls`` profiled ones, between ``cudaProfilerStart`` and
-``cudaProfilerStop``, so that a profiler that starts there profiles them alone, however
-many launches a call makes. bench/gpu_check.sh runs it under ``ncu`` when the machine has
-it:
+profile), one warm-up call (compiles) and then ``--calls`` profiled ones, between
+``cudaProfilerStart`` and ``cudaProfilerStop``, so that a profiler that starts there
+profiles them alone, however many launches a call makes. bench/gpu_check.sh runs it under
+``ncu`` when the machine has it:
 
     ncu --profile-from-start off -k regex:'topk|diffusion' \
         python bench/profile_kernels.py --n 576 --b 128

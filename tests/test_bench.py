@@ -86,7 +86,7 @@ def test_kernel_benchmark_names_a_bad_topk_config():
         assert "| 64 | 2 |" not in run.stdout
 
 
-def test_profile_script_runs_a_topk_config(tmp_path):
+def test_profile_script_runs_a_topk_config():
     """bench/profile_kernels.py profiles the similarity stage alone under a --topk-config
     (here the default in two parts, on spatial attention); a warp-specialized one, which
     bench/gpu_check.sh profiles on Hopper, is refused elsewhere with the reason."""
