@@ -812,7 +812,7 @@ def test_gpu_warp_specialized_kernel_agrees(cfg, n, b):
     the refined weights agree to the rounding of their row sums, which the two kernels
     reduce in different register layouts. At N = 576 and 1296 the last column tile holds 64
     and 16 of its 128 columns, and at 1296 the last K slice 16 of its 64; at N = 64 (one
-    column tile) the second of two parts has none, as the autotuner meets it at small N."""
+    column tile) one of two parts has none, as the autotuner meets it at small N."""
     gen = torch.Generator().manual_seed(n + b)
     A = random_attention(b, n, n, generator=gen, dtype=torch.float32).cuda()
     loads = Config(cfg.block_m, cfg.block_n, cfg.block_k, 8, 3)
