@@ -20,12 +20,17 @@ import pytest
 BENCH = Path(__file__).parents[1] / "bench"
 
 
-def _run(script: str, *args: str, **env: str) -> str:
-    """Run bench/``script`` with ``args`` (and ``env`` added to the environment); its stdout."""
+def _call(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run bench/``script`` with ``args`` (and ``env`` added to the environment)."""
     argv = [sys.executable, str(BENCH / script), *args]
-    run = subprocess.run(
+    return subprocess.run(
         argv, env=dict(os.environ, **env), capture_output=True, text=True, timeout=300
     )
+
+
+def _run(script: str, *args: str, **env: str) -> str:
+    """`_call` that must succeed; its stdout."""
+    run = _call(script, *args, **env)
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout
 
@@ -75,13 +80,11 @@ def test_kernel_benchmark_smoke(tmp_path):
 def test_kernel_benchmark_names_a_bad_topk_config():
     """A --topk-config with an unknown field, or one the kernel cannot run (k = 50 needs
     tiles of 64 columns at least), stops the run before it times anything."""
-    argv = [sys.executable, str(BENCH / "kernels.py"), "--smoke", "--topk-config"]
-    env = dict(os.environ, TRITON_INTERPRET="1")
     for config, message in [
         ("block_m=64,warps=4", "'warps=4' is not FIELD=INTEGER"),
         ("block_m=64,block_n=32,block_k=64", "config block_n must be >= next_pow2(k) = 64"),
     ]:
-        run = subprocess.run([*argv, config], env=env, capture_output=True, text=True)
+        run = _call("kernels.py", "--smoke", "--topk-config", config, TRITON_INTERPRET="1")
         assert run.returncode != 0 and message in run.stderr, run.stderr
         assert "| 64 | 2 |" not in run.stdout
 
@@ -97,9 +100,7 @@ def test_profile_script_runs_a_topk_config():
     args = ["--n", "64", "--b", "2", "--kind", "spatial", "--topk-config"]
     stdout = _run("profile_kernels.py", *args, config_text(in_parts), TRITON_INTERPRET="1")
     assert "2 calls at N=64, B=2 (spatial) on cpu" in stdout
-    argv = [sys.executable, str(BENCH / "profile_kernels.py"), *args, config_text(WS_CANDIDATE)]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    run = _call("profile_kernels.py", *args, config_text(WS_CANDIDATE), TRITON_INTERPRET="1")
     assert run.returncode != 0 and "ws needs a Hopper GPU (sm_90)" in run.stderr, run.stderr
 
 
