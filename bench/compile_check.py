@@ -20,6 +20,7 @@ line per configuration and check, and exits non-zero if any fails.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -172,19 +173,21 @@ def topk_jobs(quick: bool):
 
 
 def ws_jobs():
-    """The warp-specialized kernel's candidate (Gluon), fp32 attention, kp = 64."""
-    cfg, ws = WS_CANDIDATE, coneighbor_topk_ws
-    rm, rn = (
-        f"tensordesc<fp16[{rows}, {cfg.block_k}],{ws.operand_layout(rows, cfg.block_k)!r}>"
-        for rows in (cfg.block_m, cfg.block_n)
-    )
+    """The warp-specialized kernel's candidate (Gluon), fp32 attention, kp = 64, and its
+    twin with ``lane_pairs``."""
+    ws = coneighbor_topk_ws
     kernel = ws.coneighbor_topk_ws_kernel
-    sig = signature(
-        kernel, RM=rm, RN=rn, A="*fp32", EXP="*i32", W="*fp32", IDX="*i32", KEYS="*i32",
-        N="i32", C="i32", K_KEEP="i32", eps="fp32",
-    )  # fmt: skip
-    constants = ws.ws_constants(cfg, topk_constants(64, cfg, refine=True))
-    yield f"topk-ws fp32 kp=64 {cfg}", kernel, sig, constants, cfg, ws.launch_options(cfg)
+    for cfg in (WS_CANDIDATE, dataclasses.replace(WS_CANDIDATE, lane_pairs=True)):
+        rm, rn = (
+            f"tensordesc<fp16[{rows}, {cfg.block_k}],{ws.operand_layout(rows, cfg.block_k)!r}>"
+            for rows in (cfg.block_m, cfg.block_n)
+        )
+        sig = signature(
+            kernel, RM=rm, RN=rn, A="*fp32", EXP="*i32", W="*fp32", IDX="*i32", KEYS="*i32",
+            N="i32", C="i32", K_KEEP="i32", eps="fp32",
+        )  # fmt: skip
+        constants = ws.ws_constants(cfg, topk_constants(64, cfg, refine=True))
+        yield f"topk-ws fp32 kp=64 {cfg}", kernel, sig, constants, cfg, ws.launch_options(cfg)
 
 
 def merge_parts_jobs():

@@ -7,7 +7,8 @@
 # kernel's among them), the others 9 to 53; run a subset with STEPS where a
 # call is capped, as below), each logged to
 # RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the kernel
-# benchmark (RESULTS_DIR/kernels.{json,csv,png}), the GPU tests (pytest -m gpu tests/),
+# benchmark (RESULTS_DIR/kernels.{json,csv,png}; on Hopper the warp-specialized candidate's
+# twin with lane_pairs beside the candidates), the GPU tests (pytest -m gpu tests/),
 # the end-to-end labelling benchmark (pipeline_cuda.json), training throughput
 # (train_cuda.json) and the extractor backends, eager torch and any ONNX Runtime GPU
 # provider (backends_<gpu>.{json,md}; torch.compile of the extractor is left out: its
@@ -66,10 +67,19 @@ step install 60 "$py" -m pip install --no-deps --no-build-isolation -e .
 if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
   want() { [[ " ${STEPS:-gpu_tests kernels pipeline train backends host profile sass} " == *" $1 "* ]]; }
   export PYTHONUNBUFFERED=1
+  # The warp-specialized candidate as --topk-config takes it, and its twin with lane_pairs
+  # (timed beside the candidates, not one of them); both empty off Hopper.
+  read -r ws ws_pairs < <("$py" -c 'import dataclasses, sys, torch; sys.path[:0] = ["bench"]
+from configs import config_text
+from adcam_fast.kernels.coneighbor_topk import WS_CANDIDATE as ws
+from adcam_fast.kernels.launch import can_warp_specialize
+if can_warp_specialize(torch.device("cuda")):
+    print(config_text(ws), config_text(dataclasses.replace(ws, lane_pairs=True)))')
   # The goals' sizes first: the torch paths' budget goes there. torch.compile is left out:
   # on an H200 it was slower than eager at both goal sizes, and its compiles cost the step.
   want kernels && step kernels 300 "$py" bench/kernels.py --out "$out" --budget-s 90 \
-    --sizes ${KERNEL_SIZES:-576 2304 1296 4096} --no-compile ${KERNEL_ARGS:-}
+    --sizes ${KERNEL_SIZES:-576 2304 1296 4096} --no-compile ${ws_pairs:+--topk-config $ws_pairs} \
+    ${KERNEL_ARGS:-}
   want gpu_tests && step gpu_tests 280 "$py" -m pytest -m gpu tests/ -q -rs \
     -p no:cacheprovider --junitxml="$out/gpu_tests.xml"
   want pipeline && step pipeline 90 "$py" bench/pipeline.py --out "$out" \
@@ -91,16 +101,6 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/
     ncu --profile-from-start off "${limit[@]}" "$@" -k "regex:$regex" \
       "$py" bench/profile_kernels.py --n "$n" --b 128 ${PROFILE_ARGS:-}
   }
-  # The warp-specialized candidate as --topk-config takes it, for its profiles; empty off
-  # Hopper (or without ncu).
-  ws=
-  if (want profile || want sass) && command -v ncu >/dev/null; then
-    ws=$("$py" -c 'import sys, torch; sys.path[:0] = ["bench"]
-from configs import config_text
-from adcam_fast.kernels.coneighbor_topk import WS_CANDIDATE
-from adcam_fast.kernels.launch import can_warp_specialize
-if can_warp_specialize(torch.device("cuda")): print(config_text(WS_CANDIDATE))')
-  fi
   sections="--section SpeedOfLight --section Occupancy"
   sections+=" --section WarpStateStats --section MemoryWorkloadAnalysis"
   stalls="--metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"

@@ -676,7 +676,8 @@ def check_config(cfg: Config, kp: int) -> None:
     or a power of two >= ``block_n`` (a tile's candidates fit after a merge), and ``flat``
     only with ``slots`` 0; ``ws`` (`coneighbor_topk_ws`) with ``tma``, without ``slots``,
     ``narrow``, ``flat`` or ``maxnreg``, and a tile of at least 64 rows that one MMA
-    warpgroup holds (block_m·block_n <= 128·128)."""
+    warpgroup holds (block_m·block_n <= 128·128); ``lane_pairs`` with ``ws`` and at least
+    16 rows a merge warp."""
     for name, least in (("block_m", 16), ("block_n", 16), ("block_k", 16), ("num_warps", 1)):
         if not least <= (v := getattr(cfg, name)) == next_pow2(v):
             raise ValueError(f"config {name} must be a power of two >= {least}, got {v}")
@@ -704,6 +705,11 @@ def check_config(cfg: Config, kp: int) -> None:
                 "config ws needs block_m >= 64 and block_m·block_n <= 16384 (the MMA "
                 f"warpgroup's tile), got {cfg.block_m}×{cfg.block_n}"
             )
+    if cfg.lane_pairs and not (cfg.ws and cfg.block_m >= 16 * cfg.num_warps):
+        raise ValueError(
+            "config lane_pairs needs ws and block_m >= 16·num_warps (a merge warp's 32 "
+            f"lanes on 16 rows), got ws={cfg.ws}, {cfg.block_m} rows on {cfg.num_warps} warps"
+        )
 
 
 def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:

@@ -18,6 +18,18 @@ The merge of one tile thus runs while the MMA warpgroup computes the next: the o
 one program per SM at 128×256 cannot get from Triton's software pipeline (its merges stop
 the tensor cores; bench/kernels_notes.md, "Where the goals stand").
 
+The merge warps read each tile from its shared-memory buffer in a layout of their own
+choosing. By default it is the MMA warpgroup's (wgmma's accumulator: a row on the four lanes
+of a quad, two rows a thread), where two bits of a column index select lanes: after the
+network's relabelling (`coneighbor_topk._topk_desc`), bits 4 and 5, which a merge
+exchanges across lanes eight times. With ``LANE_PAIRS`` (`Config.lane_pairs`) a
+row lies on two lanes, 16 rows a warp and 64 columns a thread, read four adjacent columns at
+a time (16 bytes; a quarter-warp's eight lanes on eight rows, whose 128-byte swizzle puts
+them in different banks). Its one lane bit is column bit 2, which the relabelling moves to
+bit 5, so that a merge exchanges lanes three times: in the mirror step that sorts runs of
+64, in the bitonic merge of the tile's top 64 and in the merge into the running list
+(bench/kernels_notes.md, v31; not yet timed).
+
 Column tiles are taken in the order of `coneighbor_topk._column_tile` (the diagonal first,
 or ``LOCKSTEP``), over one of ``PARTS`` runs of them (the lists then meet in
 `coneighbor_topk.merge_parts_kernel`), and every tile with a key above a row's k-th is
@@ -140,7 +152,7 @@ def _mma_partition(r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, n_tiles
 def _merge_partition(s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0, part, lo,
                      first, n_tiles, N, C, K_KEEP, eps, LOG_KP: gl.constexpr,
                      ROW_WARPS: gl.constexpr, REFINE: gl.constexpr, LOCKSTEP: gl.constexpr,
-                     PARTS: gl.constexpr):  # fmt: skip
+                     PARTS: gl.constexpr, LANE_PAIRS: gl.constexpr):  # fmt: skip
     """Keys and merge of each tile as it arrives, then the epilogue of the program's rows
     (with PARTS > 1, their running lists into KEYS, as `coneighbor_topk_kernel` does)."""
     KP: gl.constexpr = 1 << LOG_KP
@@ -148,9 +160,12 @@ def _merge_partition(s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
     BLOCK_M: gl.constexpr = s_bufs.type.shape[1]
     BLOCK_N: gl.constexpr = s_bufs.type.shape[2]
     LOG_BN: gl.constexpr = BLOCK_N.bit_length() - 1
-    layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, BLOCK_N, 16]
-    )
+    if LANE_PAIRS:  # a row on two lanes, four columns apart (see the module)
+        layout: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [gl.num_warps(), 1], [0, 1])
+    else:  # as the MMA warpgroup holds it: a row on the four lanes of a quad
+        layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, BLOCK_N, 16]
+        )
     rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     row_ok = rows < N
     exp = EXP + pid_b * N
@@ -197,6 +212,7 @@ def coneighbor_topk_ws_kernel(
     REFINE: gl.constexpr,
     LOCKSTEP: gl.constexpr,
     PARTS: gl.constexpr,
+    LANE_PAIRS: gl.constexpr,  # the merge warps' layout (`Config.lane_pairs`)
     STAGES: gl.constexpr,  # operand stages of the ring
     S_BUFS: gl.constexpr,  # fp32 S tile buffers between the MMA and merge partitions
     MMA_REGS: gl.constexpr,  # registers per thread of the MMA warpgroup
@@ -233,7 +249,7 @@ def coneighbor_topk_ws_kernel(
         [
             (_merge_partition, (s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
                                 part, lo, first, n_tiles, N, C, K_KEEP, eps, LOG_KP,
-                                ROW_WARPS, REFINE, LOCKSTEP, PARTS)),
+                                ROW_WARPS, REFINE, LOCKSTEP, PARTS, LANE_PAIRS)),
             (_copy_partition, (RM, RN, r_bufs, c_bufs, ready, free, pid_b, row0, lo, first,
                                n_tiles, N, BLOCK_N, BLOCK_K, LOCKSTEP)),
             (_mma_partition, (r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, n_tiles,
@@ -293,7 +309,10 @@ def ws_constants(cfg: Config, constants: dict) -> dict[str, int | bool]:
     `coneighbor_topk_kernel` (``constants``, `coneighbor_topk.topk_constants`)."""
     names = ("LOG_KP", "ROW_WARPS", "REFINE", "LOCKSTEP", "PARTS")
     return {name: constants[name] for name in names} | dict(
-        STAGES=cfg.num_stages, S_BUFS=tile_buffers(cfg), MMA_REGS=register_split(cfg)[1]
+        LANE_PAIRS=cfg.lane_pairs,
+        STAGES=cfg.num_stages,
+        S_BUFS=tile_buffers(cfg),
+        MMA_REGS=register_split(cfg)[1],
     )
 
 

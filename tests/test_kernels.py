@@ -686,6 +686,7 @@ def test_errors_name_the_problem(gen, monkeypatch):
         (dict(ws=True), r"ws needs tma \(its copy warp"),
         (dict(ws=True, tma=True, narrow=16), "ws takes no narrow, got 16"),
         (dict(ws=True, tma=True), "ws needs block_m >= 64 and block_m·block_n <= 16384"),
+        (dict(lane_pairs=True), "lane_pairs needs ws and block_m >= 16·num_warps"),
     ],
 )
 def test_a_config_the_kernel_cannot_run_is_named(gen, change, message):
@@ -794,6 +795,8 @@ WS_CONFIGS = [
     Config(128, 128, 64, num_warps=8, num_stages=3, tma=True, ws=True, parts=2),
     Config(128, 128, 64, num_warps=8, num_stages=4, tma=True, ws=True, parts=2),
     Config(128, 128, 64, num_warps=8, num_stages=3, tma=True, ws=True, lockstep=True),
+    Config(128, 128, 64, num_warps=8, num_stages=4, tma=True, ws=True, lane_pairs=True),
+    dataclasses.replace(coneighbor_topk.WS_CANDIDATE, lane_pairs=True),
 ]
 
 
@@ -806,13 +809,14 @@ WS_CONFIGS = [
 @pytest.mark.parametrize(("n", "b"), [(64, 3), (144, 2), (576, 4), (1296, 2), (2304, 3)])
 def test_gpu_warp_specialized_kernel_agrees(cfg, n, b):
     """The Gluon kernel (copy warp, MMA warpgroup and merge warps side by side; in parts of
-    the column tiles, or in lockstep) keeps bitwise the columns of the Triton kernel with
-    the same tiling, pointer loads and one program per row block (the same S, one k16 MMA
-    at a time in column order, and the same keys), and for TOP(S, k) bitwise its values;
-    the refined weights agree to the rounding of their row sums, which the two kernels
-    reduce in different register layouts. At N = 576 and 1296 the last column tile holds 64
-    and 16 of its 128 columns, and at 1296 the last K slice 16 of its 64; at N = 64 (one
-    column tile) one of two parts has none, as the autotuner meets it at small N."""
+    the column tiles, or in lockstep; the merge warps in either layout) keeps bitwise the
+    columns of the Triton kernel with the same tiling, pointer loads and one program per
+    row block (the same S, one k16 MMA at a time in column order, and the same keys), and
+    for TOP(S, k) bitwise its values; the refined weights agree to the rounding of their
+    row sums, which the two kernels reduce in different register layouts. At N = 576 and
+    1296 the last column tile holds 64 and 16 of its 128 columns, and at 1296 the last K
+    slice 16 of its 64; at N = 64 (one column tile) one of two parts has none, as the
+    autotuner meets it at small N."""
     gen = torch.Generator().manual_seed(n + b)
     A = random_attention(b, n, n, generator=gen, dtype=torch.float32).cuda()
     loads = Config(cfg.block_m, cfg.block_n, cfg.block_k, 8, 3)

@@ -38,13 +38,13 @@ def test_default_configurations_compile_for_sm90_without_spills():
     assert run.returncode == 0, run.stdout + run.stderr
     lines = [line for line in run.stdout.splitlines() if line.startswith("OK ")]
     # root fp32 + fp16, each for rows read once and twice; top-k fp16 + fp32, by pointers
-    # (N % 8 != 0) and TMA; the warp-specialized (Gluon) candidate; the merge of the
-    # candidates' column parts; CSR: the 2 kernels around the sort; diffusion
-    assert len(lines) == 14, run.stdout
+    # (N % 8 != 0) and TMA; the warp-specialized (Gluon) candidate and its lane-pairs twin;
+    # the merge of the candidates' column parts; CSR: the 2 kernels around the sort; diffusion
+    assert len(lines) == 15, run.stdout
     assert re.match(r"OK   diffusion: (\d+) launch .* counts 1\.\.64, \1 for one$", lines.pop())
-    (ws,) = [line for line in lines if line.startswith("OK   topk-ws")]
-    assert "mma=wgmma loads=tma" in ws, ws
-    # The Gluon build spills a little with Triton 3.8 (84 bytes; none with the GPU machines'
-    # 3.6); no other build may.
-    assert all(re.search(r"spill=0\b", line) for line in lines if line != ws), run.stdout
+    ws = [line for line in lines if line.startswith("OK   topk-ws")]
+    assert len(ws) == 2 and all("mma=wgmma loads=tma" in line for line in ws), ws
+    # The Gluon builds spill a little with Triton 3.8 (84 and 32 bytes; 0 and 4 with the GPU
+    # machines' 3.6); no other build may.
+    assert all(re.search(r"spill=0\b", line) for line in lines if line not in ws), run.stdout
     assert all("mma=wgmma" in line for line in lines if line.startswith("OK   topk")), run.stdout
