@@ -15,13 +15,15 @@
 # first compile alone outlasts the step), the host's part of a call by function
 # (host.log: cProfile, N = 576, B = 128) and, where Nsight Compute is installed, a profile
 # of the kernels of one call (profile.log: speed of light, occupancy, warp states, memory;
-# N = 576 and 2304, B = 128, and on Hopper the warp-specialized candidate at 2304; and each
+# N = 576 and 2304, B = 128, and on Hopper the warp-specialized candidate and its twin with
+# lane_pairs at 2304; and each
 # stall reason's cycles per issue at N = 576), and the
 # stalls per SASS instruction of the top-k and diffusion kernels (sass.log, and the report
 # sass.ncu-rep: a few MB, keep sass.log, gzipped; sass_regions.log sums them by code region:
 # per program, per tile, per K step), and on Hopper the same of the warp-specialized
 # candidate at N = 2304 (sass_ws.log, sass_ws_regions.log: its partitions' code runs on
-# different numbers of warps, so they fall into regions of their own).
+# different numbers of warps, so they fall into regions of their own), and of its twin with
+# lane_pairs (sass_ws_pairs.log, sass_ws_pairs_regions.log).
 # STEPS="gpu_tests kernels" (say) runs a subset of the GPU steps, KERNEL_SIZES="576 2304"
 # (say) a subset of the benchmark's sizes, KERNEL_ARGS more of its options (say
 # "--batches 128 --topk-config block_m=64,block_n=256,block_k=64,narrow=32,tma=1").
@@ -109,7 +111,9 @@ if can_warp_specialize(torch.device("cuda")):
       step profile 150 bash -c "$(declare -f ncu_kernels)
         py=$py; ncu_kernels 576 'root|topk|diffusion' 0 $sections &&
         ncu_kernels 2304 topk 1 $sections; ncu_kernels 576 'topk|diffusion' 0 $stalls
-        [ -z '$ws' ] || PROFILE_ARGS='--topk-config $ws' ncu_kernels 2304 topk_ws 1 $sections"
+        [ -z '$ws' ] || PROFILE_ARGS='--topk-config $ws' ncu_kernels 2304 topk_ws 1 $sections
+        [ -z '$ws_pairs' ] || { echo '== the twin with lane_pairs'
+          PROFILE_ARGS='--topk-config $ws_pairs' ncu_kernels 2304 topk_ws 1 $sections; }"
     else
       echo "== profile: no ncu on PATH, skipped"
     fi
@@ -121,13 +125,15 @@ if can_warp_specialize(torch.device("cuda")):
       py=$py; ncu_kernels 576 'topk|diffusion' 0 --section SourceCounters -f -o '$out/sass' &&
       ncu --import '$out/sass.ncu-rep' --page source --print-source sass --csv"
     step sass_regions 20 "$py" bench/sass_regions.py "$out/sass.log"
-    if [ -n "$ws" ]; then
-      step sass_ws 150 bash -c "$(declare -f ncu_kernels)
-        py=$py; PROFILE_ARGS='--topk-config $ws' ncu_kernels 2304 topk_ws 1 \
-          --section SourceCounters -f -o '$out/sass_ws' &&
-        ncu --import '$out/sass_ws.ncu-rep' --page source --print-source sass --csv"
-      step sass_ws_regions 20 "$py" bench/sass_regions.py "$out/sass_ws.log"
-    fi
+    # The warp-specialized candidate, then its twin with lane_pairs (Hopper only).
+    for job in ${ws:+"sass_ws=$ws"} ${ws_pairs:+"sass_ws_pairs=$ws_pairs"}; do
+      name=${job%%=*} cfg=${job#*=}
+      step "$name" 150 bash -c "$(declare -f ncu_kernels)
+        py=$py; PROFILE_ARGS='--topk-config $cfg' ncu_kernels 2304 topk_ws 1 \
+          --section SourceCounters -f -o '$out/$name' &&
+        ncu --import '$out/$name.ncu-rep' --page source --print-source sass --csv"
+      step "${name}_regions" 20 "$py" bench/sass_regions.py "$out/$name.log"
+    done
   fi
 else
   echo "== no CUDA GPU visible: gpu_tests and bench skipped"
