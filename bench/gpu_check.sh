@@ -3,12 +3,13 @@
 #   bench/gpu_check.sh RESULTS_DIR [ARCHIVE.tgz]
 # Steps, each under its own time limit (the limits add up to more than 10 minutes; on an
 # H200 the kernel benchmark took 165 s for N = 2304, 576 and 1296 with the torch paths at
-# each and four top-k configs besides the candidates, the GPU tests 129 s (the Gluon
-# kernel's among them), the others 9 to 53; run a subset with STEPS where a
-# call is capped, as below), each logged to
-# RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the kernel
-# benchmark (RESULTS_DIR/kernels.{json,csv,png}; on Hopper the warp-specialized candidate's
-# twin with lane_pairs beside the candidates), the GPU tests (pytest -m gpu tests/),
+# each and four top-k configs besides the candidates, the GPU tests 47 s warm and over 170 s
+# on a fresh machine, mostly compiling, before the twins below added about ten Gluon builds,
+# the others 9 to 53; run a subset with STEPS where a call is capped, as below), each logged
+# to RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the
+# kernel benchmark (RESULTS_DIR/kernels.{json,csv,png}; on Hopper the warp-specialized
+# candidate's twins with lane_pairs, root_ahead and both beside the candidates), the GPU
+# tests (pytest -m gpu tests/),
 # the end-to-end labelling benchmark (pipeline_cuda.json), training throughput
 # (train_cuda.json) and the extractor backends, eager torch and any ONNX Runtime GPU
 # provider (backends_<gpu>.{json,md}; torch.compile of the extractor is left out: its
@@ -69,20 +70,23 @@ step install 60 "$py" -m pip install --no-deps --no-build-isolation -e .
 if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
   want() { [[ " ${STEPS:-gpu_tests kernels pipeline train backends host profile sass} " == *" $1 "* ]]; }
   export PYTHONUNBUFFERED=1
-  # The warp-specialized candidate as --topk-config takes it, and its twin with lane_pairs
-  # (timed beside the candidates, not one of them); both empty off Hopper.
-  read -r ws ws_pairs < <("$py" -c 'import dataclasses, sys, torch; sys.path[:0] = ["bench"]
+  # The warp-specialized candidate as --topk-config takes it, and its twins with lane_pairs,
+  # root_ahead and both (timed beside the candidates, not among them); empty off Hopper.
+  read -r ws ws_pairs ws_ahead ws_both < <("$py" -c 'import sys, torch; sys.path[:0] = ["bench"]
+from dataclasses import replace
 from configs import config_text
 from adcam_fast.kernels.coneighbor_topk import WS_CANDIDATE as ws
 from adcam_fast.kernels.launch import can_warp_specialize
 if can_warp_specialize(torch.device("cuda")):
-    print(config_text(ws), config_text(dataclasses.replace(ws, lane_pairs=True)))')
+    print(*(config_text(replace(ws, **c)) for c in ({}, dict(lane_pairs=True),
+            dict(root_ahead=True), dict(lane_pairs=True, root_ahead=True))))')
+  twins=()
+  for cfg in ${ws_pairs:-} ${ws_ahead:-} ${ws_both:-}; do twins+=(--topk-config "$cfg"); done
   # The goals' sizes first: the torch paths' budget goes there. torch.compile is left out:
   # on an H200 it was slower than eager at both goal sizes, and its compiles cost the step.
   want kernels && step kernels 300 "$py" bench/kernels.py --out "$out" --budget-s 90 \
-    --sizes ${KERNEL_SIZES:-576 2304 1296 4096} --no-compile ${ws_pairs:+--topk-config $ws_pairs} \
-    ${KERNEL_ARGS:-}
-  want gpu_tests && step gpu_tests 280 "$py" -m pytest -m gpu tests/ -q -rs \
+    --sizes ${KERNEL_SIZES:-576 2304 1296 4096} --no-compile "${twins[@]}" ${KERNEL_ARGS:-}
+  want gpu_tests && step gpu_tests 400 "$py" -m pytest -m gpu tests/ -q -rs \
     -p no:cacheprovider --junitxml="$out/gpu_tests.xml"
   want pipeline && step pipeline 90 "$py" bench/pipeline.py --out "$out" \
     --model conformer_small_patch16 --images 128 --size 448 --input-size 384 \

@@ -310,6 +310,38 @@ def test_refine_in_chunks_of_images(gen, monkeypatch, dtype):
     check_refinement(A, 6, *chunked)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_root_ahead_launches_read_the_pass_made_for_them(gen, monkeypatch, dtype):
+    """With ``root_ahead`` the first chunk's sqrt pass runs alone and each launch takes the
+    next chunk's, the two R buffers in turn. The Gluon launch builds for Hopper only, so a
+    stand-in does its work here with what runs anywhere: `take_root` on the next chunk, then
+    the Triton kernel with the same tiling on this chunk's R and exponents. Five images of
+    different scales in chunks of two: bitwise the output with the pass before each launch,
+    so every launch read the R made for its own images."""
+    from adcam_fast.kernels import coneighbor_topk_ws
+
+    def stand_in(cfg, grid, r, exp, a, w, idx, keys, k, eps, constants, warmup, ahead=None):
+        if ahead is not None:
+            coneighbor_topk.take_root(*ahead)
+        n = r.shape[-1]
+        buf = torch.empty(1, dtype=torch.int32, device=r.device)
+        args = (r, None, None, a, exp, buf, w, idx, keys, n, n.bit_length(), k, eps)
+        return coneighbor_topk.coneighbor_topk_kernel[grid](*args, **constants)
+
+    (A,) = to_device(random_attention(5, 48, 48, generator=gen, dtype=dtype))
+    A[3] *= 1e-6 if dtype == torch.float32 else 1e-3
+    monkeypatch.setattr(launch, "can_warp_specialize", lambda device: True)
+    monkeypatch.setattr(coneighbor_topk_ws, "launch", stand_in)
+    monkeypatch.setattr(coneighbor_topk, "ROOT_CHUNK", 2 * 48 * 48 + 1)  # 2 images a chunk
+    before = coneighbor_topk.WS_CANDIDATE
+    ahead = dataclasses.replace(before, root_ahead=True)
+    (w, idx), (w_ref, idx_ref) = (
+        coneighbor_topk.refine_sparse(A, 6, reference.EPS, config=c) for c in (ahead, before)
+    )
+    assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref)
+    check_refinement(A, 6, w, idx)
+
+
 def test_images_per_launch_fills_whole_waves():
     """Chunks of images whose programs fill their waves: at N = 2304 with 64-row programs
     (36 an image) on 264 slots (an H200 at two programs per SM), 7 images a launch take 19
@@ -687,6 +719,7 @@ def test_errors_name_the_problem(gen, monkeypatch):
         (dict(ws=True, tma=True, narrow=16), "ws takes no narrow, got 16"),
         (dict(ws=True, tma=True), "ws needs block_m >= 64 and block_m·block_n <= 16384"),
         (dict(lane_pairs=True), "lane_pairs needs ws and block_m >= 16·num_warps"),
+        (dict(root_ahead=True), r"root_ahead needs ws \(the sqrt pass"),
     ],
 )
 def test_a_config_the_kernel_cannot_run_is_named(gen, change, message):
@@ -800,11 +833,14 @@ WS_CONFIGS = [
 ]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(
+HOPPER_ONLY = pytest.mark.skipif(
     torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9,
     reason="the warp-specialized kernel is built for Hopper (sm_90a) only",
 )
+
+
+@pytest.mark.gpu
+@HOPPER_ONLY
 @pytest.mark.parametrize("cfg", WS_CONFIGS, ids=str)
 @pytest.mark.parametrize(("n", "b"), [(64, 3), (144, 2), (576, 4), (1296, 2), (2304, 3)])
 def test_gpu_warp_specialized_kernel_agrees(cfg, n, b):
@@ -830,6 +866,30 @@ def test_gpu_warp_specialized_kernel_agrees(cfg, n, b):
         coneighbor_topk.similarity_topk(A, 7, torch.int32, config=c) for c in (cfg, loads)
     )
     assert torch.equal(idx, idx_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.gpu
+@HOPPER_ONLY
+@pytest.mark.parametrize(
+    ("n", "b", "dtype"),
+    [(576, 5, torch.float32), (1296, 3, torch.float32), (2304, 3, torch.float32),
+     (576, 5, torch.float16)],
+)  # fmt: skip
+def test_gpu_root_ahead_takes_the_next_chunks_sqrt_pass(monkeypatch, n, b, dtype):
+    """With ``root_ahead`` each launch of the Gluon kernel also takes the sqrt pass of the
+    next chunk (rows of A by the copy engine, the last of a row's boxes zero-filled past N:
+    3, 6 and 9 boxes of 256 here), so every chunk after the first reads an R that no
+    `root_kernel` wrote: bitwise the output of the pass before each launch, in chunks of at
+    most two images (one at N = 1296)."""
+    monkeypatch.setattr(coneighbor_topk, "ROOT_CHUNK", (1 if n == 1296 else 2) * n * n)
+    gen = torch.Generator().manual_seed(n + b)
+    A = random_attention(b, n, n, generator=gen, dtype=dtype).cuda()
+    before = coneighbor_topk.WS_CANDIDATE
+    ahead = dataclasses.replace(before, root_ahead=True)
+    (w, idx), (w_ref, idx_ref) = (
+        coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=c) for c in (ahead, before)
+    )
+    assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref)
 
 
 @pytest.mark.gpu
