@@ -61,6 +61,7 @@ import functools
 import inspect
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 from triton.compiler import CompiledKernel
@@ -209,7 +210,7 @@ def _merge_partition(s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
     BLOCK_M: gl.constexpr = s_bufs.type.shape[1]
     BLOCK_N: gl.constexpr = s_bufs.type.shape[2]
     LOG_BN: gl.constexpr = BLOCK_N.bit_length() - 1
-    if LANE_PAIRS:  # a row on two lanes, four columns apart (see the module)
+    if LANE_PAIRS:  # a row on two lanes, which take its columns four at a time in turn
         layout: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [gl.num_warps(), 1], [0, 1])
     else:  # as the MMA warpgroup holds it: a row on the four lanes of a quad
         layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -380,7 +381,7 @@ def shared_bytes(cfg: Config, n: int, a_dtype: torch.dtype) -> int:
     """Shared memory of a program under ``cfg`` at size ``n``: the operand stages and S tile
     buffers, 1 KiB for barriers and scratch, and with ``root_ahead`` two rows of A."""
     stages = cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * 2
-    ring = 2 * -(-n // ROOT_BOX) * ROOT_BOX * a_dtype.itemsize if cfg.root_ahead else 0
+    ring = 2 * triton.cdiv(n, ROOT_BOX) * ROOT_BOX * a_dtype.itemsize if cfg.root_ahead else 0
     return stages + tile_buffers(cfg) * cfg.block_m * cfg.block_n * 4 + 1024 + ring
 
 
@@ -414,7 +415,7 @@ def ws_constants(cfg: Config, constants: dict, n: int) -> dict[str, int | bool]:
         S_BUFS=tile_buffers(cfg),
         MMA_REGS=register_split(cfg)[1],
         ROOT_AHEAD=cfg.root_ahead,
-        ROOT_BOXES=-(-n // ROOT_BOX) if cfg.root_ahead else 0,
+        ROOT_BOXES=triton.cdiv(n, ROOT_BOX) if cfg.root_ahead else 0,
     )
 
 
