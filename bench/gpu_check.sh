@@ -4,8 +4,9 @@
 # Steps, each under its own time limit (the limits add up to more than 10 minutes; on an
 # H200 the kernel benchmark took 165 s for N = 2304, 576 and 1296 with the torch paths at
 # each and four top-k configs besides the candidates, the GPU tests 47 s warm and over 170 s
-# on a fresh machine, mostly compiling, before the twins below added about ten Gluon builds,
-# the others 9 to 53; run a subset with STEPS where a call is capped, as below), each logged
+# on a fresh machine, mostly compiling, the others 9 to 53, before the twins below added
+# about ten Gluon builds to each of the first two; run a subset with STEPS where a call is
+# capped, as below), each logged
 # to RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the
 # kernel benchmark (RESULTS_DIR/kernels.{json,csv,png}; on Hopper the warp-specialized
 # candidate's twins with lane_pairs, root_ahead and both beside the candidates), the GPU
@@ -84,7 +85,7 @@ if can_warp_specialize(torch.device("cuda")):
   for cfg in ${ws_pairs:-} ${ws_ahead:-} ${ws_both:-}; do twins+=(--topk-config "$cfg"); done
   # The goals' sizes first: the torch paths' budget goes there. torch.compile is left out:
   # on an H200 it was slower than eager at both goal sizes, and its compiles cost the step.
-  want kernels && step kernels 300 "$py" bench/kernels.py --out "$out" --budget-s 90 \
+  want kernels && step kernels 400 "$py" bench/kernels.py --out "$out" --budget-s 90 \
     --sizes ${KERNEL_SIZES:-576 2304 1296 4096} --no-compile "${twins[@]}" ${KERNEL_ARGS:-}
   want gpu_tests && step gpu_tests 400 "$py" -m pytest -m gpu tests/ -q -rs \
     -p no:cacheprovider --junitxml="$out/gpu_tests.xml"
