@@ -909,6 +909,7 @@ def _topk(
         return kernel
 
     def run(cfg: Config, lo: int = 0, hi: int = cap) -> None:
+        """Images [lo, hi) as the autotuner times a config: their pass, then the launch."""
         take_root(A[lo:hi], roots[0][: hi - lo], exponents[0][: hi - lo])
         topk_launch(cfg, lo, hi, warmup=False)
 
@@ -923,16 +924,14 @@ def _topk(
                 _RESIDENT[built] = launch.resident_programs(kernel, A.device)
             slots = _RESIDENT[built] * launch.device_properties(A.device).multi_processor_count
             chunk = images_per_launch(b, cap, programs(cfg), slots)
-        if cfg.root_ahead:  # the first chunk's pass alone, then each launch the next one's
-            bounds = [(lo, min(b, lo + chunk)) for lo in range(0, b, chunk)]
-            if len(bounds) > 1:
-                roots.append(torch.empty_like(roots[0]))
-                exponents.append(torch.empty_like(exponents[0]))
-            take_root(A[: bounds[0][1]], roots[0][: bounds[0][1]], exponents[0][: bounds[0][1]])
-            for i, (lo, hi) in enumerate(bounds):
-                ahead = bounds[i + 1] if i + 1 < len(bounds) else None
-                topk_launch(cfg, lo, hi, warmup=False, slot=i % 2, ahead=ahead)
-        else:
-            for lo in range(0, b, chunk):
-                run(cfg, lo, min(b, lo + chunk))
+        bounds = [(lo, min(b, lo + chunk)) for lo in range(0, b, chunk)]
+        if cfg.root_ahead and len(bounds) > 1:  # each launch fills the other buffer
+            roots.append(torch.empty_like(roots[0]))
+            exponents.append(torch.empty_like(exponents[0]))
+        for i, (lo, hi) in enumerate(bounds):
+            slot = i % len(roots)
+            if i == 0 or not cfg.root_ahead:  # else the launch before took this pass
+                take_root(A[lo:hi], roots[slot][: hi - lo], exponents[slot][: hi - lo])
+            ahead = bounds[i + 1] if cfg.root_ahead and i + 1 < len(bounds) else None
+            topk_launch(cfg, lo, hi, warmup=False, slot=slot, ahead=ahead)
     return w, idx

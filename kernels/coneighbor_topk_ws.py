@@ -377,12 +377,18 @@ def root_layout(dtype: torch.dtype) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=dtype.itemsize * 8, rank=2)
 
 
+def _buffer_bytes(cfg: Config) -> tuple[int, int]:
+    """Shared bytes of ``cfg``'s operand stages (fp16 slices of R) and of one fp32 S tile."""
+    stages = cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * 2
+    return stages, cfg.block_m * cfg.block_n * 4
+
+
 def shared_bytes(cfg: Config, n: int, a_dtype: torch.dtype) -> int:
     """Shared memory of a program under ``cfg`` at size ``n``: the operand stages and S tile
     buffers, 1 KiB for barriers and scratch, and with ``root_ahead`` two rows of A."""
-    stages = cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * 2
+    stages, tile = _buffer_bytes(cfg)
     ring = 2 * triton.cdiv(n, ROOT_BOX) * ROOT_BOX * a_dtype.itemsize if cfg.root_ahead else 0
-    return stages + tile_buffers(cfg) * cfg.block_m * cfg.block_n * 4 + 1024 + ring
+    return stages + tile_buffers(cfg) * tile + 1024 + ring
 
 
 def tile_buffers(cfg: Config) -> int:
@@ -391,8 +397,7 @@ def tile_buffers(cfg: Config) -> int:
     one (1 KiB left for the barriers). The merge warps take a tile into registers as its
     merge begins, so with one buffer the MMA warpgroup waits only where a tile's merge
     outlasts the next tile's dot (bench/kernels_notes.md, v29)."""
-    stages = cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * 2
-    tile = cfg.block_m * cfg.block_n * 4
+    stages, tile = _buffer_bytes(cfg)
     return 2 if stages + 2 * tile <= SHARED_BYTES - 1024 else 1
 
 
