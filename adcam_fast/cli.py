@@ -20,13 +20,14 @@ def _info(args: argparse.Namespace) -> int:
     import torch
 
     import adcam_fast
-    from adcam_fast.kernels import triton_available
+    from adcam_fast.kernels.launch import unusable
 
     print(f"adcam_fast {adcam_fast.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}")
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"cuda device: {cuda}")
-    print(f"triton kernels usable: {triton_available()}")
+    problem = unusable()
+    print(f"triton kernels: {'usable' if problem is None else f'not usable ({problem})'}")
     print(f"models: {', '.join(timm.list_models('conformer_*'))}")
     return 0
 

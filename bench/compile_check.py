@@ -1,14 +1,15 @@
 """Compile the Triton kernels for Hopper (sm_90a) without a GPU and report their resources.
 
 Each kernel configuration (and the warp-specialized Gluon kernel's candidate, through
-Gluon's source) is compiled by ``triton.compile`` for a CUDA target, and the PTX is
-assembled by the ``ptxas`` that ships with Triton: registers, spill stores, shared memory,
-whether the S tile uses wgmma or mma, how operands arrive (the copy engine, TMA; ``cp.async``;
-or plain loads), and the number of SASS instructions (nvdisasm, also shipped with Triton), a
-static size of the code. This is the evidence a CPU-only machine can give that the kernels
-build for the GPU (the interpreter tests run them, but never compile them). It also checks
-that the diffusion's launches specialize alike whatever the class count
-(`class_count_variants`), so that a batch of new class counts compiles nothing.
+Gluon's source, with the Triton releases whose Gluon builds it: ``launch.GLUON_RELEASES``)
+is compiled by ``triton.compile`` for a CUDA target, and the PTX is assembled by the
+``ptxas`` that ships with Triton and that Triton takes for sm_90a: registers, spill stores,
+shared memory, whether the S tile uses wgmma or mma, how operands arrive (the copy engine,
+TMA; ``cp.async``; or plain loads), and the number of SASS instructions (nvdisasm, also
+shipped with Triton), a static size of the code. This is the evidence a CPU-only machine
+can give that the kernels build for the GPU (the interpreter tests run them, but never
+compile them). It also checks that the diffusion's launches specialize alike whatever the
+class count (`class_count_variants`), so that a batch of new class counts compiles nothing.
 
     python bench/compile_check.py            # every default and autotune candidate (minutes)
     python bench/compile_check.py --quick    # the default configurations at k = 50 (seconds)
@@ -36,10 +37,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
-from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 from triton.runtime.jit import create_function_from_signature
 
-from adcam_fast.kernels import coneighbor_topk_ws, csr, diffusion
+from adcam_fast.kernels import csr, diffusion, launch
 from adcam_fast.kernels.coneighbor_topk import (
     MERGE_ENTRIES,
     ROOT_BLOCK,
@@ -56,7 +56,18 @@ from adcam_fast.kernels.launch import Config
 
 HOPPER = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-PTXAS = os.path.join(BIN, "ptxas")
+
+
+def ptxas() -> str:
+    """The ptxas that Triton assembles sm_90a code with: 3.9 takes its newer
+    ``ptxas-blackwell`` for Hopper too (its PTX is too new for the other), and 3.4 and 3.5
+    choose without the architecture."""
+    from triton.backends.nvidia import compiler
+
+    try:
+        return compiler.get_ptxas(HOPPER.arch).path
+    except TypeError:
+        return compiler.get_ptxas().path
 
 
 def resources(ptx: str) -> dict[str, int]:
@@ -65,7 +76,7 @@ def resources(ptx: str) -> dict[str, int]:
         f.write(ptx)
         f.flush()
         out = subprocess.run(
-            [PTXAS, "--gpu-name", "sm_90a", "-v", f.name, "-o", os.devnull],
+            [ptxas(), "--gpu-name", "sm_90a", "-v", f.name, "-o", os.devnull],
             capture_output=True, text=True, check=True,
         ).stderr  # fmt: skip
     regs = re.search(r"Used (\d+) registers", out)
@@ -96,16 +107,22 @@ assume the same (``span``, the diffusion's edges per program, is a multiple of i
 
 
 def compile_one(
-    label: str, fn, sig: dict, constants: dict, cfg: Config, options: dict | None = None
+    label: str,
+    fn,
+    sig: dict,
+    constants: dict,
+    cfg: Config,
+    options: dict | None = None,
+    source: type = ASTSource,
 ) -> bool:
-    """Builds ``fn`` for sm_90a with ``options`` (None: ``cfg.launch_options()``; a Gluon
-    kernel needs its own) and prints its resources; False if the build fails."""
+    """Builds ``fn`` for sm_90a from its ``source`` (a Gluon kernel's is Gluon's) with
+    ``options`` (None: ``cfg.launch_options()``; a Gluon kernel needs its own) and prints
+    its resources; False if the build fails."""
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, (name, kind) in enumerate(sig.items())
         if kind.startswith("*") or name in DIVISIBLE
     }
-    source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
     try:
         kernel = triton.compile(
             source(fn, sig, constants, attrs),
@@ -175,7 +192,10 @@ def topk_jobs(quick: bool):
 def ws_jobs():
     """The warp-specialized kernel's candidate (Gluon), fp32 attention, kp = 64, N = 2304,
     and its twins with ``lane_pairs`` and with ``root_ahead``."""
-    ws = coneighbor_topk_ws
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from adcam_fast.kernels import coneighbor_topk_ws as ws
+
     kernel = ws.coneighbor_topk_ws_kernel
     for change in ({}, dict(lane_pairs=True), dict(root_ahead=True)):
         cfg = dataclasses.replace(WS_CANDIDATE, **change)
@@ -192,7 +212,8 @@ def ws_jobs():
         constants = ws.ws_constants(cfg, topk_constants(64, cfg, refine=True), 2304)
         if not cfg.root_ahead:
             constants |= dict(AN=None, R_NEXT=None, EXP_NEXT=None)
-        yield f"topk-ws fp32 kp=64 {cfg}", kernel, sig, constants, cfg, ws.launch_options(cfg)
+        options = ws.launch_options(cfg)
+        yield f"topk-ws fp32 kp=64 {cfg}", kernel, sig, constants, cfg, options, GluonASTSource
 
 
 def merge_parts_jobs():
@@ -269,8 +290,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="default configurations only")
     args = p.parse_args()
-    jobs = [*root_jobs(), *topk_jobs(args.quick), *ws_jobs(), *merge_parts_jobs(),
-            *csr_jobs(), *diffusion_jobs(args.quick)]  # fmt: skip
+    gluon = launch.gluon_builds(triton.__version__)
+    jobs = [*root_jobs(), *topk_jobs(args.quick), *(ws_jobs() if gluon else []),
+            *merge_parts_jobs(), *csr_jobs(), *diffusion_jobs(args.quick)]  # fmt: skip
+    if not gluon:
+        first, last = (".".join(map(str, r)) for r in launch.GLUON_RELEASES)
+        print(f"SKIP topk-ws: Gluon builds it with Triton {first} to {last}, "
+              f"not {triton.__version__}")  # fmt: skip
     ok = [compile_one(*job) for job in jobs]
     variants, one_count = class_count_variants()
     ok.append(variants == one_count)

@@ -61,13 +61,10 @@ step() {  # step NAME LIMIT_S COMMAND...
 step env 20 bash -c "nvidia-smi; command -v ncu nsys || echo no ncu or nsys on PATH; $py -c 'import sys, torch, triton
 print(sys.version); print(\"torch\", torch.__version__, \"triton\", triton.__version__)
 print(\"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"-\")
-import setuptools; print(\"setuptools\", setuptools.__version__)
-try:
-    from triton.experimental.gluon import language as gl
-    print(\"gluon warp_specialize\", hasattr(gl, \"warp_specialize\"))
-except ImportError as e:
-    print(\"no gluon:\", e)'"
+import setuptools; print(\"setuptools\", setuptools.__version__)'"
 step install 60 "$py" -m pip install --no-deps --no-build-isolation -e .
+# Whether the kernels run here, and why not (the Triton release, the GPU).
+step info 30 "$py" -c 'import sys; from adcam_fast.cli import main; sys.exit(main(["info"]))'
 if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
   want() { [[ " ${STEPS:-gpu_tests kernels pipeline train backends host profile sass} " == *" $1 "* ]]; }
   export PYTHONUNBUFFERED=1

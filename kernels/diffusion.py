@@ -163,7 +163,7 @@ def diffusion_kernel(
         )
         node_stride = tl.where(final, 1, ks)
         class_stride = tl.where(final, N, 1)
-        c_ok = (cls < K) | ~final  # the slots keep the padding classes, the output not
+        c_ok = cls < tl.where(final, K, ks)  # the slots keep the padding classes, the output not
         carry = tl.zeros((BLOCK_C,), tl.float32)  # the previous chunk's open run, summed
         ahead = ()  # with PREFETCH, the sources of the chunk the walk comes to next
         if PREFETCH:  # (unhinted: hinted, the capped split spills)

@@ -7,6 +7,9 @@ Where the kernels may run:
 - CPU tensors: only through Triton's interpreter, i.e. with ``TRITON_INTERPRET=1`` set before
   ``adcam_fast.kernels`` is first imported (the kernels are built in that mode at import).
 
+Either way with Triton ``TRITON_LEAST`` or newer; the warp-specialized kernel (Gluon) only
+with the releases of ``GLUON_RELEASES`` (`unusable` says why the kernels cannot run).
+
 Config choice: each kernel has a heuristic default and a short list of candidates. On a GPU,
 the first call for a given (kernel, N bucket, k bucket, batch bucket, dtype, device; a
 bucket is the next power of two: the batch sets how many programs fill the GPU) times the
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -27,6 +31,20 @@ import torch
 from torch import Tensor
 
 HELP = 'use backend="torch" for the portable path'
+
+TRITON_LEAST = (3, 4)
+"""The oldest Triton release the kernels build with: the first with host TMA descriptors
+(``triton.tools.tensor_descriptor``). The kernels' default builds compile for sm_90a with
+3.4 to 3.9 (bench/compile_check.py --quick); the interpreter tests pass with 3.7 to 3.9,
+and 3.6 under numpy < 2 (tests/test_kernels.py says why not earlier); the GPU tests ran with
+3.6."""
+
+GLUON_RELEASES = ((3, 6), (3, 8))
+"""The first and last Triton release whose Gluon builds the warp-specialized kernel
+(`coneighbor_topk_ws`; bench/compile_check.py). Gluon is experimental and moves between
+releases: 3.4 has no ``warpgroup_mma``, 3.5's ``warp_specialize`` takes other arguments,
+and 3.9 infers other layouts for the `coneighbor_topk` functions that the kernel shares.
+Under any other release the autotuner keeps to the Triton kernels."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,40 @@ def n_bucket(n: int) -> int:
     return max(64, next_pow2(n))
 
 
+def release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string: "3.6.0" and "3.6.0+git1a2b3c" give (3, 6)."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None:
+        raise ValueError(f"not a version: {version!r}")
+    return int(found[1]), int(found[2])
+
+
+def triton_version() -> str | None:
+    """The installed Triton's version, None if it cannot be imported."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def gluon_builds(version: str) -> bool:
+    """Whether Triton ``version``'s Gluon builds the warp-specialized kernel
+    (`GLUON_RELEASES`)."""
+    return GLUON_RELEASES[0] <= release(version) <= GLUON_RELEASES[1]
+
+
+def _triton_problem() -> str | None:
+    """Why no kernel can be built with the installed Triton, None if they can."""
+    version = triton_version()
+    if version is None:
+        return "triton is not installed"
+    if release(version) < TRITON_LEAST:
+        least = ".".join(map(str, TRITON_LEAST))
+        return f"triton {version} is older than {least}, the oldest the kernels build with"
+    return None
+
+
 def interpreting() -> bool:
     """Whether the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1``
     was set when ``adcam_fast.kernels`` was imported)."""
@@ -106,14 +158,11 @@ def device_properties(device: torch.device | None = None):
 def can_warp_specialize(device: torch.device) -> bool:
     """Whether the warp-specialized kernel can run on ``device``: a Hopper GPU (compute
     capability 9.x: wgmma, the copy engine and register reallocation between warpgroups)
-    and a Triton with Gluon's ``warp_specialize``."""
-    if device.type != "cuda" or device_properties(device).major != 9:
+    and a Triton whose Gluon builds it (`gluon_builds`)."""
+    version = triton_version()
+    if device.type != "cuda" or version is None or not gluon_builds(version):
         return False
-    try:
-        from triton.experimental.gluon import language as gl
-    except ImportError:
-        return False
-    return hasattr(gl, "warp_specialize")
+    return device_properties(device).major == 9
 
 
 def programs_per_sm(
@@ -145,20 +194,27 @@ def resident_programs(kernel, device: torch.device) -> int:
     )  # fmt: skip
 
 
+def unusable(device: torch.device | None = None) -> str | None:
+    """Why the Triton kernels cannot compile and run on the CUDA ``device`` (None: the
+    current one), or None if they can: triton is not importable or older than
+    `TRITON_LEAST`, no CUDA device is visible, the device is older than compute capability
+    8.0, or the kernels were built for the CPU interpreter."""
+    if (problem := _triton_problem()) is not None:
+        return problem
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    props = device_properties(device)
+    if props.major < 8:
+        return f"{props.name} has compute capability {props.major}.{props.minor}, below 8.0"
+    if interpreting():
+        return "the kernels were built for Triton's interpreter (TRITON_INTERPRET=1)"
+    return None
+
+
 def triton_available(device: torch.device | None = None) -> bool:
     """Whether the Triton kernels compile and run on this CUDA ``device`` (None: the current
-    one).
-
-    False when triton is not importable, no CUDA device is visible, the device is older
-    than compute capability 8.0, or the kernels were built for the CPU interpreter.
-    """
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    if not torch.cuda.is_available() or device_properties(device).major < 8:
-        return False
-    return not interpreting()
+    one); `unusable` says why not."""
+    return unusable(device) is None
 
 
 def on_device(device: torch.device) -> AbstractContextManager:
@@ -179,17 +235,12 @@ def check_runnable(*tensors: Tensor) -> torch.device:
         raise ValueError(f"the triton backend needs all tensors on one device, got {names}")
     device = devices.pop()
     if device.type == "cuda":
-        if not triton_available(device):
-            raise ValueError(
-                "the triton backend needs a working Triton and a CUDA GPU of compute "
-                f"capability >= 8.0 (and TRITON_INTERPRET unset); {HELP}"
-            )
+        if (problem := unusable(device)) is not None:
+            raise ValueError(f"the triton backend cannot run on {device}: {problem}; {HELP}")
     elif device.type == "cpu":
-        try:
-            on_cpu = interpreting()
-        except ImportError as e:
-            raise ValueError(f"the triton backend needs triton ({e}); {HELP}") from e
-        if not on_cpu:
+        if (problem := _triton_problem()) is not None:
+            raise ValueError(f"the triton backend cannot run: {problem}; {HELP}")
+        if not interpreting():
             raise ValueError(
                 "the triton backend runs CPU tensors only under Triton's interpreter: set "
                 f"TRITON_INTERPRET=1 before importing adcam_fast.kernels, or {HELP}"

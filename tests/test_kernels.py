@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_attention
@@ -45,6 +46,20 @@ from adcam_fast.kernels import coneighbor_topk, launch
 from adcam_fast.kernels.launch import Config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels (3.4 to 3.9 tried), None if it can."""
+    release = launch.release(launch.triton_version())
+    if release < (3, 6):
+        return "Triton 3.4 and 3.5's interpreter reads TMA strides in elements as bytes"
+    if release < (3, 7) and np.lib.NumpyVersion(np.__version__) >= "2.0.0":
+        return "Triton 3.6's interpreter needs numpy < 2 (it takes a loop bound from an array)"
+    return None
+
+
+if DEVICE == "cpu" and _interpreter_problem() is not None:
+    pytest.skip(_interpreter_problem(), allow_module_level=True)
 W_TOL = {"rtol": 1e-5, "atol": 1e-6}  # fp32 normalisation and diffusion sums
 
 
@@ -310,6 +325,10 @@ def test_refine_in_chunks_of_images(gen, monkeypatch, dtype):
     check_refinement(A, 6, *chunked)
 
 
+@pytest.mark.skipif(
+    not launch.gluon_builds(launch.triton_version()),
+    reason="needs a Triton whose Gluon builds the warp-specialized kernel (3.6 to 3.8)",
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_root_ahead_launches_read_the_pass_made_for_them(gen, monkeypatch, dtype):
     """With ``root_ahead`` the first chunk's sqrt pass runs alone and each launch takes the
@@ -700,9 +719,39 @@ def test_errors_name_the_problem(gen, monkeypatch):
     else:
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
             kernels.adcam_triton(A.cpu(), cams.cpu(), 4, 2)
-        monkeypatch.setattr(launch, "triton_available", lambda device=None: False)
-        with pytest.raises(ValueError, match="working Triton"):
+        monkeypatch.setattr(launch, "interpreting", lambda: True)
+        with pytest.raises(ValueError, match="built for Triton's interpreter"):
             kernels.adcam_triton(A, cams, 4, 2)
+
+
+@pytest.mark.parametrize(
+    ("version", "problem"),
+    [
+        ("3.3.1", "triton 3.3.1 is older than 3.4, the oldest the kernels build with"),
+        (None, "triton is not installed"),
+    ],
+)
+def test_a_triton_the_kernels_cannot_build_with_is_named(monkeypatch, gen, version, problem):
+    """Before any kernel is imported: ``auto`` keeps to the torch path, and the triton
+    backend says what is wrong, on either device."""
+    monkeypatch.setattr(launch, "triton_version", lambda: version)
+    assert launch.unusable() == problem and not kernels.triton_available()
+    assert ops.resolve_backend("auto", torch.device("cuda"), 50, 576) == "torch"
+    (A,) = to_device(random_attention(1, 16, 16, generator=gen))
+    with pytest.raises(ValueError, match=f'cannot run.*: {problem}; use backend="torch"'):
+        kernels.refine_sparse_triton(A, 4)
+
+
+def test_versions_are_read_as_releases():
+    assert launch.release("3.6.0") == (3, 6)
+    assert launch.release("3.10.1+git1a2b3c4") == (3, 10)
+    with pytest.raises(ValueError, match="not a version: 'main'"):
+        launch.release("main")
+    # The Gluon kernel only where its build was checked: not 3.5, whose warp_specialize
+    # takes other arguments, nor 3.9, whose layouts differ.
+    assert [launch.gluon_builds(v) for v in ("3.5.1", "3.6.0", "3.8.0", "3.9.0")] == [
+        False, True, True, False
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

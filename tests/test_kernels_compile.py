@@ -1,9 +1,10 @@
 """The kernels compile for Hopper (sm_90a) with this Triton, no GPU needed.
 
 The interpreter tests run the kernels but never compile them; this builds the default
-configurations (and the Gluon kernel's candidate) through ``triton.compile`` and Triton's
-bundled ptxas (bench/compile_check.py) and requires no register spills in them (but in the
-Gluon build, see below).
+configurations (and the Gluon kernel's candidate, where this Triton's Gluon builds it)
+through ``triton.compile`` and Triton's bundled ptxas (bench/compile_check.py) and requires
+no register spills in them (but in the Gluon builds and one stack slot of the sqrt pass,
+see below).
 """
 
 from __future__ import annotations
@@ -37,27 +38,40 @@ def test_default_configurations_compile_for_sm90_without_spills():
         timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
+    import triton
+
+    from adcam_fast.kernels import launch
+
+    gluon = launch.gluon_builds(triton.__version__)
     lines = [line for line in run.stdout.splitlines() if line.startswith("OK ")]
     # root fp32 + fp16, each for rows read once and twice; top-k fp16 + fp32, by pointers
-    # (N % 8 != 0) and TMA; the warp-specialized (Gluon) candidate and its twins with lane
-    # pairs and with the next chunk's sqrt pass; the merge of the candidates' column parts;
-    # CSR: the 2 kernels around the sort; diffusion
-    assert len(lines) == 16, run.stdout
+    # (N % 8 != 0) and TMA; where this Triton's Gluon builds it (launch.GLUON_RELEASES), the
+    # warp-specialized candidate and its twins with lane pairs and with the next chunk's sqrt
+    # pass; the merge of the candidates' column parts; CSR: the 2 kernels around the sort;
+    # diffusion
+    assert len(lines) == (16 if gluon else 13), run.stdout
+    assert ("SKIP topk-ws" in run.stdout) != gluon, run.stdout
     assert re.match(r"OK   diffusion: (\d+) launch .* counts 1\.\.64, \1 for one$", lines.pop())
     ws = [line for line in lines if line.startswith("OK   topk-ws")]
-    assert len(ws) == 3 and all("mma=wgmma loads=tma" in line for line in ws), ws
+    assert len(ws) == (3 if gluon else 0), ws
+    assert all("mma=wgmma loads=tma" in line for line in ws), ws
     # The Gluon builds spill a little with Triton 3.8 (84, 32 and 84 bytes; 0, 4 and 24 with
-    # the GPU machines' 3.6); no other build may.
-    assert all(re.search(r"spill=0\b", line) for line in lines if line not in ws), run.stdout
-    # The shared memory that the host checks a root_ahead config against (N = 2304, fp32)
-    # covers the build's.
-    import torch
+    # the GPU machines' 3.6). The sqrt pass over rows longer than ROOT_BLOCK may keep one
+    # value on the stack (Triton 3.7: the row's exponent, 4 bytes stored and loaded once a
+    # program, around its second loop). No other build may spill.
+    for line in lines:
+        if line not in ws:
+            stack = 4 if line.startswith("OK   root") and "rows=1" in line else 0
+            assert int(re.search(r"spill=(\d+)", line)[1]) <= stack, line
+    if gluon:  # the shared memory that the host checks a root_ahead config against (N = 2304,
+        # fp32) covers the build's
+        import torch
 
-    from adcam_fast.kernels import coneighbor_topk_ws
-    from adcam_fast.kernels.coneighbor_topk import WS_CANDIDATE
+        from adcam_fast.kernels import coneighbor_topk_ws
+        from adcam_fast.kernels.coneighbor_topk import WS_CANDIDATE
 
-    (ahead,) = [line for line in ws if "root_ahead=True" in line]
-    built = int(re.search(r"shared=(\d+)", ahead).group(1))
-    cfg = dataclasses.replace(WS_CANDIDATE, root_ahead=True)
-    assert built <= coneighbor_topk_ws.shared_bytes(cfg, 2304, torch.float32) <= built + 1024
+        (ahead,) = [line for line in ws if "root_ahead=True" in line]
+        built = int(re.search(r"shared=(\d+)", ahead).group(1))
+        cfg = dataclasses.replace(WS_CANDIDATE, root_ahead=True)
+        assert built <= coneighbor_topk_ws.shared_bytes(cfg, 2304, torch.float32) <= built + 1024
     assert all("mma=wgmma" in line for line in lines if line.startswith("OK   topk")), run.stdout
