@@ -10,7 +10,8 @@
 # to RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the
 # kernel benchmark (RESULTS_DIR/kernels.{json,csv,png}; on Hopper the warp-specialized
 # candidate's twins with lane_pairs, root_ahead and both beside the candidates), the GPU
-# tests (pytest -m gpu tests/),
+# tests (pytest -m gpu tests/, in GPU_TEST_WORKERS processes, default 6, where pytest-xdist
+# is installed, as on the lent GPU machines: a fresh machine's run is mostly compiling),
 # the end-to-end labelling benchmark (pipeline_cuda.json), training throughput
 # (train_cuda.json) and the extractor backends, eager torch and any ONNX Runtime GPU
 # provider (backends_<gpu>.{json,md}; torch.compile of the extractor is left out: its
@@ -84,7 +85,10 @@ if can_warp_specialize(torch.device("cuda")):
   # on an H200 it was slower than eager at both goal sizes, and its compiles cost the step.
   want kernels && step kernels 400 "$py" bench/kernels.py --out "$out" --budget-s 90 \
     --sizes ${KERNEL_SIZES:-576 2304 1296 4096} --no-compile "${twins[@]}" ${KERNEL_ARGS:-}
-  want gpu_tests && step gpu_tests 400 "$py" -m pytest -m gpu tests/ -q -rs \
+  # Processes compile side by side (one kernel at a time each; Triton's cache is shared).
+  workers=()
+  "$py" -c 'import xdist' 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-6}")
+  want gpu_tests && step gpu_tests 400 "$py" -m pytest -m gpu tests/ -q -rs "${workers[@]}" \
     -p no:cacheprovider --junitxml="$out/gpu_tests.xml"
   want pipeline && step pipeline 90 "$py" bench/pipeline.py --out "$out" \
     --model conformer_small_patch16 --images 128 --size 448 --input-size 384 \
