@@ -60,6 +60,7 @@ def _interpreter_problem() -> str | None:
 
 if DEVICE == "cpu" and _interpreter_problem() is not None:
     pytest.skip(_interpreter_problem(), allow_module_level=True)
+
 W_TOL = {"rtol": 1e-5, "atol": 1e-6}  # fp32 normalisation and diffusion sums
 
 
@@ -732,7 +733,7 @@ def test_errors_name_the_problem(gen, monkeypatch):
     ],
 )
 def test_a_triton_the_kernels_cannot_build_with_is_named(monkeypatch, gen, version, problem):
-    """Before any kernel is imported: ``auto`` keeps to the torch path, and the triton
+    """Found before anything is built: ``auto`` keeps to the torch path, and the triton
     backend says what is wrong, on either device."""
     monkeypatch.setattr(launch, "triton_version", lambda: version)
     assert launch.unusable() == problem and not kernels.triton_available()
