@@ -583,51 +583,23 @@ def topk_configs(
 ) -> tuple[Config, tuple[Config, ...]]:
     """Default and candidate configs for a running top-``kp`` at a size N that the copy
     engine can read (``aligned``, see `tma_fits`) or not, on a Hopper GPU (``hopper``: the
-    warp-specialized kernel, `coneighbor_topk_ws`, is a candidate there) or not.
+    warp-specialized kernel's `WS_CANDIDATE` joins them) or not.
 
     ``slots`` (kernel argument ``LOG_CB``) chooses the merge schedule: 0 merges every tile
-    that holds a candidate (needs ``BLOCK_N >= kp``); otherwise candidates are parked in that
-    many slots per row (a multiple of the merge width ``max(BLOCK_N, kp)``, so that a tile
-    fits after a merge). Parking saves merges (bench/merge_model.py) but adds a prefix sum
-    and a scattered store to every tile; on an H200 it was the slower schedule at N = 576
-    and 2304 (bench/kernels_notes.md), so it is a candidate only for kp > 64.
-    ``narrow`` (with slots 0; at most kp) merges a tile whose rows each hold at most that
-    many candidates by `_merge_largest`, the rest whole: cheaper than the network up to
-    about 16 passes (sm_90a SASS, kp = 64: 700 + 145 per pass against 3093 instructions per
-    thread); only for kp <= 64, since the larger builds spill with it.
-    For kp <= 64 the S tile is 64×128 with BLOCK_K = 64, one warpgroup issuing m64n128k16
-    wgmma. The candidates are those that were the fastest somewhere on an H200 (B = 1, 32,
-    128; N = 576, 1296, 2304; fp32 random attention; `gpu6` to `gpu8`,
-    bench/kernels_notes.md): with pointer loads (any N), three stages (the default), four,
-    narrow = 16, and 128×128 with four stages and narrow = 16, the fastest of them at
-    N = 2304. The loop is latency-bound at two programs per SM, its registers' limit.
-    Where N is divisible by 8 (`tma_fits`), R's slices come by the copy engine instead
-    (``tma``: TMA descriptors), which drops the loads' address and mask arithmetic (sm_90a,
-    Triton 3.6: the K step 134 → 87 instructions, no spills). The default then runs one loop
-    over (tile, K step) (``flat``): the copies of a tile's first slices are in flight during
-    the previous tile's keys and merge (`gpu8`: the most often fastest, 6 of 18 rows). The
-    others (`gpu9`: B = 1, 32, 128; N = 576, 1296, 2304) are each the fastest or within 1 %
-    of it somewhere, but the last: three stages capped at 168 registers (three programs per
-    SM) and two capped at 128 (four), for a loop whose warps mostly wait on their own
-    dependencies; the default in two parts (``parts``: two programs per row block, each
-    over half its column tiles; the fastest at B <= 32, N >= 1296, since an image takes
-    twice the programs); 128×128 narrow = 16 with ``lockstep``, whose programs walk the
-    column tiles after the diagonal one in one order; and 128×256 tiles, three quarters of
-    128×128's operand bytes per FLOP and the lowest floor (one merge per program) at
-    N = 2304, with narrow = 32 (there a pass costs 247 SASS instructions per thread against
-    10632 for a whole merge: 0.92 times narrow = 16's time at N = 2304, B = 128), 1.02
-    to 1.10 times the fastest there on random rows, but the fastest by a tenth on spatially
-    structured rows, which merge less, as real attention does (`gpu11`: 9.54 ms against
-    10.38 for the next).
-    On Hopper the candidates end with `WS_CANDIDATE`, the warp-specialized kernel
-    (`coneighbor_topk_ws`, Gluon): at N = 2304, B = 128 on an H200 its stage took 0.84
-    times the fastest Triton build's time on random rows and 0.89 times on spatial rows,
-    1.33 times at N = 576 (bench/kernels_notes.md, v29).
-    Parking, 64×64 tiles, narrow = 64, five stages, whole-tile 128×128, BLOCK_K = 128,
-    128×128 with flat, the default tiling with lockstep, 128×256 with narrow = 16 (in one
-    part or two), and the TMA builds of 64×128 with four stages and 128×128 narrow = 16
-    with neither flat nor lockstep were never the fastest in the last run that timed them
-    and are no longer candidates.
+    that holds a candidate (needs ``block_n >= kp``); otherwise candidates are parked in that
+    many slots per row (a multiple of the merge width ``max(block_n, kp)``, so that a tile
+    fits after a merge), a candidate only for kp > 64. ``narrow`` (with slots 0; kp <= 64,
+    whose builds do not spill with it) merges a tile whose rows each hold at most that many
+    candidates by `_merge_largest`, the rest whole.
+    For kp <= 64 the default S tile is 64×128 with BLOCK_K = 64 (one warpgroup issuing
+    m64n128k16 wgmma). Where N is aligned, R's slices come by the copy engine (``tma``) and
+    the default runs one loop over (tile, K step) (``flat``); the candidates beside it are
+    three stages capped at 168 registers and two at 128 (more programs per SM), the default
+    in two ``parts``, 128×128 narrow = 16 in ``lockstep``, and 128×256 narrow = 32 (the
+    lowest floor, and the fastest on spatially structured rows). Elsewhere they take pointer
+    loads: three stages (the default), four, narrow = 16, and 128×128 narrow = 16. Each was
+    the fastest somewhere on an H200 (B = 1, 32, 128; N = 576 to 2304), and none of the
+    configs dropped was in the last run that timed it (bench/kernels_notes.md, v3 to v29).
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every

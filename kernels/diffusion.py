@@ -276,13 +276,11 @@ def diffusion_configs(n_cls: int, device: torch.device) -> tuple[Config, tuple[C
     launch per step where it splits) by default; as candidates, one program per image and
     class block with all steps in one launch (``parts`` 1: bitwise the same maps), and
     both with each chunk's sources loaded one chunk ahead (``prefetch``; the split then
-    capped at 128 registers, so that 16 warps still fit an SM). On H200s (K = 20, k = 50,
-    T = 2, with the CSR; bench/kernels_notes.md) the split was the faster at every N and B:
-    0.64 against 0.83 ms at N = 576 and 2.27 against 3.93 at 2304 (B = 128), 0.27 against
-    1.86 at N = 2304, B = 1 (`gpu7`); 0.71 against 0.89 and 2.43 against 3.67 at B = 128
-    (`gpu8`). Prefetching, meant to take one of a chunk's two memory latencies (its
-    sources' loads, then the gathers they address) off the walk, took 0.96 to 1.02 times
-    the time (`gpu8`). The blocks are these whatever the class count (fewer classes run as
+    capped at 128 registers, so that 16 warps still fit an SM). On H200s the split was the
+    faster at every N and B measured (0.58 to 0.80 times one walk's time at B = 128, 0.15
+    at N = 2304, B = 1), and prefetching, meant to take one of a chunk's two memory
+    latencies off the walk, took 0.96 to 1.02 times the time (bench/kernels_notes.md, "Kernel
+    3: the diffusion"). The blocks are these whatever the class count (fewer classes run as
     zero padding), so a class count not seen before compiles nothing new. BLOCK_E = 512 and
     G = 16 in every candidate: the order of the sums depends on BLOCK_E and G only, so the
     autotuned choice never changes the result. None spills in the sm_90a builds
