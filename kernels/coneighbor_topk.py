@@ -826,9 +826,13 @@ def _topk(
     default, candidates = topk_configs(kp, aligned, hopper)
     cap = max(1, min(b, ROOT_CHUNK // (n * n)))
     # sqrt(A) and the rows' exponents of a chunk; a second pair where each launch takes the
-    # next chunk's pass (``root_ahead``), the two in turn.
+    # next chunk's pass (``root_ahead``, more than one chunk), the two in turn.
     roots = [torch.empty(cap, n, n, dtype=torch.float16, device=A.device)]
     exponents = [torch.empty(cap, n, dtype=torch.int32, device=A.device)]
+
+    def second_buffer() -> None:
+        roots.append(torch.empty_like(roots[0]))
+        exponents.append(torch.empty_like(exponents[0]))
 
     def programs(cfg: Config) -> int:
         """Top-k programs per image: its row blocks, times the parts of each."""
@@ -880,10 +884,20 @@ def _topk(
             )  # fmt: skip
         return kernel
 
-    def run(cfg: Config, lo: int = 0, hi: int = cap) -> None:
-        """Images [lo, hi) as the autotuner times a config: their pass, then the launch."""
-        take_root(A[lo:hi], roots[0][: hi - lo], exponents[0][: hi - lo])
-        topk_launch(cfg, lo, hi, warmup=False)
+    def run(cfg: Config) -> None:
+        """Images [0, cap) as a launch of the chunk loop takes them under ``cfg``, for the
+        autotuner to time: their pass, then the launch; with ``root_ahead`` in a batch of
+        more than one chunk, as every launch but the last runs, one launch that also takes
+        a next chunk's pass (here of the same images, into the second buffer) and no pass
+        before it (the first buffer's is made once, the first time)."""
+        if not (cfg.root_ahead and b > cap):
+            take_root(A[:cap], roots[0], exponents[0])
+            topk_launch(cfg, 0, cap, warmup=False)
+            return
+        if len(roots) == 1:
+            second_buffer()
+            take_root(A[:cap], roots[0], exponents[0])
+        topk_launch(cfg, 0, cap, warmup=False, ahead=(0, cap))
 
     with on_device(A.device):
         key = ("topk", n_bucket(n), aligned, kp, next_pow2(cap), A.dtype, refine)
@@ -897,11 +911,11 @@ def _topk(
             slots = _RESIDENT[built] * launch.device_properties(A.device).multi_processor_count
             chunk = images_per_launch(b, cap, programs(cfg), slots)
         bounds = [(lo, min(b, lo + chunk)) for lo in range(0, b, chunk)]
-        if cfg.root_ahead and len(bounds) > 1:  # each launch fills the other buffer
-            roots.append(torch.empty_like(roots[0]))
-            exponents.append(torch.empty_like(exponents[0]))
+        buffers = 2 if cfg.root_ahead and len(bounds) > 1 else 1  # a launch fills the other
+        if len(roots) < buffers:
+            second_buffer()
         for i, (lo, hi) in enumerate(bounds):
-            slot = i % len(roots)
+            slot = i % buffers
             if i == 0 or not cfg.root_ahead:  # else the launch before took this pass
                 take_root(A[lo:hi], roots[slot][: hi - lo], exponents[slot][: hi - lo])
             ahead = bounds[i + 1] if cfg.root_ahead and i + 1 < len(bounds) else None

@@ -362,6 +362,57 @@ def test_root_ahead_launches_read_the_pass_made_for_them(gen, monkeypatch, dtype
     check_refinement(A, 6, w, idx)
 
 
+@pytest.mark.skipif(
+    not launch.gluon_builds(launch.triton_version()),
+    reason="needs a Triton whose Gluon builds the warp-specialized kernel (3.6 to 3.8)",
+)
+@pytest.mark.parametrize("chosen", ["root_ahead", "default"])
+def test_autotuning_times_root_ahead_as_the_chunk_loop_runs_it(gen, monkeypatch, chosen):
+    """The autotuner's run of a ``root_ahead`` config in a batch of several chunks is one
+    launch that takes a next chunk's pass and none before it, its own R made once, the first
+    time. With the stand-in of the test above (one part, so that a launch writes the output
+    itself), which records what each launch wrote: every launch, timed or not, under the
+    config chosen after the timings or not, wrote the refinement of its own images."""
+    from adcam_fast.kernels import coneighbor_topk_ws
+
+    launches = []  # (first image, took the next pass, weights, indices)
+
+    def stand_in(cfg, grid, r, exp, a, w, idx, keys, k, eps, constants, warmup, ahead=None):
+        if ahead is not None:
+            coneighbor_topk.take_root(*ahead)
+        n = r.shape[-1]
+        buf = torch.empty(1, dtype=torch.int32, device=r.device)
+        args = (r, None, None, a, exp, buf, w, idx, keys, n, n.bit_length(), k, eps)
+        coneighbor_topk.coneighbor_topk_kernel[grid](*args, **constants)
+        first = (a.data_ptr() - A.data_ptr()) // (a[0].numel() * a.element_size())
+        launches.append((first, ahead is not None, w.clone(), idx.clone()))
+
+    (A,) = to_device(random_attention(5, 48, 48, generator=gen))
+    A[3] *= 1e-6
+    monkeypatch.setattr(launch, "can_warp_specialize", lambda device: True)
+    monkeypatch.setattr(coneighbor_topk_ws, "launch", stand_in)
+    monkeypatch.setattr(coneighbor_topk, "ROOT_CHUNK", 2 * 48 * 48 + 1)  # 2 images a chunk
+    one_part = dataclasses.replace(coneighbor_topk.WS_CANDIDATE, parts=1)
+    ahead = dataclasses.replace(one_part, root_ahead=True)
+    w_ref, idx_ref = coneighbor_topk.refine_sparse(A, 6, reference.EPS, config=one_part)
+    launches.clear()
+
+    def timed(key, default, candidates, run, device):
+        for cfg in (ahead, default, ahead):  # root_ahead first: no pass made before it
+            run(cfg)
+        return ahead if chosen == "root_ahead" else default
+
+    monkeypatch.setattr(coneighbor_topk, "choose_config", timed)
+    w, idx = coneighbor_topk.refine_sparse(A, 6, reference.EPS)
+    assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref)
+    tuned = [(first, next_pass) for first, next_pass, _, _ in launches]
+    loop = [(0, True), (2, True), (4, False)] if chosen == "root_ahead" else []
+    assert tuned == [(0, True), (0, True), *loop]
+    for first, _, w_launch, idx_launch in launches:
+        images = slice(first, first + w_launch.shape[0])
+        assert torch.equal(idx_launch, idx_ref[images]) and torch.equal(w_launch, w_ref[images])
+
+
 def test_images_per_launch_fills_whole_waves():
     """Chunks of images whose programs fill their waves: at N = 2304 with 64-row programs
     (36 an image) on 264 slots (an H200 at two programs per SM), 7 images a launch take 19
