@@ -208,6 +208,10 @@ def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr, ROW_WARPS: tl.conste
     for level in tl.static_range(LOG_W - LOG_K):
         half = tl.reshape(x, (M, (1 << (LOG_W - level - 1)) // K, 2, K))
         x = tl.reshape(tl.max(half, axis=2), (M, 1 << (LOG_W - level - 1)))
+        if LOG_K > 0:  # the same values in the layout a reshape gives, as `_partner`'s are:
+            # Gluon 3.9 takes the max's (a slice of a 4D layout) for another and will not
+            # compare the two (no change to the Triton builds of 3.6 and 3.8)
+            x = tl.reshape(tl.reshape(x, (M, x.shape[1] // 2, 2)), (M, x.shape[1]))
         x = _bitonic_merge(x, LOG_K, K, True)
     return x
 

@@ -93,7 +93,7 @@ def _layout_optional(name: str) -> None:
     """Makes the layout, the last argument of ``GluonSemantic.<name>``, optional (AutoLayout
     when left out, as `gl.arange` and `gl.full` have it) where it is not: `tl.arange` and
     `tl.full`, in the @triton.jit functions that both kernels call, pass none (Triton 3.6
-    and 3.8). A Triton whose method has the default is left as it is."""
+    to 3.9). A Triton whose method has the default is left as it is."""
     method = getattr(GluonSemantic, name)
     params = list(inspect.signature(method).parameters.values())
     if params[-1].name != "layout" or params[-1].default is not inspect.Parameter.empty:
@@ -109,6 +109,10 @@ def _layout_optional(name: str) -> None:
 
 _layout_optional("arange")
 _layout_optional("full")
+
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+"""The copy engine's load into shared memory: ``async_load`` from Triton 3.8 on, which 3.9
+requires, ``async_copy_global_to_shared`` before."""
 
 
 @gluon.jit
@@ -126,10 +130,8 @@ def _copy_partition(RM, RN, r_bufs, c_bufs, ready, free, pid_b, row0, lo, first,
             mbarrier.wait(free.index(stage), ((i // STAGES) & 1) ^ 1)
             bar = ready.index(stage)
             mbarrier.expect(bar, RM.block_type.nbytes + RN.block_type.nbytes)
-            tma.async_copy_global_to_shared(RM, [pid_b * N + row0, kk * BLOCK_K], bar,
-                                            r_bufs.index(stage))  # fmt: skip
-            tma.async_copy_global_to_shared(RN, [pid_b * N + col0, kk * BLOCK_K], bar,
-                                            c_bufs.index(stage))  # fmt: skip
+            _tma_load(RM, [pid_b * N + row0, kk * BLOCK_K], bar, r_bufs.index(stage))
+            _tma_load(RN, [pid_b * N + col0, kk * BLOCK_K], bar, c_bufs.index(stage))
 
 
 @gluon.jit
@@ -177,8 +179,7 @@ def _root_partition(AN, R, EXP, a_bufs, a_ready, first_row, n_rows, N):
             bar = a_ready.index(i % 2)
             mbarrier.expect(bar, J * AN.block_type.nbytes)
             for j in gl.static_range(J):
-                tma.async_copy_global_to_shared(AN, [first_row + i, j * BOX], bar,
-                                                a_bufs.index(i % 2 * J + j))  # fmt: skip
+                _tma_load(AN, [first_row + i, j * BOX], bar, a_bufs.index(i % 2 * J + j))
         if i > 0:  # row i - 1, whose copies were issued a row ago
             row = first_row + i - 1
             slot = (i - 1) % 2 * J

@@ -39,12 +39,12 @@ TRITON_LEAST = (3, 4)
 and 3.6 under numpy < 2 (tests/test_kernels.py says why not earlier); the GPU tests ran with
 3.6."""
 
-GLUON_RELEASES = ((3, 6), (3, 8))
+GLUON_RELEASES = ((3, 6), (3, 9))
 """The first and last Triton release whose Gluon builds the warp-specialized kernel
 (`coneighbor_topk_ws`; bench/compile_check.py). Gluon is experimental and moves between
-releases: 3.4 has no ``warpgroup_mma``, 3.5's ``warp_specialize`` takes other arguments,
-and 3.9 infers other layouts for the `coneighbor_topk` functions that the kernel shares.
-Under any other release the autotuner keeps to the Triton kernels."""
+releases (3.4 has no ``warpgroup_mma``, 3.5's ``warp_specialize`` takes other arguments,
+3.9 renamed the copy engine's load), so under any other release the autotuner keeps to
+the Triton kernels."""
 
 
 @dataclass(frozen=True)
