@@ -326,18 +326,18 @@ def test_refine_in_chunks_of_images(gen, monkeypatch, dtype):
     check_refinement(A, 6, *chunked)
 
 
-@pytest.mark.skipif(
+GLUON_BUILDS = pytest.mark.skipif(
     not launch.gluon_builds(launch.triton_version()),
     reason="needs a Triton whose Gluon builds the warp-specialized kernel (3.6 to 3.9)",
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_root_ahead_launches_read_the_pass_made_for_them(gen, monkeypatch, dtype):
-    """With ``root_ahead`` the first chunk's sqrt pass runs alone and each launch takes the
-    next chunk's, the two R buffers in turn. The Gluon launch builds for Hopper only, so a
-    stand-in does its work here with what runs anywhere: `take_root` on the next chunk, then
-    the Triton kernel with the same tiling on this chunk's R and exponents. Five images of
-    different scales in chunks of two: bitwise the output with the pass before each launch,
-    so every launch read the R made for its own images."""
+
+
+def stand_in_ws_launch(monkeypatch, A: torch.Tensor, launches: list | None = None) -> None:
+    """The warp-specialized kernel's launch, which builds for Hopper only, done here with
+    what runs anywhere: `take_root` on the next chunk, then the Triton kernel with the same
+    tiling on this chunk's R and exponents; with ``launches``, each launch's (first image of
+    A, whether it took the next chunk's pass, weights, indices) appended. A's images go in
+    chunks of two."""
     from adcam_fast.kernels import coneighbor_topk_ws
 
     def stand_in(cfg, grid, r, exp, a, w, idx, keys, k, eps, constants, warmup, ahead=None):
@@ -346,13 +346,28 @@ def test_root_ahead_launches_read_the_pass_made_for_them(gen, monkeypatch, dtype
         n = r.shape[-1]
         buf = torch.empty(1, dtype=torch.int32, device=r.device)
         args = (r, None, None, a, exp, buf, w, idx, keys, n, n.bit_length(), k, eps)
-        return coneighbor_topk.coneighbor_topk_kernel[grid](*args, **constants)
+        kernel = coneighbor_topk.coneighbor_topk_kernel[grid](*args, **constants)
+        if launches is not None:
+            first = (a.data_ptr() - A.data_ptr()) // (a[0].numel() * a.element_size())
+            launches.append((first, ahead is not None, w.clone(), idx.clone()))
+        return kernel
 
-    (A,) = to_device(random_attention(5, 48, 48, generator=gen, dtype=dtype))
-    A[3] *= 1e-6 if dtype == torch.float32 else 1e-3
+    n = A.shape[-1]
     monkeypatch.setattr(launch, "can_warp_specialize", lambda device: True)
     monkeypatch.setattr(coneighbor_topk_ws, "launch", stand_in)
-    monkeypatch.setattr(coneighbor_topk, "ROOT_CHUNK", 2 * 48 * 48 + 1)  # 2 images a chunk
+    monkeypatch.setattr(coneighbor_topk, "ROOT_CHUNK", 2 * n * n + 1)
+
+
+@GLUON_BUILDS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_root_ahead_launches_read_the_pass_made_for_them(gen, monkeypatch, dtype):
+    """With ``root_ahead`` the first chunk's sqrt pass runs alone and each launch takes the
+    next chunk's, the two R buffers in turn (`stand_in_ws_launch`). Five images of different
+    scales in chunks of two: bitwise the output with the pass before each launch, so every
+    launch read the R made for its own images."""
+    (A,) = to_device(random_attention(5, 48, 48, generator=gen, dtype=dtype))
+    A[3] *= 1e-6 if dtype == torch.float32 else 1e-3
+    stand_in_ws_launch(monkeypatch, A)
     before = coneighbor_topk.WS_CANDIDATE
     ahead = dataclasses.replace(before, root_ahead=True)
     (w, idx), (w_ref, idx_ref) = (
@@ -362,36 +377,18 @@ def test_root_ahead_launches_read_the_pass_made_for_them(gen, monkeypatch, dtype
     check_refinement(A, 6, w, idx)
 
 
-@pytest.mark.skipif(
-    not launch.gluon_builds(launch.triton_version()),
-    reason="needs a Triton whose Gluon builds the warp-specialized kernel (3.6 to 3.9)",
-)
+@GLUON_BUILDS
 @pytest.mark.parametrize("chosen", ["root_ahead", "default"])
 def test_autotuning_times_root_ahead_as_the_chunk_loop_runs_it(gen, monkeypatch, chosen):
     """The autotuner's run of a ``root_ahead`` config in a batch of several chunks is one
     launch that takes a next chunk's pass and none before it, its own R made once, the first
-    time. With the stand-in of the test above (one part, so that a launch writes the output
-    itself), which records what each launch wrote: every launch, timed or not, under the
-    config chosen after the timings or not, wrote the refinement of its own images."""
-    from adcam_fast.kernels import coneighbor_topk_ws
-
-    launches = []  # (first image, took the next pass, weights, indices)
-
-    def stand_in(cfg, grid, r, exp, a, w, idx, keys, k, eps, constants, warmup, ahead=None):
-        if ahead is not None:
-            coneighbor_topk.take_root(*ahead)
-        n = r.shape[-1]
-        buf = torch.empty(1, dtype=torch.int32, device=r.device)
-        args = (r, None, None, a, exp, buf, w, idx, keys, n, n.bit_length(), k, eps)
-        coneighbor_topk.coneighbor_topk_kernel[grid](*args, **constants)
-        first = (a.data_ptr() - A.data_ptr()) // (a[0].numel() * a.element_size())
-        launches.append((first, ahead is not None, w.clone(), idx.clone()))
-
+    time. With `stand_in_ws_launch` in one part (so that a launch writes the output itself)
+    recording what each launch wrote: every launch, timed or not, under the config chosen
+    after the timings or not, wrote the refinement of its own images."""
     (A,) = to_device(random_attention(5, 48, 48, generator=gen))
     A[3] *= 1e-6
-    monkeypatch.setattr(launch, "can_warp_specialize", lambda device: True)
-    monkeypatch.setattr(coneighbor_topk_ws, "launch", stand_in)
-    monkeypatch.setattr(coneighbor_topk, "ROOT_CHUNK", 2 * 48 * 48 + 1)  # 2 images a chunk
+    launches = []  # (first image, took the next pass, weights, indices)
+    stand_in_ws_launch(monkeypatch, A, launches)
     one_part = dataclasses.replace(coneighbor_topk.WS_CANDIDATE, parts=1)
     ahead = dataclasses.replace(one_part, root_ahead=True)
     w_ref, idx_ref = coneighbor_topk.refine_sparse(A, 6, reference.EPS, config=one_part)
