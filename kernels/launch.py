@@ -42,9 +42,10 @@ and 3.6 under numpy < 2 (tests/test_kernels.py says why not earlier); the GPU te
 GLUON_RELEASES = ((3, 6), (3, 9))
 """The first and last Triton release whose Gluon builds the warp-specialized kernel
 (`coneighbor_topk_ws`; bench/compile_check.py). Gluon is experimental and moves between
-releases (3.4 has no ``warpgroup_mma``, 3.5's ``warp_specialize`` takes other arguments,
-3.9 renamed the copy engine's load), so under any other release the autotuner keeps to
-the Triton kernels."""
+releases: 3.4 has no ``warpgroup_mma`` and 3.5's ``warp_specialize`` takes other
+arguments; 3.9 needed the copy engine's load by its new name and one more reshape in
+`coneighbor_topk._topk_desc`. Under any other release the autotuner keeps to the Triton
+kernels."""
 
 
 @dataclass(frozen=True)
