@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 import subprocess
@@ -58,6 +59,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
+@functools.cache
 def ptxas() -> str:
     """The ptxas that Triton assembles sm_90a code with: 3.9 takes its newer
     ``ptxas-blackwell`` for Hopper too (its PTX is too new for the other), and 3.4 and 3.5

@@ -95,6 +95,7 @@ def n_bucket(n: int) -> int:
     return max(64, next_pow2(n))
 
 
+@functools.cache
 def release(version: str) -> tuple[int, int]:
     """(major, minor) of a version string: "3.6.0" and "3.6.0+git1a2b3c" give (3, 6)."""
     found = re.match(r"(\d+)\.(\d+)", version)
@@ -103,8 +104,10 @@ def release(version: str) -> tuple[int, int]:
     return int(found[1]), int(found[2])
 
 
+@functools.cache
 def triton_version() -> str | None:
-    """The installed Triton's version, None if it cannot be imported."""
+    """The installed Triton's version, None if it cannot be imported (looked up once: every
+    call of the kernels asks)."""
     try:
         import triton
     except ImportError:

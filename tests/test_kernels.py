@@ -58,8 +58,8 @@ def _interpreter_problem() -> str | None:
     return None
 
 
-if DEVICE == "cpu" and _interpreter_problem() is not None:
-    pytest.skip(_interpreter_problem(), allow_module_level=True)
+if DEVICE == "cpu" and (why := _interpreter_problem()) is not None:
+    pytest.skip(why, allow_module_level=True)
 
 W_TOL = {"rtol": 1e-5, "atol": 1e-6}  # fp32 normalisation and diffusion sums
 
