@@ -1,18 +1,22 @@
-"""Compile the Triton kernels for Hopper (sm_90a) without a GPU and report their resources.
+"""Compile the Triton kernels for a GPU without one and report their resources.
 
 Each kernel configuration (and the warp-specialized Gluon kernel's candidate, through
 Gluon's source, with the Triton releases whose Gluon builds it: ``launch.GLUON_RELEASES``)
-is compiled by ``triton.compile`` for a CUDA target, and the PTX is assembled by the
-``ptxas`` that ships with Triton and that Triton takes for sm_90a: registers, spill stores,
-shared memory, whether the S tile uses wgmma or mma, how operands arrive (the copy engine,
-TMA; ``cp.async``; or plain loads), and the number of SASS instructions (nvdisasm, also
-shipped with Triton), a static size of the code. This is the evidence a CPU-only machine
-can give that the kernels build for the GPU (the interpreter tests run them, but never
-compile them). It also checks that the diffusion's launches specialize alike whatever the
-class count (`class_count_variants`), so that a batch of new class counts compiles nothing.
+is compiled by ``triton.compile`` for a CUDA target (Hopper, sm_90a, unless ``--arch``
+says another), and the PTX is assembled by the ``ptxas`` that ships with Triton and that
+Triton takes for the target: registers, spill stores, shared memory (a build that takes
+more than a program of the target may fails), which MMA the S tile uses (wgmma, tcgen05 or
+mma.sync), how operands arrive (the copy engine, TMA; ``cp.async``; or plain loads), and
+the number of SASS instructions (nvdisasm, also shipped with Triton), a static size of the
+code. This is the evidence a CPU-only machine can give that the kernels build for the GPU
+(the interpreter tests run them, but never compile them). It also checks that the
+diffusion's launches specialize alike whatever the class count (`class_count_variants`),
+so that a batch of new class counts compiles nothing.
 
     python bench/compile_check.py            # every default and autotune candidate (minutes)
     python bench/compile_check.py --quick    # the default configurations (seconds)
+    python bench/compile_check.py --arch 80  # for an A100 (the configs that launch.warp_mma
+                                             # picks there), 86 and 89 (Ampere, Ada), 100, 120
 
 Must run without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled). Prints one
 line per configuration and check, and exits non-zero if any fails.
@@ -55,30 +59,40 @@ from adcam_fast.kernels.coneighbor_topk import (
 from adcam_fast.kernels.diffusion import diffusion_configs, diffusion_constants, diffusion_kernel
 from adcam_fast.kernels.launch import Config
 
-HOPPER = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
+                120: 101376}  # fmt: skip
+"""The most shared memory one program may take, by compute capability (×10): 163, 99 or
+227 KiB (CUDA C++ Programming Guide, technical specifications per compute capability)."""
+
+
+def gpu_name(arch: int) -> str:
+    """ptxas's name of the target: with the ``a`` suffix from 9.0 on, whose wgmma, setmaxnreg
+    and tcgen05 only the architecture-specific targets have."""
+    return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
 
 
 @functools.cache
-def ptxas() -> str:
-    """The ptxas that Triton assembles sm_90a code with: 3.9 takes its newer
+def ptxas(arch: int) -> str:
+    """The ptxas that Triton assembles code for ``arch`` with: 3.9 takes its newer
     ``ptxas-blackwell`` for Hopper too (its PTX is too new for the other), and 3.4 and 3.5
     choose without the architecture."""
     from triton.backends.nvidia import compiler
 
     try:
-        return compiler.get_ptxas(HOPPER.arch).path
+        return compiler.get_ptxas(arch).path
     except TypeError:
         return compiler.get_ptxas().path
 
 
-def resources(ptx: str) -> dict[str, int]:
-    """Registers and spill-store bytes per thread, as ptxas reports them for sm_90a."""
+def resources(ptx: str, arch: int) -> dict[str, int]:
+    """Registers and spill-store bytes per thread, as ptxas reports them for ``arch``."""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
         out = subprocess.run(
-            [ptxas(), "--gpu-name", "sm_90a", "-v", f.name, "-o", os.devnull],
+            [ptxas(arch), "--gpu-name", gpu_name(arch), "-v", f.name, "-o", os.devnull],
             capture_output=True, text=True, check=True,
         ).stderr  # fmt: skip
     regs = re.search(r"Used (\d+) registers", out)
@@ -109,6 +123,7 @@ assume the same (``span``, the diffusion's edges per program, is a multiple of i
 
 
 def compile_one(
+    arch: int,
     label: str,
     fn,
     sig: dict,
@@ -117,9 +132,10 @@ def compile_one(
     options: dict | None = None,
     source: type = ASTSource,
 ) -> bool:
-    """Builds ``fn`` for sm_90a from its ``source`` (a Gluon kernel's is Gluon's) with
+    """Builds ``fn`` for ``arch`` from its ``source`` (a Gluon kernel's is Gluon's) with
     ``options`` (None: ``cfg.launch_options()``; a Gluon kernel needs its own) and prints
-    its resources; False if the build fails."""
+    its resources; False if the build fails or takes more shared memory than a program of
+    ``arch`` may."""
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, (name, kind) in enumerate(sig.items())
@@ -128,22 +144,24 @@ def compile_one(
     try:
         kernel = triton.compile(
             source(fn, sig, constants, attrs),
-            target=HOPPER,
+            target=GPUTarget("cuda", arch, 32),
             options=options or cfg.launch_options(),
         )
     except Exception as e:  # report every failure, then go on with the next configuration
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[:500]}")
         return False
     ptx = kernel.asm["ptx"]
-    r = resources(ptx)
-    mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
+    r = resources(ptx, arch)
+    mma = next((m for m in ("wgmma", "tcgen05", "mma.sync") if m in ptx), "none")
     copy = "tma" if "cp.async.bulk.tensor" in ptx else "cp.async" if "cp.async" in ptx else "ld"
+    fits = kernel.metadata.shared <= SHARED_LIMIT[arch]
     print(
-        f"OK   {label}: warps={cfg.num_warps} stages={cfg.num_stages} "
+        f"{'OK  ' if fits else 'FAIL'} {label}: warps={cfg.num_warps} stages={cfg.num_stages} "
         f"shared={kernel.metadata.shared} registers={r['registers']} spill={r['spill']} mma={mma} "
         f"loads={copy} sass={sass_instructions(kernel.asm['cubin'])}"
+        + ("" if fits else f" (over the {SHARED_LIMIT[arch]} bytes of shared memory)")
     )
-    return True
+    return fits
 
 
 def signature(fn, **types: str) -> dict[str, str]:
@@ -156,21 +174,22 @@ def signature(fn, **types: str) -> dict[str, str]:
 
 
 def _unique(default: Config, candidates: Sequence[Config]) -> list[Config]:
-    return [default, *(c for c in candidates if c != default)]
+    return list(dict.fromkeys([default, *candidates]))
 
 
-def topk_jobs(quick: bool):
+def topk_jobs(quick: bool, warp_mma: bool):
     """The top-k kernel's builds: every default and candidate, or (``quick``) the defaults at
     kp = 64 for fp16 and fp32 attention and at kp = 1 and 128 for fp32 (the network's other
-    shapes: one entry kept, and a row's columns split over warps)."""
+    shapes: one entry kept, and a row's columns split over warps); those of a GPU whose
+    ``tl.dot`` is ``mma.sync`` (``warp_mma``) or of one whose is not."""
     dtypes = ["fp16", "fp32"]
     if not quick:
         dtypes.append("bf16")
     for name in dtypes:
         kps = ((1, 64, 128) if name == "fp32" else (64,)) if quick else (1, 64, 128, 256, 1024)
         for kp in kps:
-            default, candidates = topk_configs(kp)
-            aligned_default, aligned = topk_configs(kp, aligned=True)
+            default, candidates = topk_configs(kp, warp_mma=warp_mma)
+            aligned_default, aligned = topk_configs(kp, aligned=True, warp_mma=warp_mma)
             defaults = _unique(default, [aligned_default])  # N not divisible by 8, and N that is
             for cfg in defaults if quick else _unique(default, candidates + aligned):
                 # The refinement epilogue; and for the defaults, TOP(S, k) alone (full sweep).
@@ -222,9 +241,10 @@ def ws_jobs():
         yield f"topk-ws fp32 kp=64 {cfg}", kernel, sig, constants, cfg, options, GluonASTSource
 
 
-def merge_parts_jobs():
+def merge_parts_jobs(warp_mma: bool):
     """`merge_parts_kernel` for the parts of the kp <= 64 candidates (fp32 attention)."""
-    for parts in sorted({c.parts for c in topk_configs(64, aligned=True)[1] if c.parts > 1}):
+    candidates = topk_configs(64, aligned=True, warp_mma=warp_mma)[1]
+    for parts in sorted({c.parts for c in candidates if c.parts > 1}):
         sig = signature(
             merge_parts_kernel, KEYS="*i32", A="*fp32", EXP="*i32", W="*fp32", IDX="*i32",
             N="i32", C="i32", K_KEEP="i32", eps="fp32",
@@ -264,15 +284,16 @@ def csr_jobs():
     yield "csr arrays", csr.edge_arrays_kernel, arrays, dict(BLOCK=csr.BLOCK), Config()
 
 
-def class_count_variants(batch: int = 32, n: int = 576, k: int = 50) -> tuple[int, int]:
+def class_count_variants(arch: int, batch: int = 32, n: int = 576, k: int = 50) -> tuple[int, int]:
     """Launch specializations of `diffusion_kernel` under its default config, over class
     counts K = 1..64 and for K = 20 alone (B = 32, N = 576, k = 50, T = 2, an H200's 132
-    SMs), as `diffuse_sparse` launches it and Triton's launcher forms them for sm_90a:
+    SMs), as `diffuse_sparse` launches it and Triton's launcher forms them for ``arch``:
     integer arguments equal to 1 or divisible by 16 are specialized, and each distinct
     specialization is a compile at run time. A batch's class count depends on its images,
     so it must add none: the two counts must be equal."""
     kernel = diffusion_kernel
-    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(HOPPER))
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     f32, i32 = torch.empty(16, dtype=torch.float32), torch.empty(16, dtype=torch.int32)
     cfg = diffusion_configs(20, torch.device("cuda"))[0]
     constants = diffusion_constants(cfg)
@@ -295,20 +316,27 @@ def class_count_variants(batch: int = 32, n: int = 576, k: int = 50) -> tuple[in
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="default configurations only")
+    p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT),
+                   help="compute capability ×10 of the target (default 90: sm_90a)")  # fmt: skip
     args = p.parse_args()
-    gluon = launch.gluon_builds(triton.__version__)
-    jobs = [*root_jobs(), *topk_jobs(args.quick), *(ws_jobs() if gluon else []),
-            *merge_parts_jobs(), *csr_jobs(), *diffusion_jobs(args.quick)]  # fmt: skip
-    if not gluon:
+    arch = args.arch
+    warp_mma = arch // 10 in (8, 12)  # as launch.warp_mma says of such a GPU
+    gluon = launch.gluon_builds(triton.__version__) and arch == 90
+    jobs = [*root_jobs(), *topk_jobs(args.quick, warp_mma), *(ws_jobs() if gluon else []),
+            *merge_parts_jobs(warp_mma), *csr_jobs(), *diffusion_jobs(args.quick)]  # fmt: skip
+    if arch != 90:
+        print("SKIP topk-ws: the warp-specialized kernel is built for sm_90a only")
+    elif not gluon:
         first, last = (".".join(map(str, r)) for r in launch.GLUON_RELEASES)
         print(f"SKIP topk-ws: Gluon builds it with Triton {first} to {last}, "
               f"not {triton.__version__}")  # fmt: skip
-    ok = [compile_one(*job) for job in jobs]
-    variants, one_count = class_count_variants()
+    ok = [compile_one(arch, *job) for job in jobs]
+    variants, one_count = class_count_variants(arch)
     ok.append(variants == one_count)
     print(f"{'OK  ' if ok[-1] else 'FAIL'} diffusion: {variants} launch specialization(s) "
           f"over class counts 1..64, {one_count} for one")  # fmt: skip
-    print(f"{sum(ok)} of {len(ok)} checks passed for sm_90a (triton {triton.__version__})")
+    print(f"{sum(ok)} of {len(ok)} checks passed for {gpu_name(arch)} "
+          f"(triton {triton.__version__})")  # fmt: skip
     return 0 if all(ok) else 1
 
 

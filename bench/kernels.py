@@ -320,10 +320,11 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     # the configs asked for (--topk-config; those with tma where N allows it, with ws on
     # Hopper).
     hopper = launch.can_warp_specialize(As[0].device)
+    warp_mma = launch.warp_mma(As[0].device)
     candidates = {
         topk_label(c): c
         for aligned in ((False, True) if coneighbor_topk.tma_fits(n) else (False,))
-        for c in topk_configs(next_pow2(k), aligned, hopper)[1]
+        for c in topk_configs(next_pow2(k), aligned, hopper, warp_mma)[1]
     }
     for c in args.topk_config:
         if (coneighbor_topk.tma_fits(n) or not c.tma) and (hopper or not c.ws):

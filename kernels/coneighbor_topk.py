@@ -583,11 +583,12 @@ def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl
 
 @functools.cache
 def topk_configs(
-    kp: int, aligned: bool = False, hopper: bool = False
+    kp: int, aligned: bool = False, hopper: bool = False, warp_mma: bool = False
 ) -> tuple[Config, tuple[Config, ...]]:
     """Default and candidate configs for a running top-``kp`` at a size N that the copy
     engine can read (``aligned``, see `tma_fits`) or not, on a Hopper GPU (``hopper``: the
-    warp-specialized kernel's `WS_CANDIDATE` joins them) or not.
+    warp-specialized kernel's `WS_CANDIDATE` joins them) or not, on a GPU whose ``tl.dot``
+    is a warp's ``mma.sync`` (``warp_mma``, `launch.warp_mma`: Ampere, Ada, 12.x) or not.
 
     ``slots`` (kernel argument ``LOG_CB``) chooses the merge schedule: 0 merges every tile
     that holds a candidate (needs ``block_n >= kp``); otherwise candidates are parked in that
@@ -604,6 +605,13 @@ def topk_configs(
     loads: three stages (the default), four, narrow = 16, and 128×128 narrow = 16. Each was
     the fastest somewhere on an H200 (B = 1, 32, 128; N = 576 to 2304), and none of the
     configs dropped was in the last run that timed it (bench/kernels_notes.md, v3 to v29).
+    With ``warp_mma``, those 64×128 tiles on 4 warps spill (sm_80: 400 bytes a thread by
+    pointer loads; TMA there is Triton's fallback to plain loads, not pipelined, and 968),
+    so for kp <= 64 the default is the same tile on 8 warps, beside it four stages, narrow =
+    16, and the tiles 64×64 and 32×128 on 4 warps (two programs per SM), all by pointer
+    loads: at kp = 64 none spills for sm_80, 86, 89 or 120 (bench/compile_check.py --arch,
+    fp32 and bf16; at kp = 1 the 64×64 tile keeps 4 bytes on the stack for some; 64×256 on
+    8 warps spills for sm_120). None has been timed on such a GPU yet.
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
@@ -615,6 +623,15 @@ def topk_configs(
     bitwise reproducibility across processes.) For given S, every schedule keeps the same
     columns.
     """
+    if kp <= 64 and warp_mma:
+        default = Config(64, 128, 64, num_warps=8, num_stages=3)
+        return default, (
+            default,
+            Config(64, 128, 64, num_warps=8, num_stages=4),
+            Config(64, 128, 64, num_warps=8, num_stages=3, narrow=16),
+            Config(64, 64, 64, num_warps=4, num_stages=3),
+            Config(32, 128, 64, num_warps=4, num_stages=3),
+        )
     if kp <= 64 and aligned:
         default = Config(64, 128, 64, num_warps=4, num_stages=4, tma=True, flat=True)
         return default, (
@@ -827,7 +844,7 @@ def _topk(
                 f"{A.dtype} attention (two rows of A beside the tiles), more than a program's "
                 f"{coneighbor_topk_ws.SHARED_BYTES}"
             )
-    default, candidates = topk_configs(kp, aligned, hopper)
+    default, candidates = topk_configs(kp, aligned, hopper, launch.warp_mma(A.device))
     cap = max(1, min(b, ROOT_CHUNK // (n * n)))
     # sqrt(A) and the rows' exponents of a chunk; a second pair where each launch takes the
     # next chunk's pass (``root_ahead``, more than one chunk), the two in turn.

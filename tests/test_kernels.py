@@ -30,6 +30,7 @@ are compared with the reference elementwise; on every row the weights must be
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -300,8 +301,9 @@ def test_refine_tma_loads_agree(gen, n, block_k, dtype):
 
 @pytest.mark.parametrize("kp", [1, 64, 128, 1024])
 def test_topk_configs_take_the_copy_engine_where_it_fits(kp):
-    """At N divisible by 8 the kp <= 64 default and candidates read R by TMA; elsewhere, and
-    for larger kp, none does; the default is always a candidate, and every one is a config
+    """At N divisible by 8 the kp <= 64 default and candidates read R by TMA; elsewhere, for
+    larger kp, and on a GPU whose dot is a warp's mma.sync (Ampere, Ada: no copy engine on
+    the first two), none does; the default is always a candidate, and every one is a config
     the kernel can run. On Hopper the warp-specialized candidate joins the TMA ones, and
     only there."""
     for aligned in (False, True):
@@ -312,6 +314,20 @@ def test_topk_configs_take_the_copy_engine_where_it_fits(kp):
             assert {c.ws for c in candidates} == {False} | {aligned and kp <= 64 and hopper}
             for cfg in candidates:
                 coneighbor_topk.check_config(cfg, kp)  # raises for one the kernel cannot run
+        default, candidates = coneighbor_topk.topk_configs(kp, aligned, warp_mma=True)
+        assert default in candidates
+        assert not any(c.tma or c.ws for c in candidates)
+        for cfg in candidates:
+            coneighbor_topk.check_config(cfg, kp)
+
+
+def test_warp_mma_is_read_from_the_compute_capability(monkeypatch):
+    """The tiles for a warp's mma.sync go to compute capability 8.x and 12.x only."""
+    major = {}
+    monkeypatch.setattr(launch, "device_properties", lambda device: SimpleNamespace(major=major[0]))
+    for major[0], expected in ((8, True), (9, False), (10, False), (12, True)):
+        assert launch.warp_mma(torch.device("cuda", 0)) is expected, major
+    assert not launch.warp_mma(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -917,6 +933,19 @@ def test_gpu_tma_candidates_agree(n):
         w, idx = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=cfg)
         w_ref, idx_ref = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=loads)
         assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref), cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [576, 1000])
+def test_gpu_warp_mma_candidates(n):
+    """The tiles for a warp's mma.sync (`launch.warp_mma`: Ampere, Ada; they build on any
+    GPU) pass the refinement check, at a size the copy engine could read and one it could
+    not (N = 1000: the last K slice holds 40 of its 64 columns)."""
+    gen = torch.Generator().manual_seed(n + 3)
+    A = random_attention(4, n, n, generator=gen, dtype=torch.float32).cuda()
+    for cfg in coneighbor_topk.topk_configs(64, warp_mma=True)[1]:
+        w, idx = coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=cfg)
+        assert check_refinement(A, 50, w, idx) > 0, cfg
 
 
 WS_CONFIGS = [

@@ -1,10 +1,11 @@
-"""The kernels compile for Hopper (sm_90a) with this Triton, no GPU needed.
+"""The kernels compile for Hopper (sm_90a) and for the A100 (sm_80) with this Triton, no GPU
+needed.
 
 The interpreter tests run the kernels but never compile them; this builds the default
 configurations (and the Gluon kernel's candidate, where this Triton's Gluon builds it)
 through ``triton.compile`` and Triton's bundled ptxas (bench/compile_check.py) and requires
 no register spills in them (but in the Gluon builds and one stack slot of the sqrt pass,
-see below).
+see below), and shared memory within what a program of the target may take.
 """
 
 from __future__ import annotations
@@ -30,14 +31,28 @@ def _ptxas() -> Path | None:
     return path if path.exists() else None
 
 
-@pytest.mark.skipif(_ptxas() is None, reason="Triton's bundled ptxas (NVIDIA backend) is missing")
-def test_default_configurations_compile_for_sm90_without_spills():
+NO_PTXAS = pytest.mark.skipif(
+    _ptxas() is None, reason="Triton's bundled ptxas (NVIDIA backend) is missing"
+)
+
+
+def _compile_check(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick"], env=env, capture_output=True, text=True,
-        timeout=300,
+        [sys.executable, str(SCRIPT), "--quick", *args], env=env, capture_output=True,
+        text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+def _spill(line: str) -> int:
+    return int(re.search(r"spill=(\d+)", line)[1])
+
+
+@NO_PTXAS
+def test_default_configurations_compile_for_sm90_without_spills():
+    run = _compile_check()
     import triton
 
     from adcam_fast.kernels import launch
@@ -62,7 +77,7 @@ def test_default_configurations_compile_for_sm90_without_spills():
     for line in lines:
         if line not in ws:
             stack = 4 if line.startswith("OK   root") and "rows=1" in line else 0
-            assert int(re.search(r"spill=(\d+)", line)[1]) <= stack, line
+            assert _spill(line) <= stack, line
     if gluon:  # the shared memory that the host checks a root_ahead config against (N = 2304,
         # fp32) covers the build's
         import torch
@@ -77,3 +92,21 @@ def test_default_configurations_compile_for_sm90_without_spills():
     # wgmma for every tile of 64 rows or more (kp = 128 keeps 32 rows on 8 warps: mma.sync)
     wide = [line for line in lines if line.startswith("OK   topk") and "kp=128" not in line]
     assert all("mma=wgmma" in line for line in wide), run.stdout
+
+
+@NO_PTXAS
+def test_default_configurations_compile_for_sm80_without_spills():
+    """On an A100 the top-k kernel takes the tiles for a warp's mma.sync
+    (`launch.warp_mma`), by pointer loads pipelined through cp.async: none spills (the
+    Hopper defaults' 64×128 tiles on 4 warps spill 400 bytes a thread there)."""
+    run = _compile_check("--arch", "80")
+    lines = [line for line in run.stdout.splitlines() if line.startswith("OK ")]
+    # root 4; top-k fp16 kp = 64, fp32 kp = 1, 64 and 128 (one default for any N); CSR 2;
+    # the diffusion and its class counts; no Gluon build and no parts to merge
+    assert len(lines) == 12, run.stdout
+    assert "SKIP topk-ws" in run.stdout and "for sm_80 " in run.stdout, run.stdout
+    topk = [line for line in lines if line.startswith("OK   topk")]
+    assert len(topk) == 4 and all("mma=mma.sync loads=cp.async" in t for t in topk), topk
+    for line in lines:
+        stack = 4 if line.startswith("OK   root") and "rows=1" in line else 0
+        assert line.endswith("for one") or _spill(line) <= stack, line
