@@ -607,11 +607,13 @@ def topk_configs(
     configs dropped was in the last run that timed it (bench/kernels_notes.md, v3 to v29).
     With ``warp_mma``, those 64×128 tiles on 4 warps spill (sm_80: 400 bytes a thread by
     pointer loads; TMA there is Triton's fallback to plain loads, not pipelined, and 968),
-    so for kp <= 64 the default is the same tile on 8 warps, beside it four stages, narrow =
-    16, and the tiles 64×64 and 32×128 on 4 warps (two programs per SM), all by pointer
-    loads: at kp = 64 none spills for sm_80, 86, 89 or 120 (bench/compile_check.py --arch,
-    fp32 and bf16; at kp = 1 the 64×64 tile keeps 4 bytes on the stack for some; 64×256 on
-    8 warps spills for sm_120). None has been timed on such a GPU yet.
+    so for kp <= 64 the default is 64×64 on 4 warps (two programs per SM), beside it 64×128
+    on 8 warps with three stages, four and narrow = 16, and 32×128 on 4 warps, all by
+    pointer loads. Every one of these sits near 255 registers; with Triton 3.8 none spills
+    at kp = 64 for sm_80, 86, 89 or 120 (bench/compile_check.py --arch, fp32 and bf16), and
+    the default's fp32 build spills for neither sm_80 nor sm_89 with 3.4, 3.6, 3.7 or 3.9
+    either, where the others keep 4 to 72 bytes on the stack in some builds (64×256 on 8
+    warps spills for sm_120). None has been timed on such a GPU yet.
     For larger kp the row block shrinks so that the (BLOCK_M, kp) running list and the
     merged block stay in registers, and beyond kp = 256 BLOCK_K shrinks so that the
     (kp, BLOCK_K) column slices fit in shared memory; bench/compile_check.py lists every
@@ -624,12 +626,12 @@ def topk_configs(
     columns.
     """
     if kp <= 64 and warp_mma:
-        default = Config(64, 128, 64, num_warps=8, num_stages=3)
+        default = Config(64, 64, 64, num_warps=4, num_stages=3)
         return default, (
             default,
+            Config(64, 128, 64, num_warps=8, num_stages=3),
             Config(64, 128, 64, num_warps=8, num_stages=4),
             Config(64, 128, 64, num_warps=8, num_stages=3, narrow=16),
-            Config(64, 64, 64, num_warps=4, num_stages=3),
             Config(32, 128, 64, num_warps=4, num_stages=3),
         )
     if kp <= 64 and aligned:

@@ -97,8 +97,9 @@ def test_default_configurations_compile_for_sm90_without_spills():
 @NO_PTXAS
 def test_default_configurations_compile_for_sm80_without_spills():
     """On an A100 the top-k kernel takes the tiles for a warp's mma.sync
-    (`launch.warp_mma`), by pointer loads pipelined through cp.async: none spills (the
-    Hopper defaults' 64×128 tiles on 4 warps spill 400 bytes a thread there)."""
+    (`launch.warp_mma`), by pointer loads pipelined through cp.async, without the spills of
+    the Hopper defaults there (64×128 tiles on 4 warps: 400 bytes a thread with Triton
+    3.8, 1200 with 3.6)."""
     run = _compile_check("--arch", "80")
     lines = [line for line in run.stdout.splitlines() if line.startswith("OK ")]
     # root 4; top-k fp16 kp = 64, fp32 kp = 1, 64 and 128 (one default for any N); CSR 2;
@@ -107,6 +108,9 @@ def test_default_configurations_compile_for_sm80_without_spills():
     assert "SKIP topk-ws" in run.stdout and "for sm_80 " in run.stdout, run.stdout
     topk = [line for line in lines if line.startswith("OK   topk")]
     assert len(topk) == 4 and all("mma=mma.sync loads=cp.async" in t for t in topk), topk
+    # As for sm_90a, the sqrt pass may keep 4 bytes on the stack; Triton 3.7 also keeps 8
+    # of the fp16 top-k build (3.4, 3.6, 3.8 and 3.9 none).
     for line in lines:
         stack = 4 if line.startswith("OK   root") and "rows=1" in line else 0
+        stack = 8 if line.startswith("OK   topk fp16") else stack
         assert line.endswith("for one") or _spill(line) <= stack, line
