@@ -47,13 +47,13 @@ below 2**-62, or from 2**66) go to the smaller column. That truncation, 2**-(24 
 relative (2**-11 at N = 4096), is below the error of S itself (2**-10, from fp16 R), and
 int32 keys take half the registers and instructions of exact int64 ones in the sorting
 network. Padding (rows or columns >= N) is -1. The running top ``KP = next_pow2(k)`` keys
-per row are kept sorted ascending; keys are merged in by the bitonic rule
+per row are kept sorted ascending; keys are merged in by the bitonic rule (`bitonic`)
 ``acc <- bitonic_merge(max(acc, topk(x, KP)))`` (an ascending and a descending sorted
 list, compared place by place, keep the KP largest of both as a bitonic list, which the
 merge sorts). Only keys above a row's current k-th best can enter. With ``LOG_CB = 0`` a
 tile holding any such key is merged whole; with ``NARROW > 0`` too, unless every row of
 the tile holds at most NARROW of them: then they are taken out one at a time, largest
-first, by row maxima (`_merge_largest`), which costs a few operations per key of the tile
+first, by row maxima (`merge_largest`), which costs a few operations per key of the tile
 and pass instead of a sorting network over it. Otherwise those candidates are parked,
 compacted by a prefix sum, in ``2**LOG_CB`` scratch slots per row (global memory that
 stays in L1/L2, ordered by CTA barriers), and merged before a tile that could overflow a
@@ -82,6 +82,7 @@ from triton.compiler import CompiledKernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from adcam_fast.kernels import launch
+from adcam_fast.kernels.bitonic import bitonic_merge, kth_key, merge_largest, merge_tile
 from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2, on_device
 
 MAX_TOPK = 1024
@@ -111,152 +112,10 @@ bench/kernels_notes.md)."""
 
 
 @triton.jit
-def _partner(x, DIST: tl.constexpr):
-    """x (M, W) with columns c and ``c ^ DIST`` swapped: each entry's partner read as ``pair
-    sum - self`` (a size-2 ``tl.sum``: in registers, or one lane exchange where the bit of
-    DIST selects lanes); int32 arithmetic wraps around, so this is exact for any keys."""
-    M: tl.constexpr = x.shape[0]
-    W: tl.constexpr = x.shape[1]
-    h = tl.reshape(x, (M, W // (2 * DIST), 2, DIST))
-    return tl.reshape(tl.sum(h, axis=2, keep_dims=True) - h, (M, W))
-
-
-@triton.jit
-def _in_order(x, y, DIST: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.constexpr):
-    """Each entry of x (M, W) put in order with its partner y: column c keeps the larger of
-    the two where ``(c & DIST != 0) != ((c & DIR_BIT != 0) != FLIP)``, the smaller elsewhere
-    (pairs ascending from left to right, descending where the DIR_BIT bit is flipped)."""
-    c = tl.arange(0, x.shape[1])
-    if DIR_BIT == 0:  # one direction (fewer operations for the interpreter)
-        swap_to_right = ((c & DIST) != 0) != FLIP
-    else:
-        swap_to_right = ((c & DIST) != 0) != (((c & DIR_BIT) != 0) != FLIP)
-    return tl.where((x > y) != swap_to_right[None, :], y, x)
-
-
-@triton.jit
-def _compare_swap(x, DIST: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.constexpr):
-    """One bitonic step on each row of x (M, W): columns c and c + DIST (c & DIST == 0) are
-    put in order, descending where ``(c & DIR_BIT != 0) != FLIP``, ascending elsewhere."""
-    return _in_order(x, _partner(x, DIST), DIST, DIR_BIT, FLIP)
-
-
-@triton.jit
-def _bitonic_merge(x, LOG_RUN: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.constexpr):
-    """Sort each bitonic run of ``2**LOG_RUN`` columns (direction as in `_compare_swap`)."""
-    for j in tl.static_range(LOG_RUN):
-        x = _compare_swap(x, 1 << (LOG_RUN - 1 - j), DIR_BIT, FLIP)
-    return x
-
-
-@triton.jit
-def _merge_halves(x, LOG_RUN: tl.constexpr, DIR_BIT: tl.constexpr, FLIP: tl.constexpr):
-    """Sort each run of ``R = 2**LOG_RUN`` columns whose two halves are sorted the same way
-    (direction as in `_compare_swap`). First place p of a run is put in order with place
-    ``R - 1 - p`` (its mirror image ``p ^ (R - 1)``: a `_partner` step per bit, each free
-    in registers and one lane exchange where the bit selects lanes); each half is then
-    bitonic, with all of one half on the right side of the other, and `_bitonic_merge`
-    sorts the halves."""
-    y = x
-    for i in tl.static_range(LOG_RUN):
-        y = _partner(y, 1 << i)
-    x = _in_order(x, y, 1 << (LOG_RUN - 1), DIR_BIT, FLIP)
-    return _bitonic_merge(x, LOG_RUN - 1, DIR_BIT, FLIP)
-
-
-@triton.jit
-def _topk_desc(x, LOG_K: tl.constexpr, LOG_W: tl.constexpr, ROW_WARPS: tl.constexpr):
-    """The ``2**LOG_K`` largest entries of each row of x (M, 2**LOG_W), sorted descending.
-
-    Bitonic top-k: sort runs of 2**LOG_K, descending and ascending in turn, then repeatedly
-    take the element-wise max of neighbouring runs (a descending and an ascending run keep
-    the larger half of both, as a bitonic run) and re-sort, halving the width to 2**LOG_K.
-    Two choices depend on how the tile's warps share it (``ROW_WARPS``: warps split the
-    rows, at least 16 rows a warp, as in the wgmma tiles of kp <= 64; else a row's columns,
-    as in the kp >= 128 tiles). Counts are sm_90a SASS instructions in the kernel (Triton
-    3.6, fp32). With ROW_WARPS, a run is sorted by merging its sorted halves
-    (`_merge_halves`), every merge ascending but the last, so that only one column bit
-    (2**LOG_K, between runs) sets a direction: where a direction bit selects lanes, each
-    compare-exchange is a compare and a select per entry instead of one min or max (64×128
-    tile on 4 warps: 4592 instead of 5048 with directions alternating at every size of run,
-    for 64 more lane shuffles). Without it, runs are sorted by bitonic merges whose
-    direction alternates with each size: there a mirror step would exchange entries across
-    warps once per warp bit, through shared memory (kp = 128 and 256: 26 and 28 % more
-    instructions).
-    With ROW_WARPS, the columns are also relabelled first (any order will do): in the wgmma
-    tiles, bits 1-2 of a column index select the lane within a quad, which made the
-    network's distance-2 and -4 stages, the most frequent, lane shuffles. Moved to just
-    below the top bit, they leave those stages to register pairs within a thread (64×128
-    tile: 391 lane shuffles and 4592 instructions, against 1159 and 5736 unmoved; at the
-    very top, 5368). Where warps split a row's columns it costs more than it saves at
-    kp = 128 (4128 instructions without it, 4632 with) and 256 (4856 and 5336), so there
-    it is left out; not at kp = 1024, where it stays: without it the default build takes
-    255 registers instead of 128 (for 24888 instructions instead of 28056 and 2412 bytes
-    of spills instead of 3172) and the parked one spills more (3180 bytes against 2924).
-    None of these was timed on a GPU.
-    """
-    K: tl.constexpr = 1 << LOG_K
-    M: tl.constexpr = x.shape[0]
-    W: tl.constexpr = 1 << LOG_W
-    if (ROW_WARPS or LOG_K >= 10) and W >= 16:  # bits 1-2 to just below the top: see above
-        x = tl.reshape(tl.permute(tl.reshape(x, (M, 2, W // 16, 4, 2)), (0, 1, 3, 2, 4)), (M, W))
-    for s in tl.static_range(1, LOG_K + 1):
-        if ROW_WARPS:
-            x = _merge_halves(x, s, K if s == LOG_K else 0, s == LOG_K)
-        else:
-            x = _bitonic_merge(x, s, 1 << s, True)
-    for level in tl.static_range(LOG_W - LOG_K):
-        half = tl.reshape(x, (M, (1 << (LOG_W - level - 1)) // K, 2, K))
-        x = tl.reshape(tl.max(half, axis=2), (M, 1 << (LOG_W - level - 1)))
-        if LOG_K > 0:  # the same values in the layout a reshape gives, as `_partner`'s are:
-            # Gluon 3.9 takes the max's (a slice of a 4D layout) for another and will not
-            # compare the two (no change to the Triton builds of 3.6 and 3.8)
-            x = tl.reshape(tl.reshape(x, (M, x.shape[1] // 2, 2)), (M, x.shape[1]))
-        x = _bitonic_merge(x, LOG_K, K, True)
-    return x
-
-
-@triton.jit
-def _merge(acc, x, LOG_KP: tl.constexpr, LOG_W: tl.constexpr, ROW_WARPS: tl.constexpr):
-    """The KP largest keys of ``acc ∪ x`` per row, sorted ascending (acc: (M, KP) ascending;
-    x: (M, 2**LOG_W), any order, W >= KP)."""
-    top = _topk_desc(x, LOG_KP, LOG_W, ROW_WARPS)
-    return _bitonic_merge(tl.maximum(acc, top), LOG_KP, 0, False)
-
-
-@triton.jit
-def _merge_largest(acc, x, count, LOG_KP: tl.constexpr):
-    """`_merge` of the ``count`` (<= KP) largest keys of each row of x (M, W): distinct keys
-    >= 0, -1 elsewhere. They are taken one at a time, largest first, as a descending list
-    met place by place with the ascending acc. A pass finds the largest key below the
-    last one taken, m, as ``m - 1 - min(m - 1 - x)`` with the differences read unsigned
-    (keys >= m wrap to the top): about two instructions per key of x, where `_merge` over
-    the same tile spends about 48 (sm_90a SASS of a 64×128 tile on 4 warps: 145 per pass
-    and 700 around the passes, against 3093 instructions per thread)."""
-    KP: tl.constexpr = 1 << LOG_KP
-    place = tl.arange(0, KP)
-    top = tl.full(acc.shape, -1, tl.int32)
-    m = tl.full((acc.shape[0],), 2**31 - 1, tl.int32)  # above every key
-    for p in range(count):
-        gap = tl.min((m[:, None] - 1 - x).to(tl.uint32, bitcast=True), axis=1)
-        gap = gap.to(tl.int32, bitcast=True)  # < 0: no key below m (the row is spent)
-        m = tl.where((m >= 0) & (gap >= 0), m - 1 - gap, -1)
-        top = tl.where(place[None, :] == p, m[:, None], top)
-    return _bitonic_merge(tl.maximum(acc, top), LOG_KP, 0, False)
-
-
-@triton.jit
-def _kth(acc, K_KEEP, KP: tl.constexpr):
-    """The K_KEEP-th largest key of each row of the ascending list acc (-1 while unfilled)."""
-    pick = tl.arange(0, KP) == KP - K_KEEP
-    return tl.max(tl.where(pick[None, :], acc, -1), axis=1)
-
-
-@triton.jit
 def _merge_parked(
     acc, buf, held, LOG_KP: tl.constexpr, LOG_CW: tl.constexpr, ROW_WARPS: tl.constexpr
 ):
-    """`_merge` of the keys each row has parked in its slots ``[0, held)`` of the scratch
+    """`merge_tile` of the keys each row has parked in its slots ``[0, held)`` of the scratch
     ``buf`` (a (M, 1) block of row pointers), ``2**LOG_CW`` slots at a time (the tile width
     or KP: the least registers, and no more sorting per key than a merged tile)."""
     CW: tl.constexpr = 1 << LOG_CW
@@ -264,7 +123,7 @@ def _merge_parked(
     tl.debug_barrier()  # every thread's parked keys are stored before any is read
     for h in range(0, tl.max(held), CW):
         x = tl.load(buf + h + slot[None, :], mask=(h + slot)[None, :] < held[:, None], other=-1)
-        acc = _merge(acc, x, LOG_KP, LOG_CW, ROW_WARPS)
+        acc = merge_tile(acc, x, LOG_KP, LOG_CW, ROW_WARPS)
     tl.debug_barrier()  # and read before the slots are reused
     return acc
 
@@ -318,18 +177,18 @@ def _keys(s, row_ok, cols, a_rows, EXP, N, C):
 def _fold(acc, kth, key, K_KEEP, LOG_KP: tl.constexpr, LOG_BN: tl.constexpr,
           NARROW: tl.constexpr, ROW_WARPS: tl.constexpr):  # fmt: skip
     """acc and its k-th key after a tile of keys (M, 2**LOG_BN) with ``LOG_CB = 0``: merged
-    whole if a row holds more than NARROW keys above its k-th, else by `_merge_largest`."""
+    whole if a row holds more than NARROW keys above its k-th, else by `merge_largest`."""
     KP: tl.constexpr = 1 << LOG_KP
     new = (key > kth[:, None]).to(tl.int32)  # could still enter the top k
     # The most candidates in one row (without NARROW, whether there are any).
     most = tl.max(tl.sum(new, axis=1)) if NARROW > 0 else tl.max(new)
     if most > NARROW:
-        acc = _merge(acc, key, LOG_KP, LOG_BN, ROW_WARPS)
-        kth = _kth(acc, K_KEEP, KP)
+        acc = merge_tile(acc, key, LOG_KP, LOG_BN, ROW_WARPS)
+        kth = kth_key(acc, K_KEEP, KP)
     elif NARROW > 0:
         if most > 0:
-            acc = _merge_largest(acc, tl.where(new > 0, key, -1), most, LOG_KP)
-            kth = _kth(acc, K_KEEP, KP)
+            acc = merge_largest(acc, tl.where(new > 0, key, -1), most, LOG_KP)
+            kth = kth_key(acc, K_KEEP, KP)
     return acc, kth
 
 
@@ -398,9 +257,9 @@ def coneighbor_topk_kernel(
     LOG_BN: tl.constexpr,  # BLOCK_N = 2**LOG_BN, >= KP when LOG_CB = 0
     BLOCK_K: tl.constexpr,
     LOG_CB: tl.constexpr,  # 0: merge tiles directly; else park candidates in 2**LOG_CB slots
-    NARROW: tl.constexpr,  # LOG_CB = 0: tiles with <= NARROW keys per row to `_merge_largest`
+    NARROW: tl.constexpr,  # LOG_CB = 0: tiles with <= NARROW keys per row to `merge_largest`
     REFINE: tl.constexpr,  # epilogue: the refinement (Eq. 7), or TOP(S, k) as (S, index)
-    ROW_WARPS: tl.constexpr,  # warps split the rows, not a row's columns (`_topk_desc`)
+    ROW_WARPS: tl.constexpr,  # warps split the rows, not a row's columns (`bitonic.topk_desc`)
     FLAT: tl.constexpr,  # one loop over (tile, K step) instead of a K loop per tile (LOG_CB 0)
     LOCKSTEP: tl.constexpr,  # column tiles in one order for all programs (`_column_tile`)
     PARTS: tl.constexpr,  # programs per row block, each over a share of the column tiles
@@ -451,7 +310,7 @@ def coneighbor_topk_kernel(
             if LOG_CB > 0:
                 if (tl.max(held) > (1 << LOG_CB) - BLOCK_N) | (t == n_tiles):
                     acc = _merge_parked(acc, buf, held, LOG_KP, LOG_CW, ROW_WARPS)
-                    kth = _kth(acc, K_KEEP, KP)
+                    kth = kth_key(acc, K_KEEP, KP)
                     held = tl.zeros((BLOCK_M,), tl.int32)
             if t < n_tiles:
                 col0 = (lo + _column_tile(t, first, n_tiles, LOCKSTEP)) * BLOCK_N
@@ -496,7 +355,7 @@ def merge_parts_kernel(
     """The top-KP keys of each row over its parts' lists (column sets that do not meet, so
     the list the whole row would have made: the same output), then the epilogue. Each next
     list is read in reverse, descending, so that ``max(acc, list)`` keeps the KP largest of
-    both as a bitonic run, which `_bitonic_merge` sorts."""
+    both as a bitonic run, which `bitonic_merge` sorts."""
     KP: tl.constexpr = 1 << LOG_KP
     pid_b = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -506,7 +365,7 @@ def merge_parts_kernel(
     acc = tl.load(lists + place, mask=row_ok, other=-1)
     for p in tl.static_range(1, PARTS):
         down = tl.load(lists + p * KP + KP - 1 - place, mask=row_ok, other=-1)
-        acc = _bitonic_merge(tl.maximum(acc, down), LOG_KP, 0, False)
+        acc = bitonic_merge(tl.maximum(acc, down), LOG_KP, 0, False)
     _epilogue(acc, rows, pid_b, A, EXP, W, IDX, N, C, K_KEEP, eps, REFINE)
 
 
@@ -595,7 +454,7 @@ def topk_configs(
     many slots per row (a multiple of the merge width ``max(block_n, kp)``, so that a tile
     fits after a merge), a candidate only for kp > 64. ``narrow`` (with slots 0; kp <= 64,
     whose builds do not spill with it) merges a tile whose rows each hold at most that many
-    candidates by `_merge_largest`, the rest whole.
+    candidates by `merge_largest`, the rest whole.
     For kp <= 64 the default S tile is 64×128 with BLOCK_K = 64 (one warpgroup issuing
     m64n128k16 wgmma). Where N is aligned, R's slices come by the copy engine (``tma``) and
     the default runs one loop over (tile, K step) (``flat``); the candidates beside it are

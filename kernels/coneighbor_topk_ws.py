@@ -11,8 +11,8 @@ joined by mbarriers in shared memory:
   (one k16 MMA at a time, in column order, as `coneighbor_topk_kernel` does), then the
   finished tile into one of ``S_BUFS`` fp32 tile buffers;
 - merge (the kernel's ``num_warps``): each tile's keys and its merge into the running top-k,
-  and the epilogue, with the functions of `coneighbor_topk` (the same keys, network and
-  epilogue, so for the same S the same output).
+  and the epilogue, with the functions of `coneighbor_topk` and `bitonic` (the same keys,
+  network and epilogue, so for the same S the same output).
 
 The merge of one tile thus runs while the MMA warpgroup computes the next: the overlap that
 one program per SM at 128×256 cannot get from Triton's software pipeline (its merges stop
@@ -21,7 +21,7 @@ the tensor cores; bench/kernels_notes.md, "Where the goals stand").
 The merge warps read each tile from its shared-memory buffer in a layout of their own
 choosing. By default it is the MMA warpgroup's (wgmma's accumulator: a row on the four lanes
 of a quad, two rows a thread), where two bits of a column index select lanes: after the
-network's relabelling (`coneighbor_topk._topk_desc`), bits 4 and 5, which a merge
+network's relabelling (`bitonic.topk_desc`), bits 4 and 5, which a merge
 exchanges across lanes eight times. With ``LANE_PAIRS`` (`Config.lane_pairs`) a
 row lies on two lanes, 16 rows a warp and 64 columns a thread, read four adjacent columns at
 a time (16 bytes; a quarter-warp's eight lanes on eight rows, whose 128-byte swizzle puts
@@ -42,7 +42,7 @@ the first chunk's pass on its own, into one of two R buffers taken in turn
 Column tiles are taken in the order of `coneighbor_topk._column_tile` (the diagonal first,
 or ``LOCKSTEP``), over one of ``PARTS`` runs of them (the lists then meet in
 `coneighbor_topk.merge_parts_kernel`), and every tile with a key above a row's k-th is
-merged whole (`coneighbor_topk._merge`). Registers are moved between the partitions by
+merged whole (`bitonic.merge_tile`). Registers are moved between the partitions by
 ``setmaxnreg`` (`register_split`: at 128×128 and 8 merge warps, 168 a thread for the MMA
 warpgroup, 24 for the copy warp, 160 for the merge warps).
 
@@ -76,15 +76,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from adcam_fast.kernels.bitonic import kth_key, merge_tile, topk_desc
 from adcam_fast.kernels.coneighbor_topk import (
     _column_tile,
     _epilogue,
     _keys,
-    _kth,
-    _merge,
     _pow2,
     _row_exponent,
-    _topk_desc,
 )
 from adcam_fast.kernels.launch import Config
 
@@ -222,8 +220,8 @@ def _merge_partition(s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
     exp = EXP + pid_b * N
     a_rows = gl.load(exp + rows, mask=row_ok, other=0)
     # An empty list in the layout that the network gives its output (-1 everywhere).
-    acc = _topk_desc(gl.full((BLOCK_M, BLOCK_N), -1, gl.int32, layout), LOG_KP, LOG_BN, ROW_WARPS)
-    kth = _kth(acc, K_KEEP, KP)
+    acc = topk_desc(gl.full((BLOCK_M, BLOCK_N), -1, gl.int32, layout), LOG_KP, LOG_BN, ROW_WARPS)
+    kth = kth_key(acc, K_KEEP, KP)
     for t in range(n_tiles):
         cols = (lo + _column_tile(t, first, n_tiles, LOCKSTEP)) * BLOCK_N
         cols += gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
@@ -234,8 +232,8 @@ def _merge_partition(s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
         key = _keys(s, row_ok, cols, a_rows, exp, N, C)
         bar = gl.convert_layout(kth, gl.SliceLayout(1, layout))
         if gl.max(gl.max(key > bar[:, None], axis=1), axis=0):  # a key could enter
-            acc = _merge(acc, key, LOG_KP, LOG_BN, ROW_WARPS)
-            kth = _kth(acc, K_KEEP, KP)
+            acc = merge_tile(acc, key, LOG_KP, LOG_BN, ROW_WARPS)
+            kth = kth_key(acc, K_KEEP, KP)
     rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc.type.layout))
     if PARTS > 1:
         out = ((pid_b * N + rows) * PARTS + part).to(gl.int64)[:, None] * KP

@@ -44,7 +44,7 @@ GLUON_RELEASES = ((3, 6), (3, 9))
 (`coneighbor_topk_ws`; bench/compile_check.py). Gluon is experimental and moves between
 releases: 3.4 has no ``warpgroup_mma`` and 3.5's ``warp_specialize`` takes other
 arguments; 3.9 needed the copy engine's load by its new name and one more reshape in
-`coneighbor_topk._topk_desc`. Under any other release the autotuner keeps to the Triton
+`bitonic.topk_desc`. Under any other release the autotuner keeps to the Triton
 kernels."""
 
 
