@@ -302,10 +302,10 @@ def test_refine_tma_loads_agree(gen, n, block_k, dtype):
 @pytest.mark.parametrize("kp", [1, 64, 128, 1024])
 def test_topk_configs_take_the_copy_engine_where_it_fits(kp):
     """At N divisible by 8 the kp <= 64 default and candidates read R by TMA; elsewhere, for
-    larger kp, and on a GPU whose dot is a warp's mma.sync (Ampere, Ada: no copy engine on
-    the first two), none does; the default is always a candidate, and every one is a config
-    the kernel can run. On Hopper the warp-specialized candidate joins the TMA ones, and
-    only there."""
+    larger kp, and on a GPU whose dot is a warp's mma.sync (Ampere and Ada have no copy
+    engine), none does; the default is always a candidate, and every one is a config the
+    kernel can run. On Hopper the warp-specialized candidate joins the TMA ones, and only
+    there."""
     for aligned in (False, True):
         for hopper in (False, True):
             default, candidates = coneighbor_topk.topk_configs(kp, aligned, hopper)
@@ -323,9 +323,9 @@ def test_topk_configs_take_the_copy_engine_where_it_fits(kp):
 
 def test_warp_mma_is_read_from_the_compute_capability(monkeypatch):
     """The tiles for a warp's mma.sync go to compute capability 8.x and 12.x only."""
-    major = {}
-    monkeypatch.setattr(launch, "device_properties", lambda device: SimpleNamespace(major=major[0]))
-    for major[0], expected in ((8, True), (9, False), (10, False), (12, True)):
+    for major, expected in ((8, True), (9, False), (10, False), (12, True)):
+        props = SimpleNamespace(major=major)
+        monkeypatch.setattr(launch, "device_properties", lambda device, p=props: p)
         assert launch.warp_mma(torch.device("cuda", 0)) is expected, major
     assert not launch.warp_mma(torch.device("cpu"))
 
