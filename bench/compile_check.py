@@ -320,7 +320,7 @@ def main() -> int:
                    help="compute capability ×10 of the target (default 90: sm_90a)")  # fmt: skip
     args = p.parse_args()
     arch = args.arch
-    warp_mma = arch // 10 in (8, 12)  # as launch.warp_mma says of such a GPU
+    warp_mma = arch // 10 in launch.WARP_MMA_MAJORS
     gluon = launch.gluon_builds(triton.__version__) and arch == 90
     jobs = [*root_jobs(), *topk_jobs(args.quick, warp_mma), *(ws_jobs() if gluon else []),
             *merge_parts_jobs(warp_mma), *csr_jobs(), *diffusion_jobs(args.quick)]  # fmt: skip

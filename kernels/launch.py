@@ -169,13 +169,17 @@ def can_warp_specialize(device: torch.device) -> bool:
     return device_properties(device).major == 9
 
 
+WARP_MMA_MAJORS = (8, 12)
+"""Compute capability majors whose ``tl.dot`` Triton builds from a warp's own MMA
+(``mma.sync``: Ampere and Ada, and 12.x), where each warp holds its share of an S tile in
+its registers, rather than from a warpgroup's (wgmma, 9.x) or the tensor memory (tcgen05,
+10.x)."""
+
+
 def warp_mma(device: torch.device) -> bool:
-    """Whether Triton builds ``tl.dot`` on ``device`` from a warp's own MMA (``mma.sync``:
-    compute capability 8.x, Ampere and Ada, and 12.x), where each warp holds its share of
-    an S tile in its registers, rather than from a warpgroup's (wgmma, 9.x) or the tensor
-    memory (tcgen05, 10.x). The top-k kernel takes other tiles there
-    (`coneighbor_topk.topk_configs`)."""
-    return device.type == "cuda" and device_properties(device).major in (8, 12)
+    """Whether ``device`` is a GPU of `WARP_MMA_MAJORS`: the top-k kernel takes other tiles
+    there (`coneighbor_topk.topk_configs`)."""
+    return device.type == "cuda" and device_properties(device).major in WARP_MMA_MAJORS
 
 
 def programs_per_sm(
