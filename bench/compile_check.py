@@ -215,28 +215,23 @@ def topk_jobs(quick: bool, warp_mma: bool):
 
 
 def ws_jobs():
-    """The warp-specialized kernel's candidate (Gluon), fp32 attention, kp = 64, N = 2304,
-    and its twins with ``lane_pairs`` and with ``root_ahead``."""
+    """The warp-specialized kernel's candidate (Gluon), fp32 attention, kp = 64, and its
+    twin with the merge warps in the MMA warpgroup's layout (no ``lane_pairs``)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from adcam_fast.kernels import coneighbor_topk_ws as ws
 
     kernel = ws.coneighbor_topk_ws_kernel
-    for change in ({}, dict(lane_pairs=True), dict(root_ahead=True)):
-        cfg = dataclasses.replace(WS_CANDIDATE, **change)
+    for cfg in (WS_CANDIDATE, dataclasses.replace(WS_CANDIDATE, lane_pairs=False)):
         rm, rn = (
             f"tensordesc<fp16[{rows}, {cfg.block_k}],{ws.operand_layout(rows, cfg.block_k)!r}>"
             for rows in (cfg.block_m, cfg.block_n)
         )
-        an = f"tensordesc<fp32[1, {ws.ROOT_BOX}],{ws.root_layout(torch.float32)!r}>"
         sig = signature(
-            kernel, RM=rm, RN=rn, AN=an, R_NEXT="*fp16", EXP_NEXT="*i32", next_rows="i32",
-            A="*fp32", EXP="*i32", W="*fp32", IDX="*i32", KEYS="*i32", N="i32", C="i32",
-            K_KEEP="i32", eps="fp32",
+            kernel, RM=rm, RN=rn, A="*fp32", EXP="*i32", W="*fp32", IDX="*i32", KEYS="*i32",
+            N="i32", C="i32", K_KEEP="i32", eps="fp32",
         )  # fmt: skip
-        constants = ws.ws_constants(cfg, topk_constants(64, cfg, refine=True), 2304)
-        if not cfg.root_ahead:
-            constants |= dict(AN=None, R_NEXT=None, EXP_NEXT=None)
+        constants = ws.ws_constants(cfg, topk_constants(64, cfg, refine=True))
         options = ws.launch_options(cfg)
         yield f"topk-ws fp32 kp=64 {cfg}", kernel, sig, constants, cfg, options, GluonASTSource
 

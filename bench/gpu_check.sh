@@ -9,7 +9,7 @@
 # capped, as below), each logged
 # to RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the
 # kernel benchmark (RESULTS_DIR/kernels.{json,csv,png}; on Hopper the warp-specialized
-# candidate's twins with lane_pairs, root_ahead and both beside the candidates), the GPU
+# candidate's twin with its merge warps in the MMA layout beside the candidates), the GPU
 # tests (pytest -m gpu tests/, in GPU_TEST_WORKERS processes, default 6, where pytest-xdist
 # is installed, as on the lent GPU machines: a fresh machine's run is mostly compiling),
 # the end-to-end labelling benchmark (pipeline_cuda.json), training throughput
@@ -18,15 +18,15 @@
 # first compile alone outlasts the step), the host's part of a call by function
 # (host.log: cProfile, N = 576, B = 128) and, where Nsight Compute is installed, a profile
 # of the kernels of one call (profile.log: speed of light, occupancy, warp states, memory;
-# N = 576 and 2304, B = 128, and on Hopper the warp-specialized candidate and its twin with
-# lane_pairs at 2304; and each
+# N = 576 and 2304, B = 128, and on Hopper the warp-specialized candidate and its twin
+# at 2304; and each
 # stall reason's cycles per issue at N = 576), and the
 # stalls per SASS instruction of the top-k and diffusion kernels (sass.log, and the report
 # sass.ncu-rep: a few MB, keep sass.log, gzipped; sass_regions.log sums them by code region:
 # per program, per tile, per K step), and on Hopper the same of the warp-specialized
 # candidate at N = 2304 (sass_ws.log, sass_ws_regions.log: its partitions' code runs on
-# different numbers of warps, so they fall into regions of their own), and of its twin with
-# lane_pairs (sass_ws_pairs.log, sass_ws_pairs_regions.log).
+# different numbers of warps, so they fall into regions of their own), and of its twin
+# (sass_ws_quads.log, sass_ws_quads_regions.log).
 # STEPS="gpu_tests kernels" (say) runs a subset of the GPU steps, KERNEL_SIZES="576 2304"
 # (say) a subset of the benchmark's sizes, KERNEL_ARGS more of its options (say
 # "--batches 128 --topk-config block_m=64,block_n=256,block_k=64,narrow=32,tma=1").
@@ -69,18 +69,18 @@ step info 30 "$py" -c 'import sys; from adcam_fast.cli import main; sys.exit(mai
 if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
   want() { [[ " ${STEPS:-gpu_tests kernels pipeline train backends host profile sass} " == *" $1 "* ]]; }
   export PYTHONUNBUFFERED=1
-  # The warp-specialized candidate as --topk-config takes it, and its twins with lane_pairs,
-  # root_ahead and both (timed beside the candidates, not among them); empty off Hopper.
-  read -r ws ws_pairs ws_ahead ws_both < <("$py" -c 'import sys, torch; sys.path[:0] = ["bench"]
+  # The warp-specialized candidate as --topk-config takes it, and its twin whose merge warps
+  # hold a row on the four lanes of a quad, as the MMA warpgroup does, instead of two (timed
+  # beside the candidates, not among them); empty off Hopper.
+  read -r ws ws_quads < <("$py" -c 'import sys, torch; sys.path[:0] = ["bench"]
 from dataclasses import replace
 from configs import config_text
 from adcam_fast.kernels.coneighbor_topk import WS_CANDIDATE as ws
 from adcam_fast.kernels.launch import can_warp_specialize
 if can_warp_specialize(torch.device("cuda")):
-    print(*(config_text(replace(ws, **c)) for c in ({}, dict(lane_pairs=True),
-            dict(root_ahead=True), dict(lane_pairs=True, root_ahead=True))))')
+    print(config_text(ws), config_text(replace(ws, lane_pairs=False)))')
   twins=()
-  for cfg in ${ws_pairs:-} ${ws_ahead:-} ${ws_both:-}; do twins+=(--topk-config "$cfg"); done
+  [ -z "${ws_quads:-}" ] || twins=(--topk-config "$ws_quads")
   # The goals' sizes first: the torch paths' budget goes there. torch.compile is left out:
   # on an H200 it was slower than eager at both goal sizes, and its compiles cost the step.
   want kernels && step kernels 400 "$py" bench/kernels.py --out "$out" --budget-s 90 \
@@ -118,8 +118,8 @@ if can_warp_specialize(torch.device("cuda")):
         py=$py; ncu_kernels 576 'root|topk|diffusion' 0 $sections &&
         ncu_kernels 2304 topk 1 $sections; ncu_kernels 576 'topk|diffusion' 0 $stalls
         [ -z '$ws' ] || PROFILE_ARGS='--topk-config $ws' ncu_kernels 2304 topk_ws 1 $sections
-        [ -z '$ws_pairs' ] || { echo '== the twin with lane_pairs'
-          PROFILE_ARGS='--topk-config $ws_pairs' ncu_kernels 2304 topk_ws 1 $sections; }"
+        [ -z '$ws_quads' ] || { echo '== the twin without lane_pairs'
+          PROFILE_ARGS='--topk-config $ws_quads' ncu_kernels 2304 topk_ws 1 $sections; }"
     else
       echo "== profile: no ncu on PATH, skipped"
     fi
@@ -131,8 +131,8 @@ if can_warp_specialize(torch.device("cuda")):
       py=$py; ncu_kernels 576 'topk|diffusion' 0 --section SourceCounters -f -o '$out/sass' &&
       ncu --import '$out/sass.ncu-rep' --page source --print-source sass --csv"
     step sass_regions 20 "$py" bench/sass_regions.py "$out/sass.log"
-    # The warp-specialized candidate, then its twin with lane_pairs (Hopper only).
-    for job in ${ws:+"sass_ws=$ws"} ${ws_pairs:+"sass_ws_pairs=$ws_pairs"}; do
+    # The warp-specialized candidate, then its twin without lane_pairs (Hopper only).
+    for job in ${ws:+"sass_ws=$ws"} ${ws_quads:+"sass_ws_quads=$ws_quads"}; do
       name=${job%%=*} cfg=${job#*=}
       step "$name" 150 bash -c "$(declare -f ncu_kernels)
         py=$py; PROFILE_ARGS='--topk-config $cfg' ncu_kernels 2304 topk_ws 1 \

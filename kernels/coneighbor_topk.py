@@ -518,9 +518,12 @@ def topk_configs(
     return default, (default, Config(bm, 64, bk, num_warps=8, num_stages=stages, slots=2 * kp))
 
 
-WS_CANDIDATE = Config(128, 128, 64, num_warps=8, num_stages=4, tma=True, ws=True, parts=2)
+WS_CANDIDATE = Config(
+    128, 128, 64, num_warps=8, num_stages=4, tma=True, ws=True, parts=2, lane_pairs=True
+)
 """The warp-specialized kernel's candidate (kp <= 64, aligned N, Hopper): 128×128 tiles, 8
-merge warps, four operand stages and one S buffer, two parts of the column tiles."""
+merge warps holding a row on two lanes, four operand stages and one S buffer, two parts of
+the column tiles."""
 
 
 def check_config(cfg: Config, kp: int) -> None:
@@ -531,7 +534,7 @@ def check_config(cfg: Config, kp: int) -> None:
     only with ``slots`` 0; ``ws`` (`coneighbor_topk_ws`) with ``tma``, without ``slots``,
     ``narrow``, ``flat`` or ``maxnreg``, and a tile of at least 64 rows that one MMA
     warpgroup holds (block_m·block_n <= 128·128); ``lane_pairs`` with ``ws`` and at least
-    16 rows a merge warp; ``root_ahead`` with ``ws``."""
+    16 rows a merge warp."""
     for name, least in (("block_m", 16), ("block_n", 16), ("block_k", 16), ("num_warps", 1)):
         if not least <= (v := getattr(cfg, name)) == next_pow2(v):
             raise ValueError(f"config {name} must be a power of two >= {least}, got {v}")
@@ -564,8 +567,6 @@ def check_config(cfg: Config, kp: int) -> None:
             "config lane_pairs needs ws and block_m >= 16·num_warps (a merge warp's 32 "
             f"lanes on 16 rows), got ws={cfg.ws}, {cfg.block_m} rows on {cfg.num_warps} warps"
         )
-    if cfg.root_ahead and not cfg.ws:
-        raise ValueError("config root_ahead needs ws (the sqrt pass runs on its spare warps)")
 
 
 def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:
@@ -695,37 +696,19 @@ def _topk(
     hopper = launch.can_warp_specialize(A.device)
     if config is not None and config.ws and not hopper:
         raise ValueError(f"a config with ws needs a Hopper GPU (sm_90) and Gluon, got {A.device}")
-    if config is not None and config.root_ahead:
-        from adcam_fast.kernels import coneighbor_topk_ws
-
-        need = coneighbor_topk_ws.shared_bytes(config, n, A.dtype)
-        if need > coneighbor_topk_ws.SHARED_BYTES:
-            raise ValueError(
-                f"a config with root_ahead needs {need} bytes of shared memory at N={n} for "
-                f"{A.dtype} attention (two rows of A beside the tiles), more than a program's "
-                f"{coneighbor_topk_ws.SHARED_BYTES}"
-            )
     default, candidates = topk_configs(kp, aligned, hopper, launch.warp_mma(A.device))
     cap = max(1, min(b, ROOT_CHUNK // (n * n)))
-    # sqrt(A) and the rows' exponents of a chunk; a second pair where each launch takes the
-    # next chunk's pass (``root_ahead``, more than one chunk), the two in turn.
-    roots = [torch.empty(cap, n, n, dtype=torch.float16, device=A.device)]
-    exponents = [torch.empty(cap, n, dtype=torch.int32, device=A.device)]
-
-    def second_buffer() -> None:
-        roots.append(torch.empty_like(roots[0]))
-        exponents.append(torch.empty_like(exponents[0]))
+    root = torch.empty(cap, n, n, dtype=torch.float16, device=A.device)
+    exponents = torch.empty(cap, n, dtype=torch.int32, device=A.device)
 
     def programs(cfg: Config) -> int:
         """Top-k programs per image: its row blocks, times the parts of each."""
         return triton.cdiv(n, cfg.block_m) * max(cfg.parts, 1)
 
-    def topk_launch(cfg: Config, lo: int, hi: int, warmup: bool, slot: int = 0,
-                    ahead: tuple[int, int] | None = None) -> CompiledKernel:  # fmt: skip
-        """The top-k kernel on images [lo, hi), their sqrt(A) in ``roots[slot]`` and
-        ``exponents[slot]``; with ``cfg.root_ahead``, also the sqrt pass of images ``ahead``
-        (lo, hi) into the other slot. With ``warmup`` only built. Returns the build."""
-        r, exp = roots[slot][: hi - lo], exponents[slot][: hi - lo]
+    def topk_launch(cfg: Config, lo: int, hi: int, warmup: bool) -> CompiledKernel:
+        """The top-k kernel on images [lo, hi), their sqrt(A) in ``root`` and ``exponents``;
+        with ``warmup`` only built. Returns the build."""
+        r, exp = root[: hi - lo], exponents[: hi - lo]
         options = topk_constants(kp, cfg, refine) | cfg.launch_options()
         parts = options["PARTS"]
         grid = (programs(cfg), hi - lo)
@@ -736,12 +719,8 @@ def _topk(
         if cfg.ws:
             from adcam_fast.kernels import coneighbor_topk_ws
 
-            nxt = None
-            if ahead is not None:
-                other, count = 1 - slot, ahead[1] - ahead[0]
-                nxt = (A[ahead[0] : ahead[1]], roots[other][:count], exponents[other][:count])
             kernel = coneighbor_topk_ws.launch(cfg, grid, r, exp, a, w_out, idx_out, keys, keep,
-                                               eps, options, warmup, nxt)  # fmt: skip
+                                               eps, options, warmup)  # fmt: skip
         else:
             parked = grid[0] * cfg.block_m * cfg.slots * grid[1]  # whole tiles: none
             buf = torch.empty(max(parked, 1), dtype=torch.int32, device=A.device)
@@ -766,20 +745,10 @@ def _topk(
             )  # fmt: skip
         return kernel
 
-    def run(cfg: Config) -> None:
-        """Images [0, cap) as a launch of the chunk loop takes them under ``cfg``, for the
-        autotuner to time: their pass, then the launch; with ``root_ahead`` in a batch of
-        more than one chunk, as every launch but the last runs, one launch that also takes
-        a next chunk's pass (here of the same images, into the second buffer) and no pass
-        before it (the first buffer's is made once, the first time)."""
-        if not (cfg.root_ahead and b > cap):
-            take_root(A[:cap], roots[0], exponents[0])
-            topk_launch(cfg, 0, cap, warmup=False)
-            return
-        if len(roots) == 1:
-            second_buffer()
-            take_root(A[:cap], roots[0], exponents[0])
-        topk_launch(cfg, 0, cap, warmup=False, ahead=(0, cap))
+    def run(cfg: Config, lo: int = 0, hi: int = cap) -> None:
+        """Images [lo, hi) under ``cfg``: their sqrt pass, then the top-k launch."""
+        take_root(A[lo:hi], root[: hi - lo], exponents[: hi - lo])
+        topk_launch(cfg, lo, hi, warmup=False)
 
     with on_device(A.device):
         key = ("topk", n_bucket(n), aligned, kp, next_pow2(cap), A.dtype, refine)
@@ -792,14 +761,6 @@ def _topk(
                 _RESIDENT[built] = launch.resident_programs(kernel, A.device)
             slots = _RESIDENT[built] * launch.device_properties(A.device).multi_processor_count
             chunk = images_per_launch(b, cap, programs(cfg), slots)
-        bounds = [(lo, min(b, lo + chunk)) for lo in range(0, b, chunk)]
-        buffers = 2 if cfg.root_ahead and len(bounds) > 1 else 1  # a launch fills the other
-        if len(roots) < buffers:
-            second_buffer()
-        for i, (lo, hi) in enumerate(bounds):
-            slot = i % buffers
-            if i == 0 or not cfg.root_ahead:  # else the launch before took this pass
-                take_root(A[lo:hi], roots[slot][: hi - lo], exponents[slot][: hi - lo])
-            ahead = bounds[i + 1] if cfg.root_ahead and i + 1 < len(bounds) else None
-            topk_launch(cfg, lo, hi, warmup=False, slot=slot, ahead=ahead)
+        for lo in range(0, b, chunk):
+            run(cfg, lo, min(b, lo + chunk))
     return w, idx

@@ -30,15 +30,6 @@ bit 5, so that a merge exchanges lanes three times: in the mirror step that sort
 64, in the bitonic merge of the tile's top 64 and in the merge into the running list
 (bench/kernels_notes.md, v31; not yet timed).
 
-With ``ROOT_AHEAD`` (`Config.root_ahead`) a fourth partition of two warps takes the sqrt
-pass of the next chunk of images (`coneighbor_topk.root_kernel`'s rule, so the same R and
-exponents bitwise), each program a share of its rows: a row by the copy engine in boxes of
-``ROOT_BOX`` columns into one of two shared slots, the next row's copies in flight while a
-row is taken. The two warps are those that the copy warp's warpgroup leaves idle, at its 24
-registers a thread, so the merge warps keep theirs; `coneighbor_topk._topk` then runs only
-the first chunk's pass on its own, into one of two R buffers taken in turn
-(bench/kernels_notes.md, v32; not yet timed).
-
 Column tiles are taken in the order of `coneighbor_topk._column_tile` (the diagonal first,
 or ``LOCKSTEP``), over one of ``PARTS`` runs of them (the lists then meet in
 `coneighbor_topk.merge_parts_kernel`), and every tile with a key above a row's k-th is
@@ -60,9 +51,6 @@ from __future__ import annotations
 import functools
 import inspect
 
-import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 from triton.compiler import CompiledKernel
 from triton.experimental import gluon
@@ -81,8 +69,6 @@ from adcam_fast.kernels.coneighbor_topk import (
     _column_tile,
     _epilogue,
     _keys,
-    _pow2,
-    _row_exponent,
 )
 from adcam_fast.kernels.launch import Config
 
@@ -163,41 +149,6 @@ def _mma_partition(r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, n_tiles
 
 
 @gluon.jit
-def _root_partition(AN, R, EXP, a_bufs, a_ready, first_row, n_rows, N):
-    """`coneighbor_topk.root_kernel`'s pass for rows ``[first_row, first_row + n_rows)`` of
-    the next chunk's images (A, R and exponents viewed as (images·N, N) and (images·N,)):
-    each row by the copy engine into one of two shared slots, the next row's copies in
-    flight while a row is taken, so the same R and exponents bitwise."""
-    BOX: gl.constexpr = a_bufs.type.shape[2]
-    J: gl.constexpr = a_bufs.type.shape[0] // 2
-    layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, gl.num_warps()], [1, 0])
-    cols = gl.arange(0, BOX, layout=gl.SliceLayout(0, layout))
-    for i in range(n_rows + 1):
-        if i < n_rows:  # row i's copies into slot i % 2, freed at the end of row i - 2
-            bar = a_ready.index(i % 2)
-            mbarrier.expect(bar, J * AN.block_type.nbytes)
-            for j in gl.static_range(J):
-                _tma_load(AN, [first_row + i, j * BOX], bar, a_bufs.index(i % 2 * J + j))
-        if i > 0:  # row i - 1, whose copies were issued a row ago
-            row = first_row + i - 1
-            slot = (i - 1) % 2 * J
-            mbarrier.wait(a_ready.index((i - 1) % 2), ((i - 1) // 2) & 1)
-            top = gl.zeros([1, BOX], gl.float32, layout)
-            for j in range(J):
-                top = gl.maximum(top, a_bufs.index(slot + j).load(layout).to(gl.float32))
-            e = _row_exponent(gl.max(top, axis=1))
-            scale = _pow2(-e)[:, None]
-            out = R + row.to(gl.int64) * N
-            for j in range(J):
-                c = j * BOX + cols
-                x = a_bufs.index(slot + j).load(layout).to(gl.float32)
-                gl.store(out + c[None, :], gl.sqrt_rn(x * scale * scale).to(gl.float16),
-                         mask=(c < N)[None, :])  # fmt: skip
-            gl.store(EXP + row + gl.zeros([1], gl.int32, gl.SliceLayout(1, layout)), e)
-            tl.debug_barrier()  # the slot read by every warp before row i + 1 refills it
-
-
-@gluon.jit
 def _merge_partition(s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0, part, lo,
                      first, n_tiles, N, C, K_KEEP, eps, LOG_KP: gl.constexpr,
                      ROW_WARPS: gl.constexpr, REFINE: gl.constexpr, LOCKSTEP: gl.constexpr,
@@ -247,10 +198,6 @@ def _merge_partition(s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
 def coneighbor_topk_ws_kernel(
     RM,  # TensorDescriptor of R (B·N, N) fp16, blocks (BLOCK_M, BLOCK_K)
     RN,  # the same, blocks (BLOCK_N, BLOCK_K)
-    AN,  # TensorDescriptor of the next chunk's A (images·N, N), blocks (1, ROOT_BOX)
-    R_NEXT,  # its sqrt(A), (images·N, N) fp16, and exponents (images·N,) int32
-    EXP_NEXT,
-    next_rows,  # rows of the next chunk (0: none)
     A,  # as in `coneighbor_topk_kernel`, and the rest of the arguments
     EXP,
     W,
@@ -269,8 +216,6 @@ def coneighbor_topk_ws_kernel(
     STAGES: gl.constexpr,  # operand stages of the ring
     S_BUFS: gl.constexpr,  # fp32 S tile buffers between the MMA and merge partitions
     MMA_REGS: gl.constexpr,  # registers per thread of the MMA warpgroup
-    ROOT_AHEAD: gl.constexpr,  # the next chunk's sqrt pass on two more warps
-    ROOT_BOXES: gl.constexpr,  # copies of a row of A: cdiv(N, ROOT_BOX)
 ):
     BLOCK_M: gl.constexpr = RM.block_type.shape[0]
     BLOCK_N: gl.constexpr = RN.block_type.shape[0]
@@ -300,44 +245,19 @@ def coneighbor_topk_ws_kernel(
         mbarrier.init(s_ready.index(i), count=1)
         mbarrier.init(s_free.index(i), count=1)
 
-    if ROOT_AHEAD:  # this program's share of the next chunk's rows, on two more warps
-        BOX: gl.constexpr = AN.block_type.shape[1]
-        a_bufs = gl.allocate_shared_memory(AN.dtype, [2 * ROOT_BOXES, 1, BOX], AN.layout)
-        a_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(a_ready.index(i), count=1)
-        per = gl.cdiv(next_rows, gl.num_programs(0) * gl.num_programs(1))
-        first_row = (pid_b * gl.num_programs(0) + gl.program_id(0)) * per
-        n_rows = gl.maximum(gl.minimum(per, next_rows - first_row), 0)
-        gl.warp_specialize(
-            [
-                (_merge_partition, (s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
-                                    part, lo, first, n_tiles, N, C, K_KEEP, eps, LOG_KP,
-                                    ROW_WARPS, REFINE, LOCKSTEP, PARTS, LANE_PAIRS)),
-                (_copy_partition, (RM, RN, r_bufs, c_bufs, ready, free, pid_b, row0, lo, first,
-                                   n_tiles, N, BLOCK_N, BLOCK_K, LOCKSTEP)),
-                (_mma_partition, (r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free,
-                                  n_tiles, N, BLOCK_K)),
-                (_root_partition, (AN, R_NEXT, EXP_NEXT, a_bufs, a_ready, first_row, n_rows,
-                                   N)),
-            ],
-            [1, 4, 2],
-            [24, MMA_REGS, 24],
-        )  # fmt: skip
-    else:  # (the same partitions but the last: Gluon takes them only as a literal list)
-        gl.warp_specialize(
-            [
-                (_merge_partition, (s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
-                                    part, lo, first, n_tiles, N, C, K_KEEP, eps, LOG_KP,
-                                    ROW_WARPS, REFINE, LOCKSTEP, PARTS, LANE_PAIRS)),
-                (_copy_partition, (RM, RN, r_bufs, c_bufs, ready, free, pid_b, row0, lo, first,
-                                   n_tiles, N, BLOCK_N, BLOCK_K, LOCKSTEP)),
-                (_mma_partition, (r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free,
-                                  n_tiles, N, BLOCK_K)),
-            ],
-            [1, 4],
-            [24, MMA_REGS],
-        )  # fmt: skip
+    gl.warp_specialize(
+        [
+            (_merge_partition, (s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
+                                part, lo, first, n_tiles, N, C, K_KEEP, eps, LOG_KP,
+                                ROW_WARPS, REFINE, LOCKSTEP, PARTS, LANE_PAIRS)),
+            (_copy_partition, (RM, RN, r_bufs, c_bufs, ready, free, pid_b, row0, lo, first,
+                               n_tiles, N, BLOCK_N, BLOCK_K, LOCKSTEP)),
+            (_mma_partition, (r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, n_tiles,
+                              N, BLOCK_K)),
+        ],
+        [1, 4],
+        [24, MMA_REGS],
+    )  # fmt: skip
 
 
 @functools.cache
@@ -364,39 +284,14 @@ SM_REGISTERS = 65536
 """Registers of a Hopper SM, shared by the partitions of its one program."""
 
 
-ROOT_BOX = 256
-"""Columns of A in one copy of the sqrt pass that ``root_ahead`` runs (the copy engine's
-widest box): a row of N takes ``cdiv(N, ROOT_BOX)`` of them, the last one zero-filled past N."""
-
-
-@functools.cache
-def root_layout(dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    """The shared layout of a (1, ROOT_BOX) box of A: unswizzled, as a box wider than 128
-    bytes must be."""
-    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=dtype.itemsize * 8, rank=2)
-
-
-def _buffer_bytes(cfg: Config) -> tuple[int, int]:
-    """Shared bytes of ``cfg``'s operand stages (fp16 slices of R) and of one fp32 S tile."""
-    stages = cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * 2
-    return stages, cfg.block_m * cfg.block_n * 4
-
-
-def shared_bytes(cfg: Config, n: int, a_dtype: torch.dtype) -> int:
-    """Shared memory of a program under ``cfg`` at size ``n``: the operand stages and S tile
-    buffers, 1 KiB for barriers and scratch, and with ``root_ahead`` two rows of A."""
-    stages, tile = _buffer_bytes(cfg)
-    ring = 2 * triton.cdiv(n, ROOT_BOX) * ROOT_BOX * a_dtype.itemsize if cfg.root_ahead else 0
-    return stages + tile_buffers(cfg) * tile + 1024 + ring
-
-
 def tile_buffers(cfg: Config) -> int:
     """S tile buffers beside ``cfg.num_stages`` operand stages: two where both fit in
     `SHARED_BYTES` (the MMA warpgroup stores a tile while the merge reads the last), else
     one (1 KiB left for the barriers). The merge warps take a tile into registers as its
     merge begins, so with one buffer the MMA warpgroup waits only where a tile's merge
     outlasts the next tile's dot (bench/kernels_notes.md, v29)."""
-    stages, tile = _buffer_bytes(cfg)
+    stages = cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * 2
+    tile = cfg.block_m * cfg.block_n * 4
     return 2 if stages + 2 * tile <= SHARED_BYTES - 1024 else 1
 
 
@@ -409,17 +304,15 @@ def register_split(cfg: Config) -> tuple[int, int]:
     return min(maxnreg, 255), min(cfg.block_m * cfg.block_n // 128 + 40, 232)
 
 
-def ws_constants(cfg: Config, constants: dict, n: int) -> dict[str, int | bool]:
-    """The constexpr arguments of `coneighbor_topk_ws_kernel` under ``cfg`` at size ``n``,
-    from those of `coneighbor_topk_kernel` (``constants``, `coneighbor_topk.topk_constants`)."""
+def ws_constants(cfg: Config, constants: dict) -> dict[str, int | bool]:
+    """The constexpr arguments of `coneighbor_topk_ws_kernel` under ``cfg``, from those of
+    `coneighbor_topk_kernel` (``constants``, `coneighbor_topk.topk_constants`)."""
     names = ("LOG_KP", "ROW_WARPS", "REFINE", "LOCKSTEP", "PARTS")
     return {name: constants[name] for name in names} | dict(
         LANE_PAIRS=cfg.lane_pairs,
         STAGES=cfg.num_stages,
         S_BUFS=tile_buffers(cfg),
         MMA_REGS=register_split(cfg)[1],
-        ROOT_AHEAD=cfg.root_ahead,
-        ROOT_BOXES=triton.cdiv(n, ROOT_BOX) if cfg.root_ahead else 0,
     )
 
 
@@ -431,24 +324,14 @@ def launch_options(cfg: Config) -> dict[str, int]:
 
 def launch(cfg: Config, grid: tuple[int, int], r: Tensor, exp: Tensor, a: Tensor, w: Tensor,
            idx: Tensor, keys: Tensor | None, k: int, eps: float, constants: dict,
-           warmup: bool, ahead: tuple[Tensor, Tensor, Tensor] | None = None,
-           ) -> CompiledKernel:  # fmt: skip
+           warmup: bool) -> CompiledKernel:  # fmt: skip
     """`coneighbor_topk_ws_kernel` over ``grid`` (row blocks times parts, images) on the
     images of ``r`` (images, N, N) fp16 and their exponents ``exp``, into ``w`` and ``idx``,
     or each part's list into ``keys`` (the arguments of `coneighbor_topk`'s launch,
-    ``constants`` its `topk_constants`); with ``cfg.root_ahead``, also the sqrt pass of the
-    next chunk, ``ahead`` = (its A, R and exponents; None: no next chunk). With ``warmup``
-    only built. Returns the build."""
+    ``constants`` its `topk_constants`); with ``warmup`` only built. Returns the build."""
     n = r.shape[-1]
-    rows = 0
-    nxt = (None, None, None)
-    if cfg.root_ahead:
-        a_next, r_next, exp_next = ahead or (a, r, exp)  # without a next chunk, no rows
-        rows = a_next.shape[0] * n if ahead else 0
-        box = TensorDescriptor.from_tensor(a_next.view(-1, n), [1, ROOT_BOX], root_layout(a.dtype))
-        nxt = (box, r_next, exp_next)
-    args = (*descriptors(r, cfg), *nxt, rows, a, exp, w, idx, keys, n, n.bit_length(), k, eps)
-    options = ws_constants(cfg, constants, n) | launch_options(cfg)
+    args = (*descriptors(r, cfg), a, exp, w, idx, keys, n, n.bit_length(), k, eps)
+    options = ws_constants(cfg, constants) | launch_options(cfg)
     if warmup:
         return coneighbor_topk_ws_kernel.warmup(*args, grid=grid, **options)
     return coneighbor_topk_ws_kernel[grid](*args, **options)

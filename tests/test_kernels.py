@@ -342,90 +342,6 @@ def test_refine_in_chunks_of_images(gen, monkeypatch, dtype):
     check_refinement(A, 6, *chunked)
 
 
-GLUON_BUILDS = pytest.mark.skipif(
-    not launch.gluon_builds(launch.triton_version()),
-    reason="needs a Triton whose Gluon builds the warp-specialized kernel (3.6 to 3.9)",
-)
-
-
-def stand_in_ws_launch(monkeypatch, A: torch.Tensor, launches: list | None = None) -> None:
-    """The warp-specialized kernel's launch, which builds for Hopper only, done here with
-    what runs anywhere: `take_root` on the next chunk, then the Triton kernel with the same
-    tiling on this chunk's R and exponents; with ``launches``, each launch's (first image of
-    A, whether it took the next chunk's pass, weights, indices) appended. A's images go in
-    chunks of two."""
-    from adcam_fast.kernels import coneighbor_topk_ws
-
-    def stand_in(cfg, grid, r, exp, a, w, idx, keys, k, eps, constants, warmup, ahead=None):
-        if ahead is not None:
-            coneighbor_topk.take_root(*ahead)
-        n = r.shape[-1]
-        buf = torch.empty(1, dtype=torch.int32, device=r.device)
-        args = (r, None, None, a, exp, buf, w, idx, keys, n, n.bit_length(), k, eps)
-        kernel = coneighbor_topk.coneighbor_topk_kernel[grid](*args, **constants)
-        if launches is not None:
-            first = (a.data_ptr() - A.data_ptr()) // (a[0].numel() * a.element_size())
-            launches.append((first, ahead is not None, w.clone(), idx.clone()))
-        return kernel
-
-    n = A.shape[-1]
-    monkeypatch.setattr(launch, "can_warp_specialize", lambda device: True)
-    monkeypatch.setattr(coneighbor_topk_ws, "launch", stand_in)
-    monkeypatch.setattr(coneighbor_topk, "ROOT_CHUNK", 2 * n * n + 1)
-
-
-@GLUON_BUILDS
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_root_ahead_launches_read_the_pass_made_for_them(gen, monkeypatch, dtype):
-    """With ``root_ahead`` the first chunk's sqrt pass runs alone and each launch takes the
-    next chunk's, the two R buffers in turn (`stand_in_ws_launch`). Five images of different
-    scales in chunks of two: bitwise the output with the pass before each launch, so every
-    launch read the R made for its own images."""
-    (A,) = to_device(random_attention(5, 48, 48, generator=gen, dtype=dtype))
-    A[3] *= 1e-6 if dtype == torch.float32 else 1e-3
-    stand_in_ws_launch(monkeypatch, A)
-    before = coneighbor_topk.WS_CANDIDATE
-    ahead = dataclasses.replace(before, root_ahead=True)
-    (w, idx), (w_ref, idx_ref) = (
-        coneighbor_topk.refine_sparse(A, 6, reference.EPS, config=c) for c in (ahead, before)
-    )
-    assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref)
-    check_refinement(A, 6, w, idx)
-
-
-@GLUON_BUILDS
-@pytest.mark.parametrize("chosen", ["root_ahead", "default"])
-def test_autotuning_times_root_ahead_as_the_chunk_loop_runs_it(gen, monkeypatch, chosen):
-    """The autotuner's run of a ``root_ahead`` config in a batch of several chunks is one
-    launch that takes a next chunk's pass and none before it, its own R made once, the first
-    time. With `stand_in_ws_launch` in one part (so that a launch writes the output itself)
-    recording what each launch wrote: every launch, timed or not, under the config chosen
-    after the timings or not, wrote the refinement of its own images."""
-    (A,) = to_device(random_attention(5, 48, 48, generator=gen))
-    A[3] *= 1e-6
-    launches = []  # (first image, took the next pass, weights, indices)
-    stand_in_ws_launch(monkeypatch, A, launches)
-    one_part = dataclasses.replace(coneighbor_topk.WS_CANDIDATE, parts=1)
-    ahead = dataclasses.replace(one_part, root_ahead=True)
-    w_ref, idx_ref = coneighbor_topk.refine_sparse(A, 6, reference.EPS, config=one_part)
-    launches.clear()
-
-    def timed(key, default, candidates, run, device):
-        for cfg in (ahead, default, ahead):  # root_ahead first: no pass made before it
-            run(cfg)
-        return ahead if chosen == "root_ahead" else default
-
-    monkeypatch.setattr(coneighbor_topk, "choose_config", timed)
-    w, idx = coneighbor_topk.refine_sparse(A, 6, reference.EPS)
-    assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref)
-    tuned = [(first, next_pass) for first, next_pass, _, _ in launches]
-    loop = [(0, True), (2, True), (4, False)] if chosen == "root_ahead" else []
-    assert tuned == [(0, True), (0, True), *loop]
-    for first, _, w_launch, idx_launch in launches:
-        images = slice(first, first + w_launch.shape[0])
-        assert torch.equal(idx_launch, idx_ref[images]) and torch.equal(w_launch, w_ref[images])
-
-
 def test_images_per_launch_fills_whole_waves():
     """Chunks of images whose programs fill their waves: at N = 2304 with 64-row programs
     (36 an image) on 264 slots (an H200 at two programs per SM), 7 images a launch take 19
@@ -833,7 +749,6 @@ def test_versions_are_read_as_releases():
         (dict(ws=True, tma=True, narrow=16), "ws takes no narrow, got 16"),
         (dict(ws=True, tma=True), "ws needs block_m >= 64 and block_m·block_n <= 16384"),
         (dict(lane_pairs=True), "lane_pairs needs ws and block_m >= 16·num_warps"),
-        (dict(root_ahead=True), r"root_ahead needs ws \(the sqrt pass"),
     ],
 )
 def test_a_config_the_kernel_cannot_run_is_named(gen, change, message):
@@ -956,7 +871,7 @@ WS_CONFIGS = [
     Config(128, 128, 64, num_warps=8, num_stages=4, tma=True, ws=True, parts=2),
     Config(128, 128, 64, num_warps=8, num_stages=3, tma=True, ws=True, lockstep=True),
     Config(128, 128, 64, num_warps=8, num_stages=4, tma=True, ws=True, lane_pairs=True),
-    dataclasses.replace(coneighbor_topk.WS_CANDIDATE, lane_pairs=True),
+    coneighbor_topk.WS_CANDIDATE,
 ]
 
 
@@ -993,30 +908,6 @@ def test_gpu_warp_specialized_kernel_agrees(cfg, n, b):
         coneighbor_topk.similarity_topk(A, 7, torch.int32, config=c) for c in (cfg, loads)
     )
     assert torch.equal(idx, idx_ref) and torch.equal(s, s_ref)
-
-
-@pytest.mark.gpu
-@HOPPER_ONLY
-@pytest.mark.parametrize(
-    ("n", "b", "dtype"),
-    [(576, 5, torch.float32), (1296, 3, torch.float32), (2304, 3, torch.float32),
-     (576, 5, torch.float16)],
-)  # fmt: skip
-def test_gpu_root_ahead_takes_the_next_chunks_sqrt_pass(monkeypatch, n, b, dtype):
-    """With ``root_ahead`` each launch of the Gluon kernel also takes the sqrt pass of the
-    next chunk (rows of A by the copy engine, the last of a row's boxes zero-filled past N:
-    3, 6 and 9 boxes of 256 here), so every chunk after the first reads an R that no
-    `root_kernel` wrote: bitwise the output of the pass before each launch, in chunks of at
-    most two images (one at N = 1296)."""
-    monkeypatch.setattr(coneighbor_topk, "ROOT_CHUNK", (1 if n == 1296 else 2) * n * n)
-    gen = torch.Generator().manual_seed(n + b)
-    A = random_attention(b, n, n, generator=gen, dtype=dtype).cuda()
-    before = coneighbor_topk.WS_CANDIDATE
-    ahead = dataclasses.replace(before, root_ahead=True)
-    (w, idx), (w_ref, idx_ref) = (
-        coneighbor_topk.refine_sparse(A, 50, reference.EPS, config=c) for c in (ahead, before)
-    )
-    assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref)
 
 
 @pytest.mark.gpu
