@@ -27,8 +27,9 @@ row lies on two lanes, 16 rows a warp and 64 columns a thread, read four adjacen
 a time (16 bytes; a quarter-warp's eight lanes on eight rows, whose 128-byte swizzle puts
 them in different banks). Its one lane bit is column bit 2, which the relabelling moves to
 bit 5, so that a merge exchanges lanes three times: in the mirror step that sorts runs of
-64, in the bitonic merge of the tile's top 64 and in the merge into the running list
-(bench/kernels_notes.md, v31; not yet timed).
+64, in the bitonic merge of the tile's top 64 and in the merge into the running list.
+`coneighbor_topk.WS_CANDIDATE` takes it: on an H200 at N = 2304 the stage took 0.94 to 0.96
+times the time of the quad layout (bench/kernels_notes.md, v31).
 
 Column tiles are taken in the order of `coneighbor_topk._column_tile` (the diagonal first,
 or ``LOCKSTEP``), over one of ``PARTS`` runs of them (the lists then meet in
