@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU check, for a fresh GPU machine (torch, triton, timm installed; no internet):
 #   bench/gpu_check.sh RESULTS_DIR [ARCHIVE.tgz]
-# Steps, each under its own time limit (the limits add up to more than 10 minutes; on an
-# H200 the kernel benchmark took 165 s for N = 2304, 576 and 1296 with the torch paths at
-# each and four top-k configs besides the candidates, the GPU tests 47 s warm and over 170 s
-# on a fresh machine, mostly compiling, the others 9 to 53, before the twins below added
-# about ten Gluon builds to each of the first two; run a subset with STEPS where a call is
-# capped, as below), each logged
+# Steps, each under its own time limit (the limits add up to more than 10 minutes; on a
+# fresh H200 the kernel benchmark took 182 s for N = 2304 and 4096 at B = 128 and 32
+# without the torch paths, the GPU tests 77 s in six processes, mostly compiling, the
+# others 9 to 53; run a subset with STEPS where a call is capped, as below), each logged
 # to RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the
 # kernel benchmark (RESULTS_DIR/kernels.{json,csv,png}; on Hopper the warp-specialized
 # candidate's twin with its merge warps in the MMA layout beside the candidates), the GPU
