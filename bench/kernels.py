@@ -12,21 +12,22 @@ warm-up, rotating over several input sets so that repeats do not run from L2) of
   ``triton_host_ms`` gives),
 
 the speed-up of triton (eager, and replayed) over the best torch path (the fastest of the
-three eager torch paths above), the peak extra device memory of each, and for the
-similarity stage alone (kernels 1+2 with their sqrt(A) pass, ``refine_sparse``): achieved
-TFLOP/s at ``2·B·N³`` flops next to a dense ``torch.bmm`` of the same shape and input
-precision (fp16 sqrt(A)) measured in the same run, the time of its pass before the tiles
-(``take_root``: sqrt(A) and its row scales) and of the diffusion (kernel 3) alone and of
-its CSR, each with its host part (``<stage>_host_ms``), and the time of every autotune
-candidate of kernels 1+2 (tiling, merge schedule, column parts) and of the diffusion
-(class block, whether an image is split over programs, and whether sources are loaded a
-chunk ahead), the candidates of a stage timed in interleaved rounds (`time_rounds`). The
-attention is random (softmax of noise); the similarity stage is also timed on spatial
-attention and on block-diagonal attention that needs one merge per program, the stage's
-floor without merges (kinds of bench/merge_model.py), each with every candidate too. Writes
-``kernels.json``, ``kernels.csv`` and ``kernels.png`` (matplotlib permitting) under
-``--out``, with GPU name, its L2 size and SM count, versions and date, and the host's unit
-costs: one bare Triton launch and one small torch op (microseconds), beside each row's
+three eager torch paths above), the peak extra device memory of each, and for the similarity
+stage alone (kernels 1+2 with their sqrt(A) pass, ``refine_sparse``): achieved TFLOP/s at
+``2·B·N³`` flops next to a dense ``torch.bmm`` of the same shape and input precision (fp16
+sqrt(A)) measured in the same run, the config the autotuner chose for it
+(``similarity_config``), the time of its pass before the tiles (``take_root``: sqrt(A) and
+its row scales; also in programs of other shapes, `ROOT_SHAPES`) and of the diffusion
+(kernel 3) alone and of its CSR, each with its host part (``<stage>_host_ms``), and the time
+of every autotune candidate of kernels 1+2 (tiling, merge schedule, column parts) and of the
+diffusion (class block, whether an image is split over programs, and whether sources are
+loaded a chunk ahead), the candidates of a stage timed in interleaved rounds
+(`time_rounds`). The attention is random (softmax of noise); the similarity stage is also
+timed on spatial attention and on block-diagonal attention that needs one merge per program,
+the stage's floor without merges (kinds of bench/merge_model.py), each with every candidate
+too. Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png`` (matplotlib permitting)
+under ``--out``, with GPU name, its L2 size and SM count, versions and date, and the host's
+unit costs: one bare Triton launch and one small torch op (microseconds), beside each row's
 count of torch ops per call (``triton_torch_ops``).
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
@@ -91,6 +92,10 @@ from adcam_fast.reference import EPS  # noqa: E402
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_BYTES = 8 * 2**30  # float64 S + Ã of the reference must fit in this
 TORCH_PATHS = ("reference", "torch", "torch.compile")  # "best torch path": the fastest of these
+ROOT_SHAPES = ((4096, 4), (8192, 8), (8192, 16), (2048, 8))
+"""The sqrt pass's programs timed beside its own (``root_<entries>x<warps>_ms``): entries a
+program holds at once (`coneighbor_topk.ROOT_BLOCK`; a row of N > entries is read twice)
+and its warps (`coneighbor_topk.ROOT_WARPS`)."""
 
 
 def topk_label(c: Config) -> str:
@@ -101,6 +106,20 @@ def topk_label(c: Config) -> str:
             + ("_flat" if c.flat else "") + ("_lockstep" if c.lockstep else "")
             + (f"_parts{c.parts}" if c.parts > 1 else "") + ("_ws" if c.ws else "")
             + ("_lanepairs" if c.lane_pairs else ""))  # fmt: skip
+
+
+def tuned_config(A: torch.Tensor, k: int) -> Config:
+    """The top-k config that ``refine_sparse(A, k)`` runs with (the autotuner's choice,
+    cached by its first call; the default without a GPU or with autotuning off)."""
+    chosen = []
+
+    def recorded(*args, **kwargs) -> Config:
+        chosen.append(launch.choose_config(*args, **kwargs))
+        return chosen[-1]
+
+    with mock.patch.object(coneighbor_topk, "choose_config", recorded):
+        refine_sparse(A, k, EPS)
+    return chosen[0]
 
 
 def elapsed_ms(fn: Callable[[int], object], i: int, cuda: bool) -> float:
@@ -285,6 +304,7 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     # after it, with the sort that makes its CSR timed apart too.
     flops = 2 * b * n**3
     sim_ms = stage("similarity", lambda i: refine_sparse(As[i % sets], k, EPS))
+    row["similarity_config"] = topk_label(tuned_config(As[0], k))
     row["similarity_tflops"] = flops / sim_ms / 1e9
     root = torch.empty(As[0].shape, dtype=torch.float16, device=device)
     if b * n * n > coneighbor_topk.ROOT_CHUNK:  # in chunks of images: with 4 times larger
@@ -305,6 +325,11 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
                 )
     exponents = torch.empty(As[0].shape[:-1], dtype=torch.int32, device=device)
     stage("root", lambda i, r=root, e=exponents: take_root(As[i % sets], r, e))
+    for block, warps in ROOT_SHAPES:  # the pass in programs of other shapes (entries, warps)
+        with mock.patch.multiple(coneighbor_topk, ROOT_BLOCK=block, ROOT_WARPS=warps):
+            row[f"root_{block}x{warps}_ms"] = time_ms(
+                lambda i, r=root, e=exponents: take_root(As[i % sets], r, e), args.repeats, cuda
+            )
     root = exponents = None
     w, idx = refine_sparse(As[0], k, EPS, torch.int32)
     stage("diffusion", lambda i: diffuse_sparse(w, idx, cams[i % sets], steps))
@@ -448,11 +473,12 @@ def main() -> None:
 
 def table(rows: list[dict], device: str) -> str:
     """A short Markdown table of the rows: times, speed-up, the S stage (rate, and time per
-    attention kind), fastest config on random and on spatial attention."""
+    attention kind), the config the autotuner chose, and the fastest on random and on spatial
+    attention."""
     head = ["N", "B", "triton ms", "host ms", "graph ms", "best torch ms", "speed-up",
             "graph speed-up", "S TFLOP/s", "bmm TFLOP/s",
             "S ms", "S spatial ms", "S floor ms", "root ms", "diffusion ms",
-            "fastest top-k config", "fastest on spatial"]  # fmt: skip
+            "tuned top-k config", "fastest top-k config", "fastest on spatial"]  # fmt: skip
     lines = [device, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         torch_ms = [r[f"{p}_ms"] for p in TORCH_PATHS if f"{p}_ms" in r]
@@ -469,7 +495,7 @@ def table(rows: list[dict], device: str) -> str:
                  r.get("similarity_tflops"), r.get("bmm_tflops"),
                  r.get("similarity_ms"), r.get("similarity_spatial_ms"),
                  r.get("similarity_blocks_ms"), r.get("root_ms"), r.get("diffusion_ms"),
-                 *fastest]  # fmt: skip
+                 r.get("similarity_config"), *fastest]  # fmt: skip
         shown = [
             f"{c:.3g}" if isinstance(c, float) else "-" if c is None else str(c) for c in cells
         ]

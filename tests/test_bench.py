@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,8 @@ def test_kernel_benchmark_smoke(tmp_path):
     for name in (*names, "csr"):
         assert row[f"{name}_ms"] > 0, name
     assert row["triton_torch_ops"] > 0  # a call's torch ops, counted
+    shapes = [key for key in row if re.fullmatch(r"root_\d+x\d+_ms", key)]  # ROOT_SHAPES
+    assert shapes and all(row[key] > 0 for key in shapes), shapes
     for name in ("similarity", "root", "diffusion", "csr"):  # each stage's host part too
         assert row[f"{name}_host_ms"] > 0, name
     best_torch = min(row["torch_ms"], row["reference_ms"])  # no torch.compile off CUDA
@@ -65,6 +68,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     n_candidates = len(topk_configs(64)[1] + topk_configs(64, aligned=True)[1])  # N = 64
     assert len({key for key in row if key.startswith("topk_")}) == n_candidates + 1
     assert row["topk_32x64x32_w4_s2_slots0_narrow0_ms"] > 0
+    assert f"topk_{row['similarity_config']}_ms" in row  # the config the stage ran with
     for kind in ("spatial", "blocks"):  # the stage on the other kinds of attention
         assert row[f"similarity_{kind}_ms"] > 0, kind
     candidates = {key[len("topk_") :] for key in row if key.startswith("topk_")}
