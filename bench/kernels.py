@@ -17,18 +17,20 @@ stage alone (kernels 1+2 with their sqrt(A) pass, ``refine_sparse``): achieved T
 ``2·B·N³`` flops next to a dense ``torch.bmm`` of the same shape and input precision (fp16
 sqrt(A)) measured in the same run, the config the autotuner chose for it
 (``similarity_config``), the time of its pass before the tiles (``take_root``: sqrt(A) and
-its row scales; also in programs of other shapes, `ROOT_SHAPES`) and of the diffusion
-(kernel 3) alone and of its CSR, each with its host part (``<stage>_host_ms``), and the time
-of every autotune candidate of kernels 1+2 (tiling, merge schedule, column parts) and of the
-diffusion (class block, whether an image is split over programs, and whether sources are
-loaded a chunk ahead), the candidates of a stage timed in interleaved rounds
-(`time_rounds`). The attention is random (softmax of noise); the similarity stage is also
-timed on spatial attention and on block-diagonal attention that needs one merge per program,
-the stage's floor without merges (kinds of bench/merge_model.py), each with every candidate
-too. Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png`` (matplotlib permitting)
-under ``--out``, with GPU name, its L2 size and SM count, versions and date, and the host's
-unit costs: one bare Triton launch and one small torch op (microseconds), beside each row's
-count of torch ops per call (``triton_torch_ops``).
+its row scales; also in programs of other shapes, `ROOT_SHAPES`, and beside it a torch cast
+of A to fp16, the same bytes, ``cast_ms``) and of the diffusion (kernel 3) alone and of its
+CSR, each with its host part (``<stage>_host_ms``), and the time of every autotune candidate
+of kernels 1+2 (tiling, merge schedule, column parts) and of the diffusion (class block,
+whether an image is split over programs, and whether sources are loaded a chunk ahead), the
+candidates of a stage timed in interleaved rounds (`time_rounds`). The attention is random
+(softmax of noise); the similarity stage is also timed on spatial attention and on
+block-diagonal attention that needs one merge per program, the stage's floor without merges
+(kinds of bench/merge_model.py), each with every candidate too. Writes ``kernels.json``,
+``kernels.csv`` and ``kernels.png`` (matplotlib permitting) under ``--out``, with GPU name,
+its L2 size and SM count, versions and date, and the host's unit costs: one bare Triton
+launch and one small torch op (microseconds), beside each row's count of torch ops per call
+(``triton_torch_ops``), and the rate of reads from L2 (``l2_read_tbps``, `l2_read_kernel`),
+the ceiling of the tile loop's operand loads.
 
     python bench/kernels.py [--out bench/results] [--sizes 576 1296 2304 4096]
                             [--batches 1 32 128] [--dtype fp32|fp16|bf16] [--budget-s 300]
@@ -78,6 +80,7 @@ if ARGS.smoke:  # the interpreter must be chosen before triton is first imported
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from configs import topk_config  # noqa: E402
 from merge_model import KINDS, attention  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -211,6 +214,48 @@ def host_unit_costs(device: str, repeats: int) -> dict[str, float]:
     }
 
 
+@triton.jit
+def l2_read_kernel(X, OUT, span, reps, BLOCK: tl.constexpr):
+    """Each program reads its ``span`` fp16 entries of X (a multiple of BLOCK), ``reps``
+    times over, through L2 only (``.cg``: not kept in L1), and stores their sum, so that no
+    read is left out (in fp16, exact for sums of ones up to 2048; as few registers as the
+    loads, which leaves more for loads in flight). Each pass starts a block further on (and
+    ``reps`` is no constant), so that the compiler can neither hoist a load out of the loop
+    nor merge two."""
+    x = X + tl.program_id(0).to(tl.int64) * span + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float16)
+    for r in range(reps):
+        for i in range(0, span, BLOCK):
+            start = tl.multiple_of((i + r * BLOCK) % span, BLOCK)  # one block, contiguous
+            acc += tl.load(x + start, cache_modifier=".cg")
+    tl.store(OUT + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), acc.to(tl.float32))
+
+
+def l2_read_tbps(device: str, repeats: int) -> float:
+    """TB/s of reads that hit L2 (`l2_read_kernel`: 8 programs of 8 warps an SM, each 16 KiB
+    of fp16 a step, over a buffer of at most half the L2, 128 times): a floor under the
+    L2's rate (how many loads a warp keeps in flight limits it too), against which the tile
+    loop's operand loads, most of which come from L2, are read. Under the interpreter, a
+    tiny run."""
+    cuda = device == "cuda"
+    if cuda:
+        props = torch.cuda.get_device_properties(device)
+        programs, block, reps = 8 * props.multi_processor_count, 8192, 128
+        span = max(block, props.L2_cache_size // 4 // programs // block * block)
+    else:
+        programs, block, reps, span = 2, 64, 2, 128
+    x = torch.ones(programs * span, dtype=torch.float16, device=device)
+    out = torch.empty(programs * block, device=device)
+
+    def read(i: int) -> None:
+        l2_read_kernel[(programs,)](x, out, span, reps, BLOCK=block, num_warps=8)
+
+    ms = time_ms(read, repeats, cuda)
+    if not torch.all(out == reps * span // block):  # every entry was read, reps times
+        raise RuntimeError("l2_read_kernel: wrong sum")
+    return reps * x.numel() * x.element_size() / ms / 1e9
+
+
 def graphed(fn: Callable[[int], object], sets: int) -> Callable[[int], object]:
     """``fn`` for each of the ``sets`` input sets captured in a CUDA graph (after a warm-up
     call, which caches the autotuned configs): ``i -> replay of set i % sets``, the call
@@ -325,6 +370,7 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
                 )
     exponents = torch.empty(As[0].shape[:-1], dtype=torch.int32, device=device)
     stage("root", lambda i, r=root, e=exponents: take_root(As[i % sets], r, e))
+    row["cast_ms"] = time_ms(lambda i, r=root: r.copy_(As[i % sets]), args.repeats, cuda)
     for block, warps in ROOT_SHAPES:  # the pass in programs of other shapes (entries, warps)
         with mock.patch.multiple(coneighbor_topk, ROOT_BLOCK=block, ROOT_WARPS=warps):
             row[f"root_{block}x{warps}_ms"] = time_ms(
@@ -450,6 +496,7 @@ def main() -> None:
         "time": "median ms over repeats, CUDA events (CPU: perf_counter)",
         "similarity_tflops": "2·B·N³ / time of coneighbor_topk.refine_sparse (kernels 1+2)",
         **host_unit_costs(device, args.repeats),
+        "l2_read_tbps": l2_read_tbps(device, args.repeats),
     }
     print(json.dumps(meta), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

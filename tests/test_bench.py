@@ -53,12 +53,14 @@ def test_kernel_benchmark_smoke(tmp_path):
     result = json.loads((tmp_path / "kernels.json").read_text())
     assert result["meta"]["device"] == "cpu (Triton interpreter)"
     assert result["meta"]["triton_launch_host_us"] > 0 and result["meta"]["torch_op_host_us"] > 0
+    assert result["meta"]["l2_read_tbps"] > 0  # the L2 probe ran (and summed right)
     (row,) = result["rows"]
     assert (row["N"], row["B"], row["k"]) == (64, 2, 50)
     names = ("reference", "torch", "triton", "triton_host", "similarity", "root", "diffusion")
     for name in (*names, "csr"):
         assert row[f"{name}_ms"] > 0, name
     assert row["triton_torch_ops"] > 0  # a call's torch ops, counted
+    assert row["cast_ms"] > 0  # the sqrt pass's bytes as a torch cast
     shapes = [key for key in row if re.fullmatch(r"root_\d+x\d+_ms", key)]  # ROOT_SHAPES
     assert shapes and all(row[key] > 0 for key in shapes), shapes
     for name in ("similarity", "root", "diffusion", "csr"):  # each stage's host part too
