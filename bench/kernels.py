@@ -231,15 +231,15 @@ def l2_read_kernel(X, OUT, span, reps, BLOCK: tl.constexpr):
     tl.store(OUT + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), acc.to(tl.float32))
 
 
-def l2_read_tbps(device: str, repeats: int) -> float:
+def l2_read_tbps(props, repeats: int) -> float:
     """TB/s of reads that hit L2 (`l2_read_kernel`: 8 programs of 8 warps an SM, each 16 KiB
     of fp16 a step, over a buffer of at most half the L2, 128 times): a floor under the
     L2's rate (how many loads a warp keeps in flight limits it too), against which the tile
-    loop's operand loads, most of which come from L2, are read. Under the interpreter, a
-    tiny run."""
-    cuda = device == "cuda"
+    loop's operand loads, most of which come from L2, are read. ``props``: the GPU's
+    properties; None: a tiny run under the interpreter."""
+    cuda = props is not None
+    device = "cuda" if cuda else "cpu"
     if cuda:
-        props = torch.cuda.get_device_properties(device)
         programs, block, reps = 8 * props.multi_processor_count, 8192, 128
         span = max(block, props.L2_cache_size // 4 // programs // block * block)
     else:
@@ -369,13 +369,15 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
                     lambda i: refine_sparse(As[i % sets], k, EPS), args.repeats, cuda
                 )
     exponents = torch.empty(As[0].shape[:-1], dtype=torch.int32, device=device)
-    stage("root", lambda i, r=root, e=exponents: take_root(As[i % sets], r, e))
+
+    def root_pass(i: int) -> None:  # into the buffers while they are held (freed below)
+        take_root(As[i % sets], root, exponents)
+
+    stage("root", root_pass)
     row["cast_ms"] = time_ms(lambda i, r=root: r.copy_(As[i % sets]), args.repeats, cuda)
     for block, warps in ROOT_SHAPES:  # the pass in programs of other shapes (entries, warps)
         with mock.patch.multiple(coneighbor_topk, ROOT_BLOCK=block, ROOT_WARPS=warps):
-            row[f"root_{block}x{warps}_ms"] = time_ms(
-                lambda i, r=root, e=exponents: take_root(As[i % sets], r, e), args.repeats, cuda
-            )
+            row[f"root_{block}x{warps}_ms"] = time_ms(root_pass, args.repeats, cuda)
     root = exponents = None
     w, idx = refine_sparse(As[0], k, EPS, torch.int32)
     stage("diffusion", lambda i: diffuse_sparse(w, idx, cams[i % sets], steps))
@@ -496,7 +498,7 @@ def main() -> None:
         "time": "median ms over repeats, CUDA events (CPU: perf_counter)",
         "similarity_tflops": "2·B·N³ / time of coneighbor_topk.refine_sparse (kernels 1+2)",
         **host_unit_costs(device, args.repeats),
-        "l2_read_tbps": l2_read_tbps(device, args.repeats),
+        "l2_read_tbps": l2_read_tbps(props, args.repeats),
     }
     print(json.dumps(meta), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
