@@ -17,11 +17,10 @@ stage alone (kernels 1+2 with their sqrt(A) pass, ``refine_sparse``): achieved T
 ``2·B·N³`` flops next to a dense ``torch.bmm`` of the same shape and input precision (fp16
 sqrt(A)) measured in the same run, the config the autotuner chose for it
 (``similarity_config``), the time of its pass before the tiles (``take_root``: sqrt(A) and
-its row scales; also in programs of other shapes, `ROOT_SHAPES`, in one program a group of
-rows, ``root_grid_ms``, and beside it a torch cast of A to fp16, the same bytes,
-``cast_ms``) and of the diffusion (kernel 3) alone and of its CSR, each with its host part
-(``<stage>_host_ms``), and the time of every autotune candidate of kernels 1+2 (tiling,
-merge schedule, column parts) and of the diffusion (class block,
+its row scales; also in programs of other shapes, `ROOT_SHAPES`, and beside it a torch cast
+of A to fp16, the same bytes, ``cast_ms``) and of the diffusion (kernel 3) alone and of its
+CSR, each with its host part (``<stage>_host_ms``), and the time of every autotune candidate
+of kernels 1+2 (tiling, merge schedule, column parts) and of the diffusion (class block,
 whether an image is split over programs, and whether sources are loaded a chunk ahead), the
 candidates of a stage timed in interleaved rounds (`time_rounds`). The attention is random
 (softmax of noise); the similarity stage is also timed on spatial attention and on
@@ -376,9 +375,6 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
 
     stage("root", root_pass)
     row["cast_ms"] = time_ms(lambda i, r=root: r.copy_(As[i % sets]), args.repeats, cuda)
-    row["root_grid_ms"] = time_ms(  # one program a group of rows: none walks (b·n >= groups)
-        lambda i: take_root(As[i % sets], root, exponents, b * n), args.repeats, cuda
-    )
     for block, warps in ROOT_SHAPES:  # the pass in programs of other shapes (entries, warps)
         with mock.patch.multiple(coneighbor_topk, ROOT_BLOCK=block, ROOT_WARPS=warps):
             row[f"root_{block}x{warps}_ms"] = time_ms(root_pass, args.repeats, cuda)

@@ -407,57 +407,37 @@ def rownorm_kernel(
 
 
 @triton.jit
-def _root_load(A, rows, N, ROWS_ALL, cols):
-    """Rows ``rows`` (flat over the images) of A, columns ``cols``, as fp32 (0 outside)."""
-    ok = (rows < ROWS_ALL)[:, None] & (cols < N)
-    return tl.load(A + rows.to(tl.int64)[:, None] * N + cols, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _root_store(R, x, rows, e, N, ROWS_ALL, cols):
-    """``R = fp16(sqrt(x · 4**-e))`` into rows ``rows`` (flat over the images), columns
-    ``cols``."""
-    scale = _pow2(-e)[:, None]  # applied twice: 4**-e may not be an fp32 number
-    ok = (rows < ROWS_ALL)[:, None] & (cols < N)
-    at = rows.to(tl.int64)[:, None] * N + cols
-    tl.store(R + at, tl.sqrt_rn(x * scale * scale).to(tl.float16), mask=ok)
-
-
-@triton.jit
-def root_kernel(A, R, EXP, N, ROWS_ALL, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                WHOLE: tl.constexpr):  # fmt: skip
-    """Per row i of images (B, N, N): ``R_i = fp16(sqrt(A_i · 4**-a_i))`` with
+def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl.constexpr):
+    """Per row i of an image (B, N, N): ``R_i = fp16(sqrt(A_i · 4**-a_i))`` with
     ``4**a_i <= max_j A_ij < 4**(a_i + 1)`` (`_row_exponent`), a_i stored at ``EXP``. The
     scaled row peaks in [1, 4): R < 2 never overflows fp16, the power of four is exact, so
     R rounds as ``fp16(sqrt(A_i))`` would (relative error <= 2**-11 for R >= 2**-14), and
     ``S = R·Rᵀ`` is the true S times ``2**-(a_i + a_j)``, which the keys undo (`_keys`).
-    The ``ROWS_ALL = B·N`` rows go in groups of ROWS, a program taking every
-    ``num_programs``-th group, BLOCK columns at a time. WHOLE (N <= BLOCK): each row is read
-    once, and the program's next group is loaded before this one is written; else twice
-    (the second time from cache)."""
+    A program takes ROWS rows, BLOCK columns at a time; WHOLE (N <= BLOCK): each row is
+    read once, else twice (the second time from cache)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    b = tl.program_id(1)
+    row_ok = rows < N
+    at = (b.to(tl.int64) * N + rows)[:, None] * N + tl.arange(0, BLOCK)[None, :]
     cols = tl.arange(0, BLOCK)[None, :]
-    stride = tl.num_programs(0) * ROWS
-    first = tl.program_id(0) * ROWS
     if WHOLE:
-        x = _root_load(A, first + tl.arange(0, ROWS), N, ROWS_ALL, cols)
-        for g in tl.range(first, ROWS_ALL, stride, num_stages=1):
-            rows = g + tl.arange(0, ROWS)
-            ahead = _root_load(A, rows + stride, N, ROWS_ALL, cols)
-            e = _row_exponent(tl.max(x, axis=1))
-            _root_store(R, x, rows, e, N, ROWS_ALL, cols)
-            tl.store(EXP + rows, e, mask=rows < ROWS_ALL)
-            x = ahead
+        ok = row_ok[:, None] & (cols < N)
+        x = tl.load(A + at, mask=ok, other=0.0).to(tl.float32)
+        e = _row_exponent(tl.max(x, axis=1))
+        scale = _pow2(-e)[:, None]  # applied twice: 4**-e may not be an fp32 number
+        tl.store(R + at, tl.sqrt_rn(x * scale * scale).to(tl.float16), mask=ok)
     else:
-        for g in tl.range(first, ROWS_ALL, stride, num_stages=1):
-            rows = g + tl.arange(0, ROWS)
-            top = tl.zeros((ROWS, BLOCK), tl.float32)
-            for c0 in range(0, N, BLOCK):
-                top = tl.maximum(top, _root_load(A, rows, N, ROWS_ALL, c0 + cols))
-            e = _row_exponent(tl.max(top, axis=1))
-            for c0 in range(0, N, BLOCK):
-                x = _root_load(A, rows, N, ROWS_ALL, c0 + cols)
-                _root_store(R, x, rows, e, N, ROWS_ALL, c0 + cols)
-            tl.store(EXP + rows, e, mask=rows < ROWS_ALL)
+        top = tl.zeros((ROWS, BLOCK), tl.float32)
+        for c0 in range(0, N, BLOCK):
+            ok = row_ok[:, None] & (c0 + cols < N)
+            top = tl.maximum(top, tl.load(A + at + c0, mask=ok, other=0.0).to(tl.float32))
+        e = _row_exponent(tl.max(top, axis=1))
+        scale = _pow2(-e)[:, None]
+        for c0 in range(0, N, BLOCK):
+            ok = row_ok[:, None] & (c0 + cols < N)
+            x = tl.load(A + at + c0, mask=ok, other=0.0).to(tl.float32)
+            tl.store(R + at + c0, tl.sqrt_rn(x * scale * scale).to(tl.float16), mask=ok)
+    tl.store(EXP + b * N + rows, e, mask=row_ok)
 
 
 @functools.cache
@@ -656,31 +636,17 @@ def tma_fits(n: int) -> bool:
     return n % 8 == 0
 
 
-_ROOT_SLOTS: dict[tuple, int] = {}
-"""`root_kernel` programs that a GPU holds at once, by (dtype, rows, block, warps, device)."""
-
-
-def take_root(A: Tensor, out: Tensor, exponents: Tensor, programs: int | None = None) -> None:
+def take_root(A: Tensor, out: Tensor, exponents: Tensor) -> None:
     """The pass before the tiles: ``out = fp16(sqrt(A_i · 4**-a_i))`` per row by
     `root_kernel`, the rows' a_i into ``exponents`` (B, N) int32, for A (B, N, N)
-    contiguous: one read of A. ``programs`` (at most one a group of rows) each walk their
-    share of the rows; by default, on a GPU as many as it holds at once, so that every
-    program has its next group in flight, and under the interpreter one a group."""
+    contiguous: one read of A."""
     b, n = A.shape[0], A.shape[-1]
     block = min(next_pow2(n), ROOT_BLOCK)
     rows = ROOT_BLOCK // block  # as many rows as make ROOT_BLOCK entries
-    groups = triton.cdiv(b * n, rows)
-    args = (A, out, exponents, n, b * n)
-    options = dict(ROWS=rows, BLOCK=block, WHOLE=n <= block, num_warps=ROOT_WARPS)
     with on_device(A.device):
-        if programs is None and A.device.type == "cuda":
-            key = (A.dtype, rows, block, ROOT_WARPS, A.device)
-            if key not in _ROOT_SLOTS:
-                kernel = root_kernel.warmup(*args, grid=(1,), **options)
-                sms = launch.device_properties(A.device).multi_processor_count
-                _ROOT_SLOTS[key] = launch.resident_programs(kernel, A.device) * sms
-            programs = _ROOT_SLOTS[key]
-        root_kernel[(min(groups, programs or groups),)](*args, **options)
+        root_kernel[(triton.cdiv(n, rows), b)](
+            A, out, exponents, n, ROWS=rows, BLOCK=block, WHOLE=n <= block, num_warps=ROOT_WARPS
+        )
 
 
 @functools.cache

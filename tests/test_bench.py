@@ -61,7 +61,6 @@ def test_kernel_benchmark_smoke(tmp_path):
         assert row[f"{name}_ms"] > 0, name
     assert row["triton_torch_ops"] > 0  # a call's torch ops, counted
     assert row["cast_ms"] > 0  # the sqrt pass's bytes as a torch cast
-    assert row["root_grid_ms"] > 0  # the sqrt pass in one program a group of rows
     shapes = [key for key in row if re.fullmatch(r"root_\d+x\d+_ms", key)]  # ROOT_SHAPES
     assert shapes and all(row[key] > 0 for key in shapes), shapes
     for name in ("similarity", "root", "diffusion", "csr"):  # each stage's host part too

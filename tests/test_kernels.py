@@ -388,8 +388,7 @@ def test_refine_is_blind_to_a_power_of_two_scale(gen):
 def test_root_scales_each_row_by_a_power_of_four(gen, monkeypatch, dtype):
     """`take_root`: ``R_i = fp16(sqrt(A_i · 4**-a_i))`` with the row's peak scaled into
     [1, 4) (zero rows: a = -64), bitwise the same whether a row is read whole or in blocks
-    (N > ROOT_BLOCK: two reads of it), and whether a program takes one group of rows or
-    walks several (groups straddling the two images)."""
+    (N > ROOT_BLOCK: two reads of it)."""
     (A,) = to_device(random_attention(2, 40, 40, generator=gen, dtype=torch.float32))
     A[0, 3] *= 2.0**-60 if dtype == torch.float32 else 2.0**-10  # rows far apart in scale
     A[1, 5] = 0.0
@@ -402,11 +401,10 @@ def test_root_scales_each_row_by_a_power_of_four(gen, monkeypatch, dtype):
     assert a[1, 5] == -64 and ((peak * quarter >= 1) & (peak * quarter < 4) | (peak == 0)).all()
     expected = (A.double() * quarter[..., None]).sqrt()
     torch.testing.assert_close(R.double(), expected, rtol=2**-11, atol=2**-25)
-    for block, programs in [(4096, 1), (64, 3), (16, None), (16, 7)]:  # 16: rows in 3 blocks
-        monkeypatch.setattr(coneighbor_topk, "ROOT_BLOCK", block)
-        R_again, a_again = torch.empty_like(R), torch.empty_like(a)
-        coneighbor_topk.take_root(A, R_again, a_again, programs)
-        assert torch.equal(R_again, R) and torch.equal(a_again, a), (block, programs)
+    monkeypatch.setattr(coneighbor_topk, "ROOT_BLOCK", 16)  # rows in 3 blocks
+    R_blocks, a_blocks = torch.empty_like(R), torch.empty_like(a)
+    coneighbor_topk.take_root(A, R_blocks, a_blocks)
+    assert torch.equal(R_blocks, R) and torch.equal(a_blocks, a)
 
 
 # ---------------------------------------------------------------- TOP(S, k) alone (kernel 1)
