@@ -407,6 +407,16 @@ def rownorm_kernel(
 
 
 @triton.jit
+def _sqrt_fp16(v):
+    """``fp16(sqrt_rn(v))`` for v >= 0, bitwise, with the IEEE square root taken only of
+    v >= 2**-50: below, sqrt(v) < 2**-25 rounds to fp16 zero anyway, while ``sqrt.rn``
+    branches to a slow path for inputs below about 2**-101 (zeros included), which the
+    masked lanes of a row and the underflowed entries of peaked rows would take."""
+    root = tl.sqrt_rn(tl.maximum(v, 2.0**-50))
+    return tl.where(v < 2.0**-50, 0.0, root).to(tl.float16)
+
+
+@triton.jit
 def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl.constexpr):
     """Per row i of an image (B, N, N): ``R_i = fp16(sqrt(A_i · 4**-a_i))`` with
     ``4**a_i <= max_j A_ij < 4**(a_i + 1)`` (`_row_exponent`), a_i stored at ``EXP``. The
@@ -425,7 +435,7 @@ def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl
         x = tl.load(A + at, mask=ok, other=0.0).to(tl.float32)
         e = _row_exponent(tl.max(x, axis=1))
         scale = _pow2(-e)[:, None]  # applied twice: 4**-e may not be an fp32 number
-        tl.store(R + at, tl.sqrt_rn(x * scale * scale).to(tl.float16), mask=ok)
+        tl.store(R + at, _sqrt_fp16(x * scale * scale), mask=ok)
     else:
         top = tl.zeros((ROWS, BLOCK), tl.float32)
         for c0 in range(0, N, BLOCK):
@@ -436,7 +446,7 @@ def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl
         for c0 in range(0, N, BLOCK):
             ok = row_ok[:, None] & (c0 + cols < N)
             x = tl.load(A + at + c0, mask=ok, other=0.0).to(tl.float32)
-            tl.store(R + at + c0, tl.sqrt_rn(x * scale * scale).to(tl.float16), mask=ok)
+            tl.store(R + at + c0, _sqrt_fp16(x * scale * scale), mask=ok)
     tl.store(EXP + b * N + rows, e, mask=row_ok)
 
 
