@@ -263,10 +263,12 @@ def diffusion_jobs(quick: bool):
 def root_jobs():
     for name in ("fp32", "fp16"):
         sig = signature(root_kernel, A=f"*{name}", R="*fp16", EXP="*i32", N="i32")
-        for rows in (4, 1):  # 4 whole rows at N = 576 to 1024, 1 row a block past ROOT_BLOCK
-            constants = dict(ROWS=rows, BLOCK=ROOT_BLOCK // rows, WHOLE=rows > 1)
+        # 4 whole rows a program at N = 576 to 1024, 1 at N = 2304 to ROOT_BLOCK, 1 in
+        # blocks past it
+        for rows, whole in ((4, True), (1, True), (1, False)):
+            constants = dict(ROWS=rows, BLOCK=ROOT_BLOCK // rows, WHOLE=whole)
             cfg = Config(num_warps=ROOT_WARPS)
-            yield f"root {name} rows={rows}", root_kernel, sig, constants, cfg
+            yield f"root {name} rows={rows} whole={whole}", root_kernel, sig, constants, cfg
 
 
 def csr_jobs():
