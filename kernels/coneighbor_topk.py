@@ -408,12 +408,12 @@ def rownorm_kernel(
 
 @triton.jit
 def _sqrt_fp16(v):
-    """``fp16(sqrt_rn(v))`` for v >= 0, bitwise, with the IEEE square root taken only of
-    v >= 2**-50: below, sqrt(v) < 2**-25 rounds to fp16 zero anyway, while ``sqrt.rn``
-    branches to a slow path for inputs below about 2**-101 (zeros included), which the
-    masked lanes of a row and the underflowed entries of peaked rows would take."""
-    root = tl.sqrt_rn(tl.maximum(v, 2.0**-50))
-    return tl.where(v < 2.0**-50, 0.0, root).to(tl.float16)
+    """``fp16(sqrt_rn(v))`` for v >= 0, bitwise, from the IEEE square root of
+    ``max(v, 2**-50)``: below 2**-50, sqrt(v) < 2**-25 rounds to fp16 zero, and so does
+    2**-25 itself (to even). ``sqrt.rn`` branches to a slow path for inputs below about
+    2**-101 (zeros included), which the masked lanes of a row and the underflowed entries of
+    peaked rows would take."""
+    return tl.sqrt_rn(tl.maximum(v, 2.0**-50)).to(tl.float16)
 
 
 @triton.jit
