@@ -216,13 +216,13 @@ def topk_jobs(quick: bool, warp_mma: bool):
 
 def ws_jobs():
     """The warp-specialized kernel's candidate (Gluon), fp32 attention, kp = 64, and its
-    twin with the merge warps in the MMA warpgroup's layout (no ``lane_pairs``)."""
+    twin whose MMA warpgroup scales each tile by the keys' powers of two (``mma_scales``)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from adcam_fast.kernels import coneighbor_topk_ws as ws
 
     kernel = ws.coneighbor_topk_ws_kernel
-    for cfg in (WS_CANDIDATE, dataclasses.replace(WS_CANDIDATE, lane_pairs=False)):
+    for cfg in (WS_CANDIDATE, dataclasses.replace(WS_CANDIDATE, mma_scales=True)):
         rm, rn = (
             f"tensordesc<fp16[{rows}, {cfg.block_k}],{ws.operand_layout(rows, cfg.block_k)!r}>"
             for rows in (cfg.block_m, cfg.block_n)

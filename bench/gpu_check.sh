@@ -7,7 +7,7 @@
 # others 9 to 53; run a subset with STEPS where a call is capped, as below), each logged
 # to RESULTS_DIR/<step>.log: versions and nvidia-smi, editable install of the project, the
 # kernel benchmark (RESULTS_DIR/kernels.{json,csv,png}; on Hopper the warp-specialized
-# candidate's twin with its merge warps in the MMA layout beside the candidates), the GPU
+# candidate's twin whose MMA warpgroup scales the keys, beside the candidates), the GPU
 # tests (pytest -m gpu tests/, in GPU_TEST_WORKERS processes, default 6, where pytest-xdist
 # is installed, as on the lent GPU machines: a fresh machine's run is mostly compiling),
 # the end-to-end labelling benchmark (pipeline_cuda.json), training throughput
@@ -24,7 +24,7 @@
 # per program, per tile, per K step), and on Hopper the same of the warp-specialized
 # candidate at N = 2304 (sass_ws.log, sass_ws_regions.log: its partitions' code runs on
 # different numbers of warps, so they fall into regions of their own), and of its twin
-# (sass_ws_quads.log, sass_ws_quads_regions.log).
+# (sass_ws_scales.log, sass_ws_scales_regions.log).
 # STEPS="gpu_tests kernels" (say) runs a subset of the GPU steps, KERNEL_SIZES="576 2304"
 # (say) a subset of the benchmark's sizes, KERNEL_ARGS more of its options (say
 # "--batches 128 --topk-config block_m=64,block_n=256,block_k=64,narrow=32,tma=1").
@@ -67,18 +67,18 @@ step info 30 "$py" -c 'import sys; from adcam_fast.cli import main; sys.exit(mai
 if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
   want() { [[ " ${STEPS:-gpu_tests kernels pipeline train backends host profile sass} " == *" $1 "* ]]; }
   export PYTHONUNBUFFERED=1
-  # The warp-specialized candidate as --topk-config takes it, and its twin whose merge warps
-  # hold a row on the four lanes of a quad, as the MMA warpgroup does, instead of two (timed
+  # The warp-specialized candidate as --topk-config takes it, and its twin whose MMA
+  # warpgroup scales each tile by the keys' powers of two instead of its merge warps (timed
   # beside the candidates, not among them); empty off Hopper.
-  read -r ws ws_quads < <("$py" -c 'import sys, torch; sys.path[:0] = ["bench"]
+  read -r ws ws_scales < <("$py" -c 'import sys, torch; sys.path[:0] = ["bench"]
 from dataclasses import replace
 from configs import config_text
 from adcam_fast.kernels.coneighbor_topk import WS_CANDIDATE as ws
 from adcam_fast.kernels.launch import can_warp_specialize
 if can_warp_specialize(torch.device("cuda")):
-    print(config_text(ws), config_text(replace(ws, lane_pairs=False)))')
+    print(config_text(ws), config_text(replace(ws, mma_scales=True)))')
   twins=()
-  [ -z "${ws_quads:-}" ] || twins=(--topk-config "$ws_quads")
+  [ -z "${ws_scales:-}" ] || twins=(--topk-config "$ws_scales")
   # The goals' sizes first: the torch paths' budget goes there. torch.compile is left out:
   # on an H200 it was slower than eager at both goal sizes, and its compiles cost the step.
   want kernels && step kernels 400 "$py" bench/kernels.py --out "$out" --budget-s 90 \
@@ -116,8 +116,8 @@ if can_warp_specialize(torch.device("cuda")):
         py=$py; ncu_kernels 576 'root|topk|diffusion' 0 $sections &&
         ncu_kernels 2304 topk 1 $sections; ncu_kernels 576 'topk|diffusion' 0 $stalls
         [ -z '$ws' ] || PROFILE_ARGS='--topk-config $ws' ncu_kernels 2304 topk_ws 1 $sections
-        [ -z '$ws_quads' ] || { echo '== the twin without lane_pairs'
-          PROFILE_ARGS='--topk-config $ws_quads' ncu_kernels 2304 topk_ws 1 $sections; }"
+        [ -z '$ws_scales' ] || { echo '== the twin with mma_scales'
+          PROFILE_ARGS='--topk-config $ws_scales' ncu_kernels 2304 topk_ws 1 $sections; }"
     else
       echo "== profile: no ncu on PATH, skipped"
     fi
@@ -129,8 +129,8 @@ if can_warp_specialize(torch.device("cuda")):
       py=$py; ncu_kernels 576 'topk|diffusion' 0 --section SourceCounters -f -o '$out/sass' &&
       ncu --import '$out/sass.ncu-rep' --page source --print-source sass --csv"
     step sass_regions 20 "$py" bench/sass_regions.py "$out/sass.log"
-    # The warp-specialized candidate, then its twin without lane_pairs (Hopper only).
-    for job in ${ws:+"sass_ws=$ws"} ${ws_quads:+"sass_ws_quads=$ws_quads"}; do
+    # The warp-specialized candidate, then its twin with mma_scales (Hopper only).
+    for job in ${ws:+"sass_ws=$ws"} ${ws_scales:+"sass_ws_scales=$ws_scales"}; do
       name=${job%%=*} cfg=${job#*=}
       step "$name" 150 bash -c "$(declare -f ncu_kernels)
         py=$py; PROFILE_ARGS='--topk-config $cfg' ncu_kernels 2304 topk_ws 1 \

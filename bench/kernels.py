@@ -108,7 +108,8 @@ def topk_label(c: Config) -> str:
             + (f"_r{c.maxnreg}" if c.maxnreg else "") + ("_tma" if c.tma else "")
             + ("_flat" if c.flat else "") + ("_lockstep" if c.lockstep else "")
             + (f"_parts{c.parts}" if c.parts > 1 else "") + ("_ws" if c.ws else "")
-            + ("_lanepairs" if c.lane_pairs else ""))  # fmt: skip
+            + ("_lanepairs" if c.lane_pairs else "")
+            + ("_mmascales" if c.mma_scales else ""))  # fmt: skip
 
 
 def tuned_config(A: torch.Tensor, k: int) -> Config:

@@ -166,8 +166,20 @@ def _keys(s, row_ok, cols, a_rows, EXP, N, C):
     """The int32 keys of a tile of ``S' = R·Rᵀ`` (the module's rule) for its rows, whose
     exponents are ``a_rows``, and columns ``cols`` of one image (exponents at ``EXP``), -1
     at rows or columns >= N: of ``S'_ij · 2**(a_j - a_i)``, which is ``S_ij · 4**-a_i``."""
+    return _scaled_keys(_scale(s, cols, a_rows, EXP, N), row_ok, cols, N, C)
+
+
+@triton.jit
+def _scale(s, cols, a_rows, EXP, N):
+    """``S'_ij · 2**(a_j - a_i)`` for a tile of S' with its rows' exponents ``a_rows`` and
+    columns ``cols`` (exponents at ``EXP``; 0 past N)."""
     a_cols = tl.load(EXP + cols, mask=cols < N, other=0)
-    v = s * _pow2(a_cols[None, :] - a_rows[:, None])  # |a_j - a_i| <= 126: exact
+    return s * _pow2(a_cols[None, :] - a_rows[:, None])  # |a_j - a_i| <= 126: exact
+
+
+@triton.jit
+def _scaled_keys(v, row_ok, cols, N, C):
+    """`_keys` of a tile already scaled by `_scale`."""
     field = tl.minimum(tl.maximum(v.to(tl.int32, bitcast=True) - S_FLOOR_BITS, 0), 2**30 - 1)
     key = ((field >> (C - 1)) << C) | (N - cols)[None, :]
     return tl.where(row_ok[:, None] & (cols < N)[None, :], key, -1)
@@ -544,7 +556,7 @@ def check_config(cfg: Config, kp: int) -> None:
     only with ``slots`` 0; ``ws`` (`coneighbor_topk_ws`) with ``tma``, without ``slots``,
     ``narrow``, ``flat`` or ``maxnreg``, and a tile of at least 64 rows that one MMA
     warpgroup holds (block_m·block_n <= 128·128); ``lane_pairs`` with ``ws`` and at least
-    16 rows a merge warp."""
+    16 rows a merge warp; ``mma_scales`` with ``ws``."""
     for name, least in (("block_m", 16), ("block_n", 16), ("block_k", 16), ("num_warps", 1)):
         if not least <= (v := getattr(cfg, name)) == next_pow2(v):
             raise ValueError(f"config {name} must be a power of two >= {least}, got {v}")
@@ -577,6 +589,8 @@ def check_config(cfg: Config, kp: int) -> None:
             "config lane_pairs needs ws and block_m >= 16·num_warps (a merge warp's 32 "
             f"lanes on 16 rows), got ws={cfg.ws}, {cfg.block_m} rows on {cfg.num_warps} warps"
         )
+    if cfg.mma_scales and not cfg.ws:
+        raise ValueError("config mma_scales needs ws (the Gluon kernel's MMA warpgroup)")
 
 
 def topk_constants(kp: int, cfg: Config, refine: bool) -> dict[str, int | bool]:

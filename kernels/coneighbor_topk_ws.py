@@ -31,6 +31,12 @@ bit 5, so that a merge exchanges lanes three times: in the mirror step that sort
 `coneighbor_topk.WS_CANDIDATE` takes it: on an H200 at N = 2304 the stage took 0.94 to 0.96
 times the time of the quad layout (bench/kernels_notes.md, v31).
 
+With ``MMA_SCALES`` (`Config.mma_scales`) the MMA warpgroup multiplies each finished tile by
+the keys' powers of two (`coneighbor_topk._scale`: the column exponents' loads and one
+multiply an entry) before it stores it, and the merge warps make the keys of the scaled tile
+(`coneighbor_topk._scaled_keys`): the same keys, bitwise. With lane pairs the merge warps
+waited on those loads in 6 % of their samples on an H200 (bench/kernels_notes.md, v36).
+
 Column tiles are taken in the order of `coneighbor_topk._column_tile` (the diagonal first,
 or ``LOCKSTEP``), over one of ``PARTS`` runs of them (the lists then meet in
 `coneighbor_topk.merge_parts_kernel`), and every tile with a key above a row's k-th is
@@ -70,6 +76,8 @@ from adcam_fast.kernels.coneighbor_topk import (
     _column_tile,
     _epilogue,
     _keys,
+    _scale,
+    _scaled_keys,
 )
 from adcam_fast.kernels.launch import Config
 
@@ -120,9 +128,11 @@ def _copy_partition(RM, RN, r_bufs, c_bufs, ready, free, pid_b, row0, lo, first,
 
 
 @gluon.jit
-def _mma_partition(r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, n_tiles, N,
-                   BLOCK_K: gl.constexpr):  # fmt: skip
-    """Each tile's S' by wgmma from the ring, then into a tile buffer once it is free."""
+def _mma_partition(r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, EXP, pid_b, row0, lo,
+                   first, n_tiles, N, BLOCK_K: gl.constexpr, LOCKSTEP: gl.constexpr,
+                   MMA_SCALES: gl.constexpr):  # fmt: skip
+    """Each tile's S' by wgmma from the ring (with MMA_SCALES, times the keys' powers of
+    two, `coneighbor_topk._scale`), then into a tile buffer once it is free."""
     STAGES: gl.constexpr = r_bufs.type.shape[0]
     S_BUFS: gl.constexpr = s_bufs.type.shape[0]
     BLOCK_M: gl.constexpr = s_bufs.type.shape[1]
@@ -131,6 +141,10 @@ def _mma_partition(r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, n_tiles
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
     )
     k_steps = gl.cdiv(N, BLOCK_K)
+    if MMA_SCALES:
+        exp = EXP + pid_b * N
+        rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+        a_rows = gl.load(exp + rows, mask=rows < N, other=0)
     for t in range(n_tiles):
         s = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
         for kk in range(k_steps):
@@ -143,6 +157,10 @@ def _mma_partition(r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, n_tiles
             mbarrier.arrive(free.index((i + STAGES - 1) % STAGES), pred=kk > 0)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(free.index((t * k_steps + k_steps - 1) % STAGES))
+        if MMA_SCALES:
+            cols = (lo + _column_tile(t, first, n_tiles, LOCKSTEP)) * BLOCK_N
+            cols += gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+            s = _scale(s, cols, a_rows, exp, N)
         buf = t % S_BUFS
         mbarrier.wait(s_free.index(buf), ((t // S_BUFS) & 1) ^ 1)
         s_bufs.index(buf).store(s)
@@ -153,7 +171,8 @@ def _mma_partition(r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, n_tiles
 def _merge_partition(s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0, part, lo,
                      first, n_tiles, N, C, K_KEEP, eps, LOG_KP: gl.constexpr,
                      ROW_WARPS: gl.constexpr, REFINE: gl.constexpr, LOCKSTEP: gl.constexpr,
-                     PARTS: gl.constexpr, LANE_PAIRS: gl.constexpr):  # fmt: skip
+                     PARTS: gl.constexpr, LANE_PAIRS: gl.constexpr,
+                     MMA_SCALES: gl.constexpr):  # fmt: skip
     """Keys and merge of each tile as it arrives, then the epilogue of the program's rows
     (with PARTS > 1, their running lists into KEYS, as `coneighbor_topk_kernel` does)."""
     KP: gl.constexpr = 1 << LOG_KP
@@ -181,7 +200,10 @@ def _merge_partition(s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
         mbarrier.wait(s_ready.index(buf), (t // S_BUFS) & 1)
         s = s_bufs.index(buf).load(layout)
         mbarrier.arrive(s_free.index(buf))
-        key = _keys(s, row_ok, cols, a_rows, exp, N, C)
+        if MMA_SCALES:
+            key = _scaled_keys(s, row_ok, cols, N, C)
+        else:
+            key = _keys(s, row_ok, cols, a_rows, exp, N, C)
         bar = gl.convert_layout(kth, gl.SliceLayout(1, layout))
         if gl.max(gl.max(key > bar[:, None], axis=1), axis=0):  # a key could enter
             acc = merge_tile(acc, key, LOG_KP, LOG_BN, ROW_WARPS)
@@ -214,6 +236,7 @@ def coneighbor_topk_ws_kernel(
     LOCKSTEP: gl.constexpr,
     PARTS: gl.constexpr,
     LANE_PAIRS: gl.constexpr,  # the merge warps' layout (`Config.lane_pairs`)
+    MMA_SCALES: gl.constexpr,  # the keys' powers of two by the MMA warpgroup (`Config.mma_scales`)
     STAGES: gl.constexpr,  # operand stages of the ring
     S_BUFS: gl.constexpr,  # fp32 S tile buffers between the MMA and merge partitions
     MMA_REGS: gl.constexpr,  # registers per thread of the MMA warpgroup
@@ -250,11 +273,12 @@ def coneighbor_topk_ws_kernel(
         [
             (_merge_partition, (s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
                                 part, lo, first, n_tiles, N, C, K_KEEP, eps, LOG_KP,
-                                ROW_WARPS, REFINE, LOCKSTEP, PARTS, LANE_PAIRS)),
+                                ROW_WARPS, REFINE, LOCKSTEP, PARTS, LANE_PAIRS, MMA_SCALES)),
             (_copy_partition, (RM, RN, r_bufs, c_bufs, ready, free, pid_b, row0, lo, first,
                                n_tiles, N, BLOCK_N, BLOCK_K, LOCKSTEP)),
-            (_mma_partition, (r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, n_tiles,
-                              N, BLOCK_K)),
+            (_mma_partition, (r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, EXP,
+                              pid_b, row0, lo, first, n_tiles, N, BLOCK_K, LOCKSTEP,
+                              MMA_SCALES)),
         ],
         [1, 4],
         [24, MMA_REGS],
@@ -311,6 +335,7 @@ def ws_constants(cfg: Config, constants: dict) -> dict[str, int | bool]:
     names = ("LOG_KP", "ROW_WARPS", "REFINE", "LOCKSTEP", "PARTS")
     return {name: constants[name] for name in names} | dict(
         LANE_PAIRS=cfg.lane_pairs,
+        MMA_SCALES=cfg.mma_scales,
         STAGES=cfg.num_stages,
         S_BUFS=tile_buffers(cfg),
         MMA_REGS=register_split(cfg)[1],

@@ -53,8 +53,9 @@ class Config:
     """Block sizes, merge schedule, operand loads and loops (top-k kernel: ``slots``,
     ``narrow``, ``tma``; ``flat``, one loop over (tile, K step); ``lockstep``, one column
     order for all programs; ``parts``, programs per row block, 0 or 1 for one; ``ws``, the
-    warp-specialized Gluon kernel, `coneighbor_topk_ws`, and ``lane_pairs``, its merge warps
-    holding a tile row on two lanes instead of four), programs
+    warp-specialized Gluon kernel, `coneighbor_topk_ws`, ``lane_pairs``, its merge warps
+    holding a tile row on two lanes instead of four, and ``mma_scales``, its MMA warpgroup
+    scaling each tile by the keys' powers of two instead of its merge warps), programs
     per image and class block and loads (diffusion: ``parts``, 0 to fill the GPU;
     ``prefetch``, sources a chunk ahead) and launch options of one kernel variant (unused
     fields are 0; ``maxnreg`` 0 leaves the registers to ptxas; ``num_stages`` defaults to
@@ -76,6 +77,7 @@ class Config:
     prefetch: bool = False
     ws: bool = False
     lane_pairs: bool = False
+    mma_scales: bool = False
 
     def launch_options(self) -> dict[str, int]:
         """Triton's launch (and compile) options of this variant."""

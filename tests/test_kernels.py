@@ -754,6 +754,7 @@ def test_versions_are_read_as_releases():
         (dict(ws=True, tma=True, narrow=16), "ws takes no narrow, got 16"),
         (dict(ws=True, tma=True), "ws needs block_m >= 64 and block_m·block_n <= 16384"),
         (dict(lane_pairs=True), "lane_pairs needs ws and block_m >= 16·num_warps"),
+        (dict(mma_scales=True), r"mma_scales needs ws \(the Gluon kernel's MMA warpgroup\)"),
     ],
 )
 def test_a_config_the_kernel_cannot_run_is_named(gen, change, message):
@@ -877,6 +878,7 @@ WS_CONFIGS = [
     Config(128, 128, 64, num_warps=8, num_stages=3, tma=True, ws=True, lockstep=True),
     Config(128, 128, 64, num_warps=8, num_stages=4, tma=True, ws=True, lane_pairs=True),
     coneighbor_topk.WS_CANDIDATE,
+    dataclasses.replace(coneighbor_topk.WS_CANDIDATE, mma_scales=True),
 ]
 
 
