@@ -109,6 +109,15 @@ requires, ``async_copy_global_to_shared`` before."""
 
 
 @gluon.jit
+def _tile_columns(t, lo, first, n_tiles, BLOCK_N: gl.constexpr, LOCKSTEP: gl.constexpr,
+                  layout: gl.constexpr):  # fmt: skip
+    """The columns of the program's t-th tile (`coneighbor_topk._column_tile`), in the
+    columns' slice of ``layout``."""
+    col0 = (lo + _column_tile(t, first, n_tiles, LOCKSTEP)) * BLOCK_N
+    return col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+
+
+@gluon.jit
 def _copy_partition(RM, RN, r_bufs, c_bufs, ready, free, pid_b, row0, lo, first, n_tiles, N,
                     BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                     LOCKSTEP: gl.constexpr):  # fmt: skip
@@ -158,8 +167,7 @@ def _mma_partition(r_bufs, c_bufs, ready, free, s_bufs, s_ready, s_free, EXP, pi
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(free.index((t * k_steps + k_steps - 1) % STAGES))
         if MMA_SCALES:
-            cols = (lo + _column_tile(t, first, n_tiles, LOCKSTEP)) * BLOCK_N
-            cols += gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+            cols = _tile_columns(t, lo, first, n_tiles, BLOCK_N, LOCKSTEP, layout)
             s = _scale(s, cols, a_rows, exp, N)
         buf = t % S_BUFS
         mbarrier.wait(s_free.index(buf), ((t // S_BUFS) & 1) ^ 1)
@@ -188,14 +196,14 @@ def _merge_partition(s_bufs, s_ready, s_free, A, EXP, W, IDX, KEYS, pid_b, row0,
         )
     rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     row_ok = rows < N
-    exp = EXP + pid_b * N
-    a_rows = gl.load(exp + rows, mask=row_ok, other=0)
+    if not MMA_SCALES:  # else the MMA warpgroup scales the tiles
+        exp = EXP + pid_b * N
+        a_rows = gl.load(exp + rows, mask=row_ok, other=0)
     # An empty list in the layout that the network gives its output (-1 everywhere).
     acc = topk_desc(gl.full((BLOCK_M, BLOCK_N), -1, gl.int32, layout), LOG_KP, LOG_BN, ROW_WARPS)
     kth = kth_key(acc, K_KEEP, KP)
     for t in range(n_tiles):
-        cols = (lo + _column_tile(t, first, n_tiles, LOCKSTEP)) * BLOCK_N
-        cols += gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+        cols = _tile_columns(t, lo, first, n_tiles, BLOCK_N, LOCKSTEP, layout)
         buf = t % S_BUFS
         mbarrier.wait(s_ready.index(buf), (t // S_BUFS) & 1)
         s = s_bufs.index(buf).load(layout)
