@@ -53,6 +53,7 @@ from adcam_fast.kernels.coneighbor_topk import (
     coneighbor_topk_kernel,
     merge_parts_kernel,
     root_kernel,
+    root_shape,
     topk_configs,
     topk_constants,
 )
@@ -263,12 +264,12 @@ def diffusion_jobs(quick: bool):
 def root_jobs():
     for name in ("fp32", "fp16"):
         sig = signature(root_kernel, A=f"*{name}", R="*fp16", EXP="*i32", N="i32")
-        # 4 whole rows a program at N = 576 to 1024, 1 at N = 2304 to ROOT_BLOCK, 1 in
-        # blocks past it
-        for rows, whole in ((4, True), (1, True), (1, False)):
-            constants = dict(ROWS=rows, BLOCK=ROOT_BLOCK // rows, WHOLE=whole)
+        # 4 whole rows a program (N = 576: 512 + 64 columns), 1 (N = 2304: 2048 + 256), 1 in
+        # blocks (N > ROOT_BLOCK)
+        for n in (576, 2304, 2 * ROOT_BLOCK):
+            constants = root_shape(n)
             cfg = Config(num_warps=ROOT_WARPS)
-            yield f"root {name} rows={rows} whole={whole}", root_kernel, sig, constants, cfg
+            yield f"root {name} N={n} whole={constants['WHOLE']}", root_kernel, sig, constants, cfg
 
 
 def csr_jobs():

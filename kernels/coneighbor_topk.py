@@ -89,11 +89,11 @@ MAX_TOPK = 1024
 """The largest k < N supported (the running top-k of a row block is held on chip)."""
 
 ROOT_BLOCK = 4096
-"""Entries that a `root_kernel` program holds at once, in whole rows up to this N (which are
-read once), else in blocks of one row."""
+"""Lanes of a `root_kernel` program: whole rows up to this N (read once), as many as fill it
+at the next power of two (`root_shape`), else one row in blocks of this many columns."""
 
 ROOT_WARPS = 8
-"""Warps of a `root_kernel` program: 16 entries a thread."""
+"""Warps of a `root_kernel` program: at most 16 entries a thread."""
 
 MERGE_ENTRIES = 4096
 """Keys per program of `merge_parts_kernel`: 64 rows of a running top-64 on 4 warps."""
@@ -429,25 +429,40 @@ def _sqrt_fp16(v):
 
 
 @triton.jit
-def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl.constexpr):
+def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
+                WHOLE: tl.constexpr):  # fmt: skip
     """Per row i of an image (B, N, N): ``R_i = fp16(sqrt(A_i · 4**-a_i))`` with
     ``4**a_i <= max_j A_ij < 4**(a_i + 1)`` (`_row_exponent`), a_i stored at ``EXP``. The
     scaled row peaks in [1, 4): R < 2 never overflows fp16, the power of four is exact, so
     R rounds as ``fp16(sqrt(A_i))`` would (relative error <= 2**-11 for R >= 2**-14), and
     ``S = R·Rᵀ`` is the true S times ``2**-(a_i + a_j)``, which the keys undo (`_keys`).
-    A program takes ROWS rows, BLOCK columns at a time; WHOLE (N <= BLOCK): each row is
-    read once, else twice (the second time from cache)."""
+    A program takes ROWS rows. WHOLE: each row is read once, as its first BLOCK <= N columns
+    and the TAIL (a power of two, or 0) after them, which hold the rest (so lanes past N
+    are at most those of the tail's power of two); else BLOCK columns at a time, twice (the
+    second time from cache)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     b = tl.program_id(1)
     row_ok = rows < N
-    at = (b.to(tl.int64) * N + rows)[:, None] * N + tl.arange(0, BLOCK)[None, :]
+    row_at = (b.to(tl.int64) * N + rows)[:, None] * N
     cols = tl.arange(0, BLOCK)[None, :]
+    at = row_at + cols
     if WHOLE:
-        ok = row_ok[:, None] & (cols < N)
-        x = tl.load(A + at, mask=ok, other=0.0).to(tl.float32)
-        e = _row_exponent(tl.max(x, axis=1))
-        scale = _pow2(-e)[:, None]  # applied twice: 4**-e may not be an fp32 number
-        tl.store(R + at, _sqrt_fp16(x * scale * scale), mask=ok)
+        x = tl.load(A + at, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        # (ROWS, 1) maxima: the tail's layout (fewer entries a thread) meets the head's
+        # there, not at the head's entries (Triton 3.6, fp16 A: a shared-memory round trip)
+        top = tl.max(x, axis=1, keep_dims=True)
+        if TAIL > 0:
+            tail_cols = BLOCK + tl.arange(0, TAIL)[None, :]
+            tail_at = row_at + tail_cols
+            tail_ok = row_ok[:, None] & (tail_cols < N)
+            y = tl.load(A + tail_at, mask=tail_ok, other=0.0).to(tl.float32)
+            top = tl.maximum(top, tl.max(y, axis=1, keep_dims=True))
+        e = _row_exponent(top)
+        scale = _pow2(-e)  # applied twice: 4**-e may not be an fp32 number
+        tl.store(R + at, _sqrt_fp16(x * scale * scale), mask=row_ok[:, None])
+        if TAIL > 0:
+            tl.store(R + tail_at, _sqrt_fp16(y * scale * scale), mask=tail_ok)
+        tl.store(EXP + b * N + rows[:, None], e, mask=row_ok[:, None])
     else:
         top = tl.zeros((ROWS, BLOCK), tl.float32)
         for c0 in range(0, N, BLOCK):
@@ -459,7 +474,20 @@ def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl
             ok = row_ok[:, None] & (c0 + cols < N)
             x = tl.load(A + at + c0, mask=ok, other=0.0).to(tl.float32)
             tl.store(R + at + c0, _sqrt_fp16(x * scale * scale), mask=ok)
-    tl.store(EXP + b * N + rows, e, mask=row_ok)
+        tl.store(EXP + b * N + rows, e, mask=row_ok)
+
+
+def root_shape(n: int) -> dict[str, int | bool]:
+    """The constexpr arguments of `root_kernel` at size N: rows of N <= ROOT_BLOCK whole, as
+    many a program as fill ROOT_BLOCK lanes at the next power of two, each in its largest
+    power of two of columns and a tail (576 = 512 + 64 and 2304 = 2048 + 256 leave no lane
+    idle, 1296 = 1024 + 272 of 512 leaves 240); longer rows one a program, in blocks of
+    ROOT_BLOCK."""
+    if n > ROOT_BLOCK:
+        return dict(ROWS=1, BLOCK=ROOT_BLOCK, TAIL=0, WHOLE=False)
+    head = 1 << (n.bit_length() - 1)
+    tail = next_pow2(n - head) if n > head else 0
+    return dict(ROWS=ROOT_BLOCK // next_pow2(n), BLOCK=head, TAIL=tail, WHOLE=True)
 
 
 @functools.cache
@@ -665,11 +693,10 @@ def take_root(A: Tensor, out: Tensor, exponents: Tensor) -> None:
     `root_kernel`, the rows' a_i into ``exponents`` (B, N) int32, for A (B, N, N)
     contiguous: one read of A."""
     b, n = A.shape[0], A.shape[-1]
-    block = min(next_pow2(n), ROOT_BLOCK)
-    rows = ROOT_BLOCK // block  # as many rows as make ROOT_BLOCK entries
+    shape = root_shape(n)
     with on_device(A.device):
-        root_kernel[(triton.cdiv(n, rows), b)](
-            A, out, exponents, n, ROWS=rows, BLOCK=block, WHOLE=n <= block, num_warps=ROOT_WARPS
+        root_kernel[(triton.cdiv(n, shape["ROWS"]), b)](
+            A, out, exponents, n, **shape, num_warps=ROOT_WARPS
         )
 
 

@@ -65,7 +65,7 @@ def test_default_configurations_compile_for_sm90_without_spills():
 
     gluon = launch.gluon_builds(triton.__version__)
     lines = [line for line in run.stdout.splitlines() if line.startswith("OK ")]
-    # root fp32 + fp16, each for rows read once (4 and 1 a program) and twice; top-k fp16 +
+    # root fp32 + fp16, each for rows read once (4 and 1 a program) and in blocks; top-k fp16 +
     # fp32, by pointers (N % 8 != 0) and TMA, and for fp32 at kp = 1 (both) and 128 (one
     # default); where this Triton's Gluon builds it (launch.GLUON_RELEASES), the
     # warp-specialized candidate and its twin whose MMA warpgroup scales the keys; the merge
