@@ -446,17 +446,17 @@ def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.
     row_at = (b.to(tl.int64) * N + rows)[:, None] * N
     cols = tl.arange(0, BLOCK)[None, :]
     at = row_at + cols
-    if WHOLE:
-        x = tl.load(A + at, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        # (ROWS, 1) maxima: the tail's layout (fewer entries a thread) meets the head's
-        # there, not at the head's entries (Triton 3.6, fp16 A: a shared-memory round trip)
-        top = tl.max(x, axis=1, keep_dims=True)
+    if WHOLE:  # the tail first, maxima as (ROWS, 1): where its layout (fewer entries a thread)
+        # meets the head's, Triton converts the tail or the maxima, not the head
+        top = tl.zeros((ROWS, 1), tl.float32)
         if TAIL > 0:
             tail_cols = BLOCK + tl.arange(0, TAIL)[None, :]
             tail_at = row_at + tail_cols
             tail_ok = row_ok[:, None] & (tail_cols < N)
             y = tl.load(A + tail_at, mask=tail_ok, other=0.0).to(tl.float32)
-            top = tl.maximum(top, tl.max(y, axis=1, keep_dims=True))
+            top = tl.max(y, axis=1, keep_dims=True)
+        x = tl.load(A + at, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        top = tl.maximum(top, tl.max(x, axis=1, keep_dims=True))
         e = _row_exponent(top)
         scale = _pow2(-e)  # applied twice: 4**-e may not be an fp32 number
         tl.store(R + at, _sqrt_fp16(x * scale * scale), mask=row_ok[:, None])
