@@ -801,6 +801,25 @@ def test_gpu_refine_full_size(n, b, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [576, 1296, 2304, 4096, 5000])
+def test_gpu_root_full_size(n, dtype):
+    """`take_root` in each of its shapes (`root_shape`: a tail with no lane past N, one with
+    240, none, and rows in blocks past ROOT_BLOCK): bitwise the IEEE fp32 square root of the
+    scaled rows in fp16, and each row's power of four."""
+    gen = torch.Generator().manual_seed(n)
+    A = random_attention(2, n, n, generator=gen, dtype=torch.float32)
+    A[0, 1] *= 2.0**-40 if dtype == torch.float32 else 2.0**-10  # a row far below the others
+    A = A.to(dtype).cuda()
+    R, a = torch.empty(A.shape, dtype=torch.float16, device="cuda"), torch.empty(2, n).int().cuda()
+    coneighbor_topk.take_root(A, R, a)
+    half = torch.exp2(-a.float())[..., None]
+    assert torch.equal(R, (A.float() * half * half).double().sqrt().float().half())
+    peak = A.float().amax(-1) * torch.exp2(-2.0 * a.float())
+    assert ((peak >= 1) & (peak < 4)).all()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(("n", "b"), GPU_SIZES)
 def test_gpu_similarity_topk_full_size(n, b):
     gen = torch.Generator().manual_seed(n + 2)
