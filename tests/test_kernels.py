@@ -811,7 +811,8 @@ def test_gpu_root_full_size(n, dtype):
     A = random_attention(2, n, n, generator=gen, dtype=torch.float32)
     A[0, 1] *= 2.0**-40 if dtype == torch.float32 else 2.0**-10  # a row far below the others
     A = A.to(dtype).cuda()
-    R, a = torch.empty(A.shape, dtype=torch.float16, device="cuda"), torch.empty(2, n).int().cuda()
+    R = torch.empty(A.shape, dtype=torch.float16, device="cuda")
+    a = torch.empty(2, n, dtype=torch.int32, device="cuda")
     coneighbor_topk.take_root(A, R, a)
     half = torch.exp2(-a.float())[..., None]
     assert torch.equal(R, (A.float() * half * half).double().sqrt().float().half())
