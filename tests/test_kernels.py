@@ -384,6 +384,24 @@ def test_refine_is_blind_to_a_power_of_two_scale(gen):
     assert torch.equal(idx, idx_big) and torch.equal(w, w_big)
 
 
+def test_root_shape_covers_each_row_once():
+    """`root_shape`: a row of N <= ROOT_BLOCK is read whole, as a head of BLOCK <= N columns
+    and a tail of TAIL lanes, powers of two (or no tail), that cover it; fewer of the tail's
+    lanes fall past N than on it, and no more lanes in all than N's next power of two (none
+    past N where N is a sum of two powers of two: 576, 2304); ROWS such rows fill
+    ROOT_BLOCK lanes at that power of two. Longer rows: one a program, in blocks."""
+    pow2 = launch.next_pow2
+    for n in range(1, coneighbor_topk.ROOT_BLOCK + 1):
+        s = coneighbor_topk.root_shape(n)
+        head, tail = s["BLOCK"], s["TAIL"]
+        assert s["WHOLE"] and s["ROWS"] * pow2(n) == coneighbor_topk.ROOT_BLOCK, n
+        assert head <= n <= head + tail <= pow2(n) and head == pow2(head), n
+        assert tail == 0 or (tail == pow2(tail) and head + tail - n < n - head), n
+    assert all(sum(coneighbor_topk.root_shape(n)[f] for f in ("BLOCK", "TAIL")) == n
+               for n in (576, 2304))  # fmt: skip
+    assert coneighbor_topk.root_shape(5000) == dict(ROWS=1, BLOCK=4096, TAIL=0, WHOLE=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_root_scales_each_row_by_a_power_of_four(gen, monkeypatch, dtype):
     """`take_root`: ``R_i = fp16(sqrt(A_i · 4**-a_i))`` with the row's peak scaled into
