@@ -262,13 +262,13 @@ def diffusion_jobs(quick: bool):
 
 
 def root_jobs():
+    cfg = Config(num_warps=ROOT_WARPS)
     for name in ("fp32", "fp16"):
         sig = signature(root_kernel, A=f"*{name}", R="*fp16", EXP="*i32", N="i32")
         # 4 whole rows a program (N = 576: 512 + 64 columns), 1 (N = 2304: 2048 + 256), 1 in
         # blocks (N > ROOT_BLOCK)
         for n in (576, 2304, 2 * ROOT_BLOCK):
             constants = root_shape(n)
-            cfg = Config(num_warps=ROOT_WARPS)
             yield f"root {name} N={n} whole={constants['WHOLE']}", root_kernel, sig, constants, cfg
 
 

@@ -419,13 +419,14 @@ def rownorm_kernel(
 
 
 @triton.jit
-def _sqrt_fp16(v):
-    """``fp16(sqrt_rn(v))`` for v >= 0, bitwise, from the IEEE square root of
+def _scaled_root(x, scale):
+    """``fp16(sqrt_rn(v))`` of ``v = x · scale · scale`` >= 0 (scale = 2**-a applied twice:
+    4**-a may not be an fp32 number), bitwise, from the IEEE square root of
     ``max(v, 2**-50)``: below 2**-50, sqrt(v) < 2**-25 rounds to fp16 zero, and so does
     2**-25 itself (to even). ``sqrt.rn`` branches to a slow path for inputs below about
     2**-101 (zeros included), which the masked lanes of a row and the underflowed entries of
     peaked rows would take."""
-    return tl.sqrt_rn(tl.maximum(v, 2.0**-50)).to(tl.float16)
+    return tl.sqrt_rn(tl.maximum(x * scale * scale, 2.0**-50)).to(tl.float16)
 
 
 @triton.jit
@@ -458,10 +459,10 @@ def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.
         x = tl.load(A + at, mask=row_ok[:, None], other=0.0).to(tl.float32)
         top = tl.maximum(top, tl.max(x, axis=1, keep_dims=True))
         e = _row_exponent(top)
-        scale = _pow2(-e)  # applied twice: 4**-e may not be an fp32 number
-        tl.store(R + at, _sqrt_fp16(x * scale * scale), mask=row_ok[:, None])
+        scale = _pow2(-e)
+        tl.store(R + at, _scaled_root(x, scale), mask=row_ok[:, None])
         if TAIL > 0:
-            tl.store(R + tail_at, _sqrt_fp16(y * scale * scale), mask=tail_ok)
+            tl.store(R + tail_at, _scaled_root(y, scale), mask=tail_ok)
         tl.store(EXP + b * N + rows[:, None], e, mask=row_ok[:, None])
     else:
         top = tl.zeros((ROWS, BLOCK), tl.float32)
@@ -473,7 +474,7 @@ def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.
         for c0 in range(0, N, BLOCK):
             ok = row_ok[:, None] & (c0 + cols < N)
             x = tl.load(A + at + c0, mask=ok, other=0.0).to(tl.float32)
-            tl.store(R + at + c0, _sqrt_fp16(x * scale * scale), mask=ok)
+            tl.store(R + at + c0, _scaled_root(x, scale), mask=ok)
         tl.store(EXP + b * N + rows, e, mask=row_ok)
 
 

@@ -384,6 +384,14 @@ def test_refine_is_blind_to_a_power_of_two_scale(gen):
     assert torch.equal(idx, idx_big) and torch.equal(w, w_big)
 
 
+def ieee_root(A: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """What `take_root` must store: fp16 of the IEEE fp32 square root of each row of A times
+    ``2**-a_i · 2**-a_i``, from float64's root (53 >= 2·24 + 2 bits: rounding it to fp32 is
+    exact); torch's fp32 sqrt on a CPU can be an ulp off (of 3.998046875: one high)."""
+    half = torch.exp2(-a.float())[..., None]
+    return (A.float() * half * half).double().sqrt().float().half()
+
+
 def test_root_shape_covers_each_row_once():
     """`root_shape`: a row of N <= ROOT_BLOCK is read whole, as a head of BLOCK <= N columns
     and a tail of TAIL lanes, powers of two (or no tail), that cover it; fewer of the tail's
@@ -423,11 +431,7 @@ def test_root_scales_each_row_by_a_power_of_four(gen, monkeypatch, dtype):
     assert a[1, 5] == -64 and ((peak * quarter >= 1) & (peak * quarter < 4) | (peak == 0)).all()
     expected = (A.double() * quarter[..., None]).sqrt()
     torch.testing.assert_close(R.double(), expected, rtol=2**-11, atol=2**-25)
-    half = torch.exp2(-a.float())[..., None]
-    # The IEEE fp32 square root from float64's (53 >= 2·24 + 2 bits: rounding it to fp32 is
-    # exact); torch's fp32 sqrt on a CPU can be an ulp off (of 3.998046875: one high).
-    ieee = (A.float() * half * half).double().sqrt().float()
-    assert torch.equal(R, ieee.half())
+    assert torch.equal(R, ieee_root(A, a))
     monkeypatch.setattr(coneighbor_topk, "ROOT_BLOCK", 16)  # rows in 3 blocks
     R_blocks, a_blocks = torch.empty_like(R), torch.empty_like(a)
     coneighbor_topk.take_root(A, R_blocks, a_blocks)
@@ -832,8 +836,7 @@ def test_gpu_root_full_size(n, dtype):
     R = torch.empty(A.shape, dtype=torch.float16, device="cuda")
     a = torch.empty(2, n, dtype=torch.int32, device="cuda")
     coneighbor_topk.take_root(A, R, a)
-    half = torch.exp2(-a.float())[..., None]
-    assert torch.equal(R, (A.float() * half * half).double().sqrt().float().half())
+    assert torch.equal(R, ieee_root(A, a))
     peak = A.float().amax(-1) * torch.exp2(-2.0 * a.float())
     assert ((peak >= 1) & (peak < 4)).all()
 
