@@ -47,18 +47,15 @@ from triton.runtime.jit import create_function_from_signature
 from adcam_fast.kernels import csr, diffusion, launch
 from adcam_fast.kernels.coneighbor_topk import (
     MERGE_ENTRIES,
-    ROOT_BLOCK,
-    ROOT_WARPS,
     WS_CANDIDATE,
     coneighbor_topk_kernel,
     merge_parts_kernel,
-    root_kernel,
-    root_shape,
     topk_configs,
     topk_constants,
 )
 from adcam_fast.kernels.diffusion import diffusion_configs, diffusion_constants, diffusion_kernel
 from adcam_fast.kernels.launch import Config
+from adcam_fast.kernels.root import ROOT_BLOCK, ROOT_WARPS, root_kernel, root_shape
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 

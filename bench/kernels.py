@@ -86,10 +86,11 @@ from merge_model import KINDS, attention  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from adcam_fast import ops, reference  # noqa: E402
-from adcam_fast.kernels import adcam_triton, coneighbor_topk, csr, launch  # noqa: E402
-from adcam_fast.kernels.coneighbor_topk import refine_sparse, take_root, topk_configs  # noqa: E402
+from adcam_fast.kernels import adcam_triton, coneighbor_topk, csr, launch, root  # noqa: E402
+from adcam_fast.kernels.coneighbor_topk import refine_sparse, topk_configs  # noqa: E402
 from adcam_fast.kernels.diffusion import diffuse_sparse, diffusion_configs  # noqa: E402
 from adcam_fast.kernels.launch import Config, next_pow2  # noqa: E402
+from adcam_fast.kernels.root import take_root  # noqa: E402
 from adcam_fast.reference import EPS  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -97,8 +98,8 @@ REFERENCE_BYTES = 8 * 2**30  # float64 S + Ã of the reference must fit in this
 TORCH_PATHS = ("reference", "torch", "torch.compile")  # "best torch path": the fastest of these
 ROOT_SHAPES = ((4096, 4), (8192, 8), (8192, 16), (2048, 8))
 """The sqrt pass's programs timed beside its own (``root_<entries>x<warps>_ms``): entries a
-program holds at once (`coneighbor_topk.ROOT_BLOCK`; a row of N > entries is read twice)
-and its warps (`coneighbor_topk.ROOT_WARPS`)."""
+program holds at once (`root.ROOT_BLOCK`; a row of N > entries is read twice) and its
+warps (`root.ROOT_WARPS`)."""
 
 
 def topk_label(c: Config) -> str:
@@ -352,7 +353,7 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     sim_ms = stage("similarity", lambda i: refine_sparse(As[i % sets], k, EPS))
     row["similarity_config"] = topk_label(tuned_config(As[0], k))
     row["similarity_tflops"] = flops / sim_ms / 1e9
-    root = torch.empty(As[0].shape, dtype=torch.float16, device=device)
+    r_buf = torch.empty(As[0].shape, dtype=torch.float16, device=device)
     if b * n * n > coneighbor_topk.ROOT_CHUNK:  # in chunks of images: with 4 times larger
         # ones (fewer, fuller launches, against 4 times the memory for sqrt(A)), and with
         # chunks of the memory cap instead of those that fill whole waves
@@ -372,14 +373,14 @@ def run_size(n: int, b: int, args: argparse.Namespace, device: str, slow_ok: boo
     exponents = torch.empty(As[0].shape[:-1], dtype=torch.int32, device=device)
 
     def root_pass(i: int) -> None:  # into the buffers while they are held (freed below)
-        take_root(As[i % sets], root, exponents)
+        take_root(As[i % sets], r_buf, exponents)
 
     stage("root", root_pass)
-    row["cast_ms"] = time_ms(lambda i, r=root: r.copy_(As[i % sets]), args.repeats, cuda)
+    row["cast_ms"] = time_ms(lambda i: r_buf.copy_(As[i % sets]), args.repeats, cuda)
     for block, warps in ROOT_SHAPES:  # the pass in programs of other shapes (entries, warps)
-        with mock.patch.multiple(coneighbor_topk, ROOT_BLOCK=block, ROOT_WARPS=warps):
+        with mock.patch.multiple(root, ROOT_BLOCK=block, ROOT_WARPS=warps):
             row[f"root_{block}x{warps}_ms"] = time_ms(root_pass, args.repeats, cuda)
-    root = exponents = None
+    r_buf = exponents = None
     w, idx = refine_sparse(As[0], k, EPS, torch.int32)
     stage("diffusion", lambda i: diffuse_sparse(w, idx, cams[i % sets], steps))
     stage("csr", lambda i: csr.csr_edges(w, idx))

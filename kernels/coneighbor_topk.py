@@ -21,19 +21,15 @@ image takes P times the programs, which fills the GPU where one image's programs
 (on an H200 at N = 2304, B = 1: 0.72 times the time), and the resident programs hold 1/P of
 the images (their L2 hit rate went from 43 to 79 % at N = 2304, B = 128, for 0.96 times the
 kernel's time: L2 misses do not hold the loop). Each S tile is a ``tl.dot`` over ``BLOCK_K``
-slices of R in fp16, fp32 accumulation. R is taken once per image by `root_kernel` (not on
-every load: the (BLOCK_M + BLOCK_N)·N square roots per tile would cost more than its dot),
+slices of R in fp16, fp32 accumulation. R is taken once per image by the pass of `root`,
 in chunks of whole images of at most ``ROOT_CHUNK`` entries, as ``R_i = fp16(sqrt(A_i ·
-4**-a_i))`` with a power of four per row that puts the row's peak in [1, 4), found by the
-same pass (one read of A): the same relative rounding (2**-11) as the tf32 a fp32 dot would
-use, for fp32, fp16 and bf16 attention alike, at half the bytes and twice the tensor-core
-rate. The tiles make ``S' = R·Rᵀ = S_ij · 2**-(a_i + a_j)``, and the keys rank ``S'_ij ·
-2**(a_j - a_i) = S_ij · 4**-a_i``: exact powers of two, one constant per row, so every row's
-order is that of S. The slices arrive by masked pointer loads, or (config ``tma``) by the
-copy engine from two TMA descriptors of R viewed as (B·N, N): the same values wherever S is
-used (slices past row N hold the next image's rows, or zeros after the last image, and the
-keys of rows and columns >= N are masked), in the same order, so the same S; tests check
-both bitwise.
+4**-a_i))`` with a power of four per row that puts the row's peak in [1, 4). The tiles make
+``S' = R·Rᵀ = S_ij · 2**-(a_i + a_j)``, and the keys rank ``S'_ij · 2**(a_j - a_i) = S_ij ·
+4**-a_i``: exact powers of two, one constant per row, so every row's order is that of S.
+The slices arrive by masked pointer loads, or (config ``tma``) by the copy engine from two
+TMA descriptors of R viewed as (B·N, N): the same values wherever S is used (slices past row
+N hold the next image's rows, or zeros after the last image, and the keys of rows and
+columns >= N are masked), in the same order, so the same S; tests check both bitwise.
 With config ``flat``, one loop runs over the (tile, K step) pairs and a tile's keys and
 merge sit in a branch on its last K step, so that the software pipeline already has the next
 tile's first slices in flight during them; the same S, merged in the same order.
@@ -84,16 +80,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from adcam_fast.kernels import launch
 from adcam_fast.kernels.bitonic import bitonic_merge, kth_key, merge_largest, merge_tile
 from adcam_fast.kernels.launch import Config, choose_config, n_bucket, next_pow2, on_device
+from adcam_fast.kernels.root import pow2, take_root
 
 MAX_TOPK = 1024
 """The largest k < N supported (the running top-k of a row block is held on chip)."""
-
-ROOT_BLOCK = 4096
-"""Lanes of a `root_kernel` program: whole rows up to this N (read once), as many as fill it
-at the next power of two (`root_shape`), else one row in blocks of this many columns."""
-
-ROOT_WARPS = 8
-"""Warps of a `root_kernel` program: at most 16 entries a thread."""
 
 MERGE_ENTRIES = 4096
 """Keys per program of `merge_parts_kernel`: 64 rows of a running top-64 on 4 warps."""
@@ -174,7 +164,7 @@ def _scale(s, cols, a_rows, EXP, N):
     """``S'_ij · 2**(a_j - a_i)`` for a tile of S' with its rows' exponents ``a_rows`` and
     columns ``cols`` (exponents at ``EXP``; 0 past N)."""
     a_cols = tl.load(EXP + cols, mask=cols < N, other=0)
-    return s * _pow2(a_cols[None, :] - a_rows[:, None])  # |a_j - a_i| <= 126: exact
+    return s * pow2(a_cols[None, :] - a_rows[:, None])  # |a_j - a_i| <= 126: exact
 
 
 @triton.jit
@@ -205,20 +195,6 @@ def _fold(acc, kth, key, K_KEEP, LOG_KP: tl.constexpr, LOG_BN: tl.constexpr,
 
 
 @triton.jit
-def _pow2(e):
-    """``2.0**e`` in fp32 for integers -126 <= e <= 127."""
-    return ((127 + e) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _row_exponent(top):
-    """a with ``4**a <= top < 4**(a + 1)`` for a row's largest entry ``top`` >= 0, clamped to
-    -64 <= a <= 62 (a = -64 below 2**-126)."""
-    e = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126  # 2**(e-1) <= top < 2**e
-    return (tl.minimum(tl.maximum(e, -126), 126) - 1) >> 1
-
-
-@triton.jit
 def _epilogue(acc, rows, pid_b, A, EXP, W, IDX, N, C, K_KEEP, eps, REFINE: tl.constexpr):
     """The outputs of rows ``rows`` of image ``pid_b`` from their top-KP keys ``acc``
     (BLOCK_M, KP), ascending: place p of the descending order is ``acc[:, KP - 1 - p]``.
@@ -242,7 +218,7 @@ def _epilogue(acc, rows, pid_b, A, EXP, W, IDX, N, C, K_KEEP, eps, REFINE: tl.co
     else:  # S from the key's field (truncated; 0 below 2**-62), times 4**a_i from the root
         field = (acc >> C) << (C - 1)
         w = tl.where(field > 0, (field + S_FLOOR_BITS).to(tl.float32, bitcast=True), 0.0)
-        scale = _pow2(tl.load(EXP + pid_b * N + rows, mask=row_ok, other=0))[:, None]
+        scale = pow2(tl.load(EXP + pid_b * N + rows, mask=row_ok, other=0))[:, None]
         w = w * scale * scale
         idx = cols
     tl.store(W + out, w, mask=keep)
@@ -251,11 +227,11 @@ def _epilogue(acc, rows, pid_b, A, EXP, W, IDX, N, C, K_KEEP, eps, REFINE: tl.co
 
 @triton.jit
 def coneighbor_topk_kernel(
-    R,  # (B, N, N) fp16 root of A (`root_kernel`), row i scaled by 2**-a_i
+    R,  # (B, N, N) fp16 root of A (`root.root_kernel`), row i scaled by 2**-a_i
     RM,  # TensorDescriptor of R as (B·N, N), blocks (BLOCK_M, BLOCK_K); None: pointer loads
     RN,  # the same, blocks (BLOCK_N, BLOCK_K)
     A,  # (B, N, N) attention, fp32 / fp16 / bf16: the refinement reads it at the kept columns
-    EXP,  # (B, N) int32: the rows' exponents a_i from `root_kernel`
+    EXP,  # (B, N) int32: the rows' exponents a_i from `root.root_kernel`
     BUF,  # (B, grid_m * BLOCK_M, 2**LOG_CB) int32 scratch: parked candidate keys
     W,  # (B, N, K_KEEP) fp32 out: refined weights (REFINE) or S at the kept columns
     IDX,  # (B, N, K_KEEP) int32 / int64 out: column indices
@@ -416,79 +392,6 @@ def rownorm_kernel(
         idx = tl.where(empty & lead, rows[:, None], cols[None, :]).to(IDX.dtype.element_ty)
         tl.store(W + offs, w, mask=ok)
         tl.store(IDX + offs, idx, mask=ok)
-
-
-@triton.jit
-def _scaled_root(x, scale):
-    """``fp16(sqrt_rn(v))`` of ``v = x · scale · scale`` >= 0 (scale = 2**-a applied twice:
-    4**-a may not be an fp32 number), bitwise, from the IEEE square root of
-    ``max(v, 2**-50)``: below 2**-50, sqrt(v) < 2**-25 rounds to fp16 zero, and so does
-    2**-25 itself (to even). ``sqrt.rn`` branches to a slow path for inputs below about
-    2**-101 (zeros included), which the masked lanes of a row and the underflowed entries of
-    peaked rows would take."""
-    return tl.sqrt_rn(tl.maximum(x * scale * scale, 2.0**-50)).to(tl.float16)
-
-
-@triton.jit
-def root_kernel(A, R, EXP, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
-                WHOLE: tl.constexpr):  # fmt: skip
-    """Per row i of an image (B, N, N): ``R_i = fp16(sqrt(A_i · 4**-a_i))`` with
-    ``4**a_i <= max_j A_ij < 4**(a_i + 1)`` (`_row_exponent`), a_i stored at ``EXP``. The
-    scaled row peaks in [1, 4): R < 2 never overflows fp16, the power of four is exact, so
-    R rounds as ``fp16(sqrt(A_i))`` would (relative error <= 2**-11 for R >= 2**-14), and
-    ``S = R·Rᵀ`` is the true S times ``2**-(a_i + a_j)``, which the keys undo (`_keys`).
-    A program takes ROWS rows. WHOLE: each row is read once, as its first BLOCK <= N columns
-    and the TAIL (a power of two, or 0) after them, which hold the rest (so lanes past N
-    are at most those of the tail's power of two); else BLOCK columns at a time, twice (the
-    second time from cache)."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    b = tl.program_id(1)
-    row_ok = rows < N
-    row_at = (b.to(tl.int64) * N + rows)[:, None] * N
-    cols = tl.arange(0, BLOCK)[None, :]
-    at = row_at + cols
-    if WHOLE:  # the tail first, maxima as (ROWS, 1): where its layout (fewer entries a thread)
-        # meets the head's, Triton converts the tail or the maxima, not the head
-        top = tl.zeros((ROWS, 1), tl.float32)
-        if TAIL > 0:
-            tail_cols = BLOCK + tl.arange(0, TAIL)[None, :]
-            tail_at = row_at + tail_cols
-            tail_ok = row_ok[:, None] & (tail_cols < N)
-            y = tl.load(A + tail_at, mask=tail_ok, other=0.0).to(tl.float32)
-            top = tl.max(y, axis=1, keep_dims=True)
-        x = tl.load(A + at, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        top = tl.maximum(top, tl.max(x, axis=1, keep_dims=True))
-        e = _row_exponent(top)
-        scale = _pow2(-e)
-        tl.store(R + at, _scaled_root(x, scale), mask=row_ok[:, None])
-        if TAIL > 0:
-            tl.store(R + tail_at, _scaled_root(y, scale), mask=tail_ok)
-        tl.store(EXP + b * N + rows[:, None], e, mask=row_ok[:, None])
-    else:
-        top = tl.zeros((ROWS, BLOCK), tl.float32)
-        for c0 in range(0, N, BLOCK):
-            ok = row_ok[:, None] & (c0 + cols < N)
-            top = tl.maximum(top, tl.load(A + at + c0, mask=ok, other=0.0).to(tl.float32))
-        e = _row_exponent(tl.max(top, axis=1))
-        scale = _pow2(-e)[:, None]
-        for c0 in range(0, N, BLOCK):
-            ok = row_ok[:, None] & (c0 + cols < N)
-            x = tl.load(A + at + c0, mask=ok, other=0.0).to(tl.float32)
-            tl.store(R + at + c0, _scaled_root(x, scale), mask=ok)
-        tl.store(EXP + b * N + rows, e, mask=row_ok)
-
-
-def root_shape(n: int) -> dict[str, int | bool]:
-    """The constexpr arguments of `root_kernel` at size N: rows of N <= ROOT_BLOCK whole, as
-    many a program as fill ROOT_BLOCK lanes at the next power of two, each in its largest
-    power of two of columns and a tail (576 = 512 + 64 and 2304 = 2048 + 256 leave no lane
-    idle, 1296 = 1024 + 272 of 512 leaves 240); longer rows one a program, in blocks of
-    ROOT_BLOCK."""
-    if n > ROOT_BLOCK:
-        return dict(ROWS=1, BLOCK=ROOT_BLOCK, TAIL=0, WHOLE=False)
-    head = 1 << (n.bit_length() - 1)
-    tail = next_pow2(n - head) if n > head else 0
-    return dict(ROWS=ROOT_BLOCK // next_pow2(n), BLOCK=head, TAIL=tail, WHOLE=True)
 
 
 @functools.cache
@@ -653,9 +556,9 @@ def refine_sparse(
     Returns ``(weights, indices)``, (B, N, min(k, N)) fp32 and ``index_dtype`` (int64 as in
     ``ops.refine_sparse``, or int32), with the contract of ``ops.refine_sparse``. Images go
     in chunks of at most ``ROOT_CHUNK`` entries (one chunk for B·N² <= ROOT_CHUNK), each
-    a `root_kernel` and a top-k launch (and `merge_parts_kernel` for a config in parts); no
-    host sync once the config of this (N, k, batch buckets, dtype) is cached; ``config``
-    fixes one instead (`check_config` says which it can take).
+    a sqrt pass (`root.take_root`) and a top-k launch (and `merge_parts_kernel` for a
+    config in parts); no host sync once the config of this (N, k, batch buckets, dtype) is
+    cached; ``config`` fixes one instead (`check_config` says which it can take).
     Raises ValueError for MAX_TOPK < k < N, and for a ``config`` the kernel cannot run.
     """
     b, n = A.shape[0], A.shape[-1]
@@ -687,18 +590,6 @@ def tma_fits(n: int) -> bool:
     """Whether the copy engine can take R's slices at size N: TMA needs each row of R on 16
     bytes, N divisible by 8 (the ``tma`` configs run only then)."""
     return n % 8 == 0
-
-
-def take_root(A: Tensor, out: Tensor, exponents: Tensor) -> None:
-    """The pass before the tiles: ``out = fp16(sqrt(A_i · 4**-a_i))`` per row by
-    `root_kernel`, the rows' a_i into ``exponents`` (B, N) int32, for A (B, N, N)
-    contiguous: one read of A."""
-    b, n = A.shape[0], A.shape[-1]
-    shape = root_shape(n)
-    with on_device(A.device):
-        root_kernel[(triton.cdiv(n, shape["ROWS"]), b)](
-            A, out, exponents, n, **shape, num_warps=ROOT_WARPS
-        )
 
 
 @functools.cache

@@ -43,7 +43,7 @@ from adcam_fast import ops, reference
 pytest.importorskip("triton")
 
 from adcam_fast import kernels
-from adcam_fast.kernels import coneighbor_topk, launch
+from adcam_fast.kernels import coneighbor_topk, launch, root
 from adcam_fast.kernels.launch import Config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -399,15 +399,15 @@ def test_root_shape_covers_each_row_once():
     past N where N is a sum of two powers of two: 576, 2304); ROWS such rows fill
     ROOT_BLOCK lanes at that power of two. Longer rows: one a program, in blocks."""
     pow2 = launch.next_pow2
-    for n in range(1, coneighbor_topk.ROOT_BLOCK + 1):
-        s = coneighbor_topk.root_shape(n)
+    for n in range(1, root.ROOT_BLOCK + 1):
+        s = root.root_shape(n)
         head, tail = s["BLOCK"], s["TAIL"]
-        assert s["WHOLE"] and s["ROWS"] * pow2(n) == coneighbor_topk.ROOT_BLOCK, n
+        assert s["WHOLE"] and s["ROWS"] * pow2(n) == root.ROOT_BLOCK, n
         assert head <= n <= head + tail <= pow2(n) and head == pow2(head), n
         assert tail == 0 or (tail == pow2(tail) and head + tail - n < n - head), n
-    assert all(sum(coneighbor_topk.root_shape(n)[f] for f in ("BLOCK", "TAIL")) == n
+    assert all(sum(root.root_shape(n)[f] for f in ("BLOCK", "TAIL")) == n
                for n in (576, 2304))  # fmt: skip
-    assert coneighbor_topk.root_shape(5000) == dict(ROWS=1, BLOCK=4096, TAIL=0, WHOLE=False)
+    assert root.root_shape(5000) == dict(ROWS=1, BLOCK=4096, TAIL=0, WHOLE=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -425,16 +425,16 @@ def test_root_scales_each_row_by_a_power_of_four(gen, monkeypatch, dtype):
     A = A.to(dtype)
     R, a = torch.empty(A.shape, dtype=torch.float16), torch.empty(2, 44, dtype=torch.int32)
     R, a = to_device(R, a)
-    coneighbor_topk.take_root(A, R, a)
+    root.take_root(A, R, a)
     peak = A.float().amax(-1)
     quarter = torch.exp2(-2.0 * a.double())
     assert a[1, 5] == -64 and ((peak * quarter >= 1) & (peak * quarter < 4) | (peak == 0)).all()
     expected = (A.double() * quarter[..., None]).sqrt()
     torch.testing.assert_close(R.double(), expected, rtol=2**-11, atol=2**-25)
     assert torch.equal(R, ieee_root(A, a))
-    monkeypatch.setattr(coneighbor_topk, "ROOT_BLOCK", 16)  # rows in 3 blocks
+    monkeypatch.setattr(root, "ROOT_BLOCK", 16)  # rows in 3 blocks
     R_blocks, a_blocks = torch.empty_like(R), torch.empty_like(a)
-    coneighbor_topk.take_root(A, R_blocks, a_blocks)
+    root.take_root(A, R_blocks, a_blocks)
     assert torch.equal(R_blocks, R) and torch.equal(a_blocks, a)
 
 
@@ -835,7 +835,7 @@ def test_gpu_root_full_size(n, dtype):
     A = A.to(dtype).cuda()
     R = torch.empty(A.shape, dtype=torch.float16, device="cuda")
     a = torch.empty(2, n, dtype=torch.int32, device="cuda")
-    coneighbor_topk.take_root(A, R, a)
+    root.take_root(A, R, a)
     assert torch.equal(R, ieee_root(A, a))
     peak = A.float().amax(-1) * torch.exp2(-2.0 * a.float())
     assert ((peak >= 1) & (peak < 4)).all()
