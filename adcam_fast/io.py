@@ -1,5 +1,5 @@
 """File helpers: atomic output (a reader never sees a half-written file, a crash never loses
-the old one) and content hashes."""
+the old one), text input with errors that name the file, and content hashes."""
 
 from __future__ import annotations
 
@@ -29,6 +29,18 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """The UTF-8 text of the file ``path`` (a leading BOM dropped). Raises ValueError naming
+    the file and ``what`` it holds when it cannot be read or is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        where = f"{e.reason} at byte {e.start}"
+        raise ValueError(f"{path}: the {what} is not UTF-8 text ({where})") from e
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the {what} ({e.strerror or e})") from e
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

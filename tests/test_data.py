@@ -205,6 +205,11 @@ def test_voc_train_aug_and_errors(tmp_path):
         "/JPEGImages/2007_000002.jpg /SegmentationClassAug/2007_000002.png\n"
     )
     assert open_dataset(f"voc:{tmp_path}").ids == ["2007_000002"]
+    # a BOM, and ids with dots, which stay whole unless the field is a path
+    Image.fromarray(noise_image(3, 4)).save(tmp_path / "JPEGImages" / "cam1.frame.7.jpg")
+    mask_to_image(np.zeros((3, 4), np.uint8)).save(aug / "cam1.frame.7.png")
+    (sets / "dots.txt").write_text("\ufeffcam1.frame.7\n2007_000001.jpg\n", encoding="utf-8")
+    assert open_dataset(f"voc:{tmp_path}:dots").ids == ["cam1.frame.7", "2007_000001"]
 
     (sets / "bad.txt").write_text("2007_000001\n2007_000009\n")
     with pytest.raises(ValueError, match=r"bad\.txt.*'2007_000009' not found"):
@@ -277,6 +282,20 @@ def test_coco_reader(tmp_path):
     assert ds.image_ids == [3, 7] and ds.category_ids == [1, 3, 18]
 
     assert open_dataset(f"coco:{images}:{ann_file}", skip_empty=True).ids == [ds.ids[1]]
+    # polygons of fewer than three points add no pixels; an unreadable RLE names itself
+    line = [2.0, 2.0, 9.0, 9.0]
+    ann["annotations"][1]["segmentation"] = [line, *square]
+    ann["annotations"].append(
+        dict(id=4, image_id=3, category_id=1, segmentation=[[], line], iscrowd=0)
+    )
+    ann_file.write_text(json.dumps(ann))
+    ds = open_dataset(f"coco:{images}:{ann_file}")
+    np.testing.assert_array_equal(ds.mask(1), s.mask)
+    assert not ds.mask(0).any() and ds.labels(0)[0] == 1
+    ann["annotations"][1]["segmentation"] = {"counts": "?", "size": [10]}
+    ann_file.write_text(json.dumps(ann))
+    with pytest.raises(ValueError, match=r"instances_train2014\.json: annotation 2: cannot"):
+        open_dataset(f"coco:{images}:{ann_file}").mask(1)
     (images / "COCO_train2014_000000000003.jpg").unlink()
     with pytest.raises(ValueError, match=r"instances_train2014\.json.*1 image files missing"):
         open_dataset(f"coco:{images}:{ann_file}")
@@ -327,15 +346,31 @@ def test_folder_csv_json_and_unlabeled(tmp_path):
         ("a.jpg,dog;zebra\n", r"labels\.csv: line 1: unknown class 'zebra'"),
         ("a.jpg,dog,cat\n", r"labels\.csv: line 1: expected 2 fields"),
         ("a.jpg,dog\na.jpg,cat\n", r"labels\.csv: line 2: id 'a' appears twice"),
+        ("a.jpg,dog\n ,cat\n", r"labels\.csv: line 2: empty image field"),
+        ("../imgs/a.jpg,dog\n", r"line 1: image '\.\./imgs/a\.jpg' must be a path inside"),
+        ("{root}/imgs/a.jpg,dog\n", r"line 1: image '/.*/imgs/a\.jpg' must be a path inside"),
+        ("a.jpg,dog\xe9\n", r"labels\.csv: the labels file is not UTF-8 text"),
     ],
 )
 def test_folder_bad_rows(tmp_path, rows, message):
     images = tmp_path / "imgs"
     write_folder(images)
     (tmp_path / "classes.txt").write_text("dog\ncat\n")
-    (tmp_path / "labels.csv").write_text(rows)
+    # Latin-1: the same bytes as UTF-8 for ASCII rows, not UTF-8 for the one with "é"
+    (tmp_path / "labels.csv").write_bytes(rows.format(root=tmp_path).encode("latin-1"))
     with pytest.raises(ValueError, match=message):
         open_dataset(f"folder:{images}:{tmp_path / 'labels.csv'}:{tmp_path / 'classes.txt'}")
+
+
+def test_folder_names_with_blanks_and_a_bom(tmp_path):
+    """Names hold blanks where ``;`` separates them; a BOM opens the class list."""
+    images = tmp_path / "imgs"
+    write_folder(images)
+    (tmp_path / "classes.txt").write_text("\ufefftraffic light\nperson\n", encoding="utf-8")
+    (tmp_path / "labels.csv").write_text("a.jpg, person ;traffic light\nsub/b.png,person\n")
+    ds = open_dataset(f"folder:{images}:{tmp_path / 'labels.csv'}:{tmp_path / 'classes.txt'}")
+    assert ds.class_names == ["traffic light", "person"]
+    np.testing.assert_array_equal(ds.labels(0), [1, 1])
 
 
 def test_folder_bad_json(tmp_path):

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from adcam_fast.data.images import scaled_size
+from adcam_fast.io import read_text
 
 IGNORE_INDEX = 255
 """Mask value of pixels excluded from training and scoring."""
@@ -109,12 +110,9 @@ def fit_mask(
 def read_class_names(path: str | os.PathLike[str]) -> list[str]:
     """Class names from a text file, one per line (surrounding blanks stripped, blank lines
     skipped); the order fixes the class indices. Raises ValueError naming the file when it is
-    missing, empty, or repeats a name."""
+    missing, not UTF-8, empty, or repeats a name."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the class list ({e.strerror or e})") from e
+    lines = read_text(path, "class list").splitlines()
     names = [line.strip() for line in lines if line.strip()]
     if not names:
         raise ValueError(f"{path}: the class list is empty")

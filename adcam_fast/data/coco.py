@@ -10,7 +10,8 @@
 - Semantic mask, rendered from the instances with ``annToMask``: non-crowd instances are
   painted largest first (pixel area, ties by annotation id), so smaller objects lying on
   bigger ones stay visible; then crowd regions become 255 (ignore) where no non-crowd
-  instance was painted. Annotations without a segmentation add a label but no pixels.
+  instance was painted. Annotations without a segmentation add a label but no pixels, and
+  so do polygons of fewer than three points.
 """
 
 from __future__ import annotations
@@ -123,9 +124,9 @@ class CocoDataset(ImageDataset):
         mask = np.zeros((info["height"], info["width"]), dtype=np.uint8)
         things, crowds = [], []
         for ann in self._coco.imgToAnns[image_id]:
-            if not ann.get("segmentation"):
+            region = self._region(ann)
+            if region is None:
                 continue
-            region = self._coco.annToMask(ann).astype(bool)
             if ann.get("iscrowd", 0):
                 crowds.append(region)
             else:
@@ -136,6 +137,24 @@ class CocoDataset(ImageDataset):
         for region in crowds:
             mask[region & ~painted] = IGNORE_INDEX
         return mask
+
+    def _region(self, ann: dict) -> np.ndarray | None:
+        """The pixels of one annotation, or None where it has no segmentation. Polygons of
+        fewer than three points, which some exports hold, are left out. Raises ValueError
+        naming the file and the annotation for a segmentation pycocotools cannot render."""
+        seg = ann.get("segmentation")
+        if isinstance(seg, list):
+            seg = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+            ann = ann | dict(segmentation=seg)
+        if not seg:
+            return None
+        try:
+            return self._coco.annToMask(ann).astype(bool)
+        except Exception as e:  # pycocotools raises TypeError, or Exception itself
+            raise ValueError(
+                f"{self.annotations}: annotation {ann.get('id')!r}: cannot render its "
+                f"segmentation ({e})"
+            ) from e
 
     def _load(self, i: int) -> Sample:
         path = self.path(i)

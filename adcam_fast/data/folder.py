@@ -4,12 +4,13 @@ Labels file (UTF-8, a BOM is tolerated), by extension:
 
 - ``.json``: ``{"IMAGE": ["class", ...], ...}``;
 - anything else: CSV rows ``IMAGE,LABELS`` with the class names in LABELS separated by ``;``
-  or blanks (quote the field if it holds a comma); an optional header row ``image,labels``;
-  blank lines are skipped.
+  (then a name may hold blanks) or else by blanks (quote the field if it holds a comma); an
+  optional header row ``image,labels``; blank lines are skipped.
 
-IMAGE is a path relative to the image folder. The item id is IMAGE without its extension;
-items keep the file's order. Every listed image needs at least one class. Class order: the
-classes file (one name per line) when given, else the sorted union of the names used.
+IMAGE is a path relative to the image folder, inside it (no ``..``). The item id is IMAGE
+without its extension; items keep the file's order. Every listed image needs at least one
+class. Class order: the classes file (one name per line) when given, else the sorted union
+of the names used.
 
 Without a labels file, every image under the folder (recursively; hidden files and folders
 skipped; extensions in :data:`IMAGE_SUFFIXES`) is an item, in sorted path order, with
@@ -18,54 +19,60 @@ file's list, or empty.
 
 Bad data raises ValueError at construction naming the labels file and the row (CSV line
 number or JSON key): a missing image, an unknown class name, an empty labels field, a
-malformed row, a repeated image or id. With ``strict=False`` (the label pipeline's mode) a
-bad row of the first three kinds stays an item whose loading raises that ValueError, so
-the pipeline reports it and goes on with the rest.
+malformed row, an empty or absolute image path or one with ``..``, a repeated image or id.
+With ``strict=False`` (the label pipeline's mode) a bad row of the first three kinds stays
+an item whose loading raises that ValueError, so the pipeline reports it and goes on with
+the rest.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 
 from adcam_fast.data.base import ImageDataset, Sample, check_unique, multi_hot, read_class_names
 from adcam_fast.data.images import load_image
+from adcam_fast.io import read_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-_LABEL_SEPARATORS = re.compile(r"[;\s]+")
 
 Entry = tuple[str, str, list[str]]
 """(where in the labels file, image path relative to the folder, class names)."""
 
 
+def _class_list(field: str) -> list[str]:
+    """The class names of a CSV labels field: separated by ``;`` where it holds one (names may
+    then hold blanks, ``traffic light;person``), else by blanks."""
+    names = field.split(";") if ";" in field else field.split()
+    return [n.strip() for n in names if n.strip()]
+
+
 def _read_csv(path: Path) -> list[Entry]:
     entries: list[Entry] = []
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        for row in reader:
-            where = f"line {reader.line_num}"
-            if not any(cell.strip() for cell in row):
-                continue
-            if not entries and [cell.strip().lower() for cell in row] == ["image", "labels"]:
-                continue
-            if len(row) != 2:
-                raise ValueError(
-                    f"{path}: {where}: expected 2 fields 'image,labels' (labels separated by "
-                    f"';' or spaces), got {len(row)}"
-                )
-            names = [n for n in _LABEL_SEPARATORS.split(row[1].strip()) if n]
-            entries.append((where, row[0].strip(), names))
+    reader = csv.reader(io.StringIO(read_text(path, "labels file"), newline=""))
+    for row in reader:
+        where = f"line {reader.line_num}"
+        if not any(cell.strip() for cell in row):
+            continue
+        if not entries and [cell.strip().lower() for cell in row] == ["image", "labels"]:
+            continue
+        if len(row) != 2:
+            raise ValueError(
+                f"{path}: {where}: expected 2 fields 'image,labels' (labels separated by "
+                f"';' or spaces), got {len(row)}"
+            )
+        entries.append((where, row[0].strip(), _class_list(row[1])))
     return entries
 
 
 def _read_json(path: Path) -> list[Entry]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(read_text(path, "labels file"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
@@ -92,6 +99,18 @@ def _list_images(folder: Path) -> list[Path]:
 
 def _item_id(relative: Path) -> str:
     return relative.with_suffix("").as_posix()
+
+
+def _relative_image(image: str) -> Path:
+    """A labels file's IMAGE as a path inside the image folder. Raises ValueError (without
+    the file and row, which the caller adds) for an empty field, an absolute path or one with
+    a ``..`` part: its id would name output files outside the output folders."""
+    path = Path(image)
+    if not image:
+        raise ValueError("empty image field")
+    if path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"image {image!r} must be a path inside the image folder")
+    return path
 
 
 def _row_error(names: list[str], index: dict[str, int], folder: Path, image: str) -> str | None:
@@ -150,7 +169,11 @@ class FolderDataset(ImageDataset):
         self._files, self._labels, self.ids = [], [], []
         seen: set[str] = set()
         for where, image, names in entries:
-            item = _item_id(Path(image))
+            try:
+                relative = _relative_image(image)
+            except ValueError as e:
+                raise ValueError(f"{source}: {where}: {e}") from None
+            item = _item_id(relative)
             if item in seen:
                 raise ValueError(f"{source}: {where}: id {item!r} appears twice")
             seen.add(item)
@@ -160,7 +183,7 @@ class FolderDataset(ImageDataset):
                 if strict:
                     raise ValueError(error)
                 self._errors[len(self.ids)] = error
-            self._files.append(Path(image))
+            self._files.append(relative)
             known = (index[n] for n in names if n in index)
             self._labels.append(multi_hot(known, len(self.class_names)))
             self.ids.append(item)

@@ -45,6 +45,7 @@ from adcam_fast.data.base import (
     multi_hot,
 )
 from adcam_fast.data.images import load_image, load_mask
+from adcam_fast.io import read_text
 
 VOC_CLASSES = [
     "aeroplane",
@@ -90,13 +91,21 @@ def _listing(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     }
 
 
+def _split_id(field: str) -> str:
+    """The image id of a split file's first field: an id (``2007_000032``, kept whole, dots
+    included), or a path to the image or its mask (``/JPEGImages/2007_000032.jpg``, as in
+    SegmentationClassAug's lists), whose stem it is."""
+    path = Path(field)
+    return path.stem if "/" in field or path.suffix.lower() in IMAGE_SUFFIXES else field
+
+
 def _read_split(root: Path, split: str) -> tuple[list[str], str]:
     """The ids of ``split`` and a description of where they came from (for messages)."""
     sets = root / "ImageSets" / "Segmentation"
     split_file = sets / f"{split}.txt"
     if split_file.is_file():
-        lines = split_file.read_text(encoding="utf-8").splitlines()
-        ids = [Path(line.split()[0]).stem for line in lines if line.strip()]
+        lines = read_text(split_file, "split list").splitlines()
+        ids = [_split_id(line.split()[0]) for line in lines if line.strip()]
         check_unique(ids, split_file)
         return ids, str(split_file)
     aug = root / "SegmentationClassAug"
