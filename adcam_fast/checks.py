@@ -6,6 +6,8 @@ broadcast silently.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -68,18 +70,28 @@ def check_cams(cams: object, A: Tensor, name: str = "cams", values: bool = True)
     return cams
 
 
+def _integer(x: object, name: str, least: int) -> int:
+    """x as a Python int >= ``least``: any integer type (``numpy.int64`` too, through
+    ``__index__``) but bool."""
+    if not isinstance(x, bool):
+        try:
+            value = operator.index(x)
+        except TypeError:
+            pass
+        else:
+            if value >= least:
+                return value
+    raise ValueError(f"{name} must be an integer >= {least}, got {x!r}")
+
+
 def check_k(k: object) -> int:
     """k is an integer >= 1."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    return k
+    return _integer(k, "k", 1)
 
 
 def check_steps(steps: object) -> int:
     """steps is an integer >= 0."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    return steps
+    return _integer(steps, "steps", 0)
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:

@@ -146,8 +146,8 @@ def adcam(
     """
     A = check_attention(A)
     cams = check_cams(cams, A)
-    check_k(k)
-    check_steps(steps)
+    k = check_k(k)
+    steps = check_steps(steps)
     backend = resolve_backend(backend, A.device, k, A.shape[-1], compute_dtype(A, cams))
     if backend == "reference":
         return reference.adcam(A, cams, k, steps)

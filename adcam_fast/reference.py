@@ -54,7 +54,7 @@ def refine_attention(A: Tensor, k: int, eps: float = EPS) -> Tensor:
     a row whose kept mass is <= eps becomes the one-hot self row ``e_i``.
     """
     A = check_attention(A)
-    check_k(k)
+    k = check_k(k)
     return normalize_rows(A.to(compute_dtype(A)) * topk_mask(similarity(A), k), eps)
 
 
@@ -74,7 +74,7 @@ def diffuse(A_tilde: Tensor, cams: Tensor, steps: int) -> Tensor:
     """
     A_tilde = check_square(A_tilde, "A_tilde")
     cams = check_cams(cams, A_tilde)
-    check_steps(steps)
+    steps = check_steps(steps)
     dtype = compute_dtype(A_tilde, cams)
     A_tilde, M = A_tilde.to(dtype), cams.to(dtype)
     for _ in range(steps):

@@ -61,10 +61,9 @@ class Extractor(Protocol):
 class ExtractorGraph(nn.Module):
     """The extractor as one module: ``images (B, 3, H, W) -> (logits, cams, attention)``.
 
-    ``cams, attention = model.extract(images)`` (all transformer blocks) and
-    ``logits = cams.mean((h, w)) + conv_cls_head.bias``: the CNN head's logits, since the head is
-    linear and the CAM maps are its weights applied at every position. This module is what
-    :class:`TorchExtractor` runs and what the ONNX export traces, so both compute the same.
+    ``cams, attention, logits = model.extract(images, return_logits=True)``: all transformer
+    blocks, and the CNN head's logits. This module is what :class:`TorchExtractor` runs and
+    what the ONNX export traces, so both compute the same.
 
     ``dtype``: the images are cast to it first (float16 for a half-precision export whose
     parameters were converted by the caller); the outputs are float32 whatever it is.
@@ -76,11 +75,7 @@ class ExtractorGraph(nn.Module):
         self.dtype = dtype
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        cams, attention = self.model.extract(images.to(self.dtype))
-        bias = self.model.conv_cls_head.bias
-        logits = cams.mean((-2, -1))
-        if bias is not None:
-            logits = logits + bias.float()
+        cams, attention, logits = self.model.extract(images.to(self.dtype), return_logits=True)
         return logits, cams, attention
 
 

@@ -54,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(softmax, LayerNorm and the attention/CAM outputs stay float32)",
     )
     parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="at least 17")
+    parser.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help="17 up to the exporter's newest"
+    )
     parser.add_argument(
         "--with-labels",
         action="store_true",

@@ -159,16 +159,24 @@ class ExportInfo:
         if missing:
             raise ValueError(f"{source}: adcam_fast metadata lacks {missing}")
         v = {f.name: values[f.name] for f in fields(cls)}
+
+        def number(x: Any) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool)
+
         ok = (
             v["kind"] in KINDS
             and isinstance(v["class_names"], list)
             and all(isinstance(n, str) for n in v["class_names"])
-            and len(v["mean"]) == 3
-            and len(v["std"]) == 3
-            and isinstance(v["stride"], int)
-            and v["stride"] > 0
-            and isinstance(v["input_size"], int)
-            and v["input_size"] > 0
+            and all(
+                isinstance(v[n], list) and len(v[n]) == 3 and all(map(number, v[n]))
+                for n in ("mean", "std")
+            )
+            and all(
+                isinstance(v[n], int) and number(v[n]) and v[n] > 0
+                for n in ("stride", "input_size", "opset")
+            )
+            and v["precision"] in TOLERANCES
+            and isinstance(v["dynamic_size"], bool)
         )
         if not ok:
             raise ValueError(f"{source}: invalid adcam_fast metadata {v}")
@@ -298,6 +306,15 @@ def _output_axes(kind: str, with_labels: bool, dynamic_size: bool) -> dict[str, 
     return axes
 
 
+def max_opset(exporter: str) -> int:
+    """The newest ONNX opset that this torch's ``exporter`` writes."""
+    from torch.onnx import _constants
+
+    if exporter == "torchscript":
+        return _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    return _constants.ONNX_MAX_OPSET
+
+
 def export_graph(
     graph: nn.Module,
     sample: Tensor,
@@ -313,8 +330,12 @@ def export_graph(
     graph.eval()
     if info.exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {info.exporter!r}")
-    if info.opset < MIN_OPSET:
-        raise ValueError(f"opset must be >= {MIN_OPSET}, got {info.opset}")
+    top = max_opset(info.exporter)
+    if not MIN_OPSET <= info.opset <= top:
+        raise ValueError(
+            f"opset must be in [{MIN_OPSET}, {top}] for the {info.exporter} exporter of torch "
+            f"{torch.__version__}, got {info.opset}"
+        )
     outputs = _output_axes(info.kind, with_labels, info.dynamic_size)
     image_axes = {0: "batch", **({2: "height", 3: "width"} if info.dynamic_size else {})}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
@@ -372,12 +393,15 @@ def export_checkpoint(
 
     Returns the written :class:`ExportInfo` and the parity errors of :func:`verify_export`
     (empty without ``verify``). Raises ValueError naming the file for an unusable checkpoint,
-    an unknown ``what``/``exporter``, an opset below 17, or an export that fails the check.
+    an unknown ``what``/``exporter``, an opset outside 17 to `max_opset`, ``with_labels``
+    for an extractor, or an export that fails the check.
     """
     from adcam_fast.training.checkpoint import load_classifier, load_segmenter
 
     if what not in KINDS:
         raise ValueError(f"what must be one of {KINDS}, got {what!r}")
+    if with_labels and what != "segmenter":
+        raise ValueError("with_labels (--with-labels) is for a segmenter export only")
     load = load_classifier if what == "extractor" else load_segmenter
     model, meta = load(checkpoint, device="cpu")
     cfg = meta["config"]

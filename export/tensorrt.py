@@ -13,7 +13,8 @@ range and the square image sides (min, opt, max) asked for, and with ``fp16`` th
 use float16 except where precision is pinned to float32 (``OBEY_PRECISION_CONSTRAINTS``):
 every softmax and normalisation (LayerNorm) layer, the layers from the softmaxes to the
 ``attention`` output (head and block average, row renormalisation), and the last layers of
-``cams`` (back to their convolution) and ``logits`` (back to their mean). The timing cache
+``cams`` (back to their convolution) and ``logits`` (back to their mean; a segmenter's back
+to its classifier convolution). The timing cache
 (one per GPU name and TensorRT version) is loaded before and saved after each build; the
 engine is cached under a key of GPU name, TensorRT version, ONNX sha256 and build settings,
 so a second build of the same thing is a file copy. Files are written atomically.
@@ -56,7 +57,7 @@ __all__ = [
 
 TENSORRT_HINT = 'pip install "adcam_fast[tensorrt]" (TensorRT 10.x; needs an NVIDIA GPU)'
 #: Bumped when the build settings below change, so cached engines are rebuilt.
-_BUILD_VERSION = 1
+_BUILD_VERSION = 2
 
 
 def import_tensorrt() -> Any:
@@ -96,14 +97,16 @@ class Profile:
         cls, info: ExportInfo, batch: tuple[int, int, int], size: tuple[int, int, int] | None
     ) -> Profile:
         """A profile for an export: ``size`` defaults to half, one and two times its input
-        size (rounded down to its stride); a fixed-size export allows its own size only."""
+        size (the ends rounded down to its stride); a fixed-size export allows its own size
+        only. An extractor's sizes must be multiples of its patch size; a segmenter takes
+        any size (its input size is a training crop, 321 by default)."""
         s, p = info.input_size, info.stride
         if not info.dynamic_size:
             if size is not None and size != (s, s, s):
                 raise ValueError(f"this export has the fixed size {s}, got sizes {size}")
             return cls(batch, (s, s, s))
         size = size or (max(p, s // 2 // p * p), s, 2 * s // p * p)
-        if any(v % p for v in size):
+        if info.kind == "extractor" and any(v % p for v in size):
             raise ValueError(f"profile sizes must be multiples of {p}, got {size}")
         return cls(batch, size)
 
@@ -112,8 +115,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
-def _pin_fp32(trt: Any, network: Any) -> None:
-    """Pin the layers named in the module docstring to float32."""
+_FP32_TAILS = {
+    "extractor": {"attention": ("SOFTMAX",), "cams": ("CONVOLUTION",), "logits": ("REDUCE",)},
+    "segmenter": {"logits": ("CONVOLUTION",)},
+}
+"""Per export kind, the outputs whose last layers stay float32, back to a layer of one of
+these types (TensorRT ``LayerType`` names): the extractor's logits to the mean of the CNN
+map (ONNX ``GlobalAveragePool``, a TensorRT reduction), the segmenter's to its classifier
+convolution (and its resize after it)."""
+
+
+def _pin_fp32(trt: Any, network: Any, kind: str) -> None:
+    """Pin the layers named in the module docstring to float32, for an export of ``kind``."""
     producer = {}
     for i in range(network.num_layers):
         layer = network.get_layer(i)
@@ -134,22 +147,17 @@ def _pin_fp32(trt: Any, network: Any) -> None:
         layer = network.get_layer(i)
         if layer.type in (trt.LayerType.SOFTMAX, trt.LayerType.NORMALIZATION):
             pin(layer)
-    stops = {
-        "attention": trt.LayerType.SOFTMAX,
-        "cams": trt.LayerType.CONVOLUTION,
-        "logits": trt.LayerType.REDUCE,
-    }
     for i in range(network.num_outputs):
         out = network.get_output(i)
-        stop = stops.get(out.name)
+        stops = {getattr(trt.LayerType, t) for t in _FP32_TAILS[kind].get(out.name, ())}
         todo, seen = [out], set()
-        while stop is not None and todo:
+        while stops and todo:
             layer = producer.get(todo.pop().name)
             if layer is None or layer.name in seen:
                 continue
             seen.add(layer.name)
             pin(layer)
-            if layer.type != stop:
+            if layer.type not in stops:
                 inputs = (layer.get_input(k) for k in range(layer.num_inputs))
                 todo += [t for t in inputs if t is not None]
 
@@ -195,7 +203,7 @@ def build_engine(
     if not cached.is_file():
         timing = cache / f"timing-{_slug(gpu)}-trt{trt.__version__}.cache"
         with torch.cuda.device(device):  # TensorRT builds for the current device
-            plan = _build(trt, onnx_path, profile, fp16, timing, workspace_gib)
+            plan = _build(trt, onnx_path, info.kind, profile, fp16, timing, workspace_gib)
         atomic_write(cached, lambda f: f.write(plan))
     out = cached if out is None else Path(out)
     if out.resolve() != cached.resolve():
@@ -212,6 +220,7 @@ def _sidecar(engine: Path) -> Path:
 def _build(
     trt: Any,
     onnx_path: Path,
+    kind: str,
     profile: Profile,
     fp16: bool,
     timing_path: Path,
@@ -230,7 +239,7 @@ def _build(
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        _pin_fp32(trt, network)
+        _pin_fp32(trt, network, kind)
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(INPUT, *profile.shapes())
     config.add_optimization_profile(opt_profile)

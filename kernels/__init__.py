@@ -49,7 +49,7 @@ def _per_row(
     """Check A (values: one host sync), k and the device, run ``launch`` on A as a (B, N, N)
     batch, and give its two (B, N, k') outputs A's leading dims."""
     A = check_attention(A)
-    check_k(k)
+    k = check_k(k)
     check_runnable(A)
     out, idx = launch(_batch(A))
     shape = (*A.shape[:-1], out.shape[-1])
@@ -99,7 +99,7 @@ def diffuse_sparse_triton(weights: Tensor, indices: Tensor, cams: Tensor, steps:
     cams: (..., K, N) any float. Returns (..., K, N) fp32. Checks shapes, devices and that
     indices lie in [0, N) (one host sync).
     """
-    check_steps(steps)
+    steps = check_steps(steps)
     n = indices.shape[-2] if indices.ndim >= 2 else 0
     if weights.shape != indices.shape or indices.ndim < 2 or n == 0:
         raise ValueError(
@@ -137,8 +137,8 @@ def adcam_triton(A: Tensor, cams: Tensor, k: int, steps: int) -> Tensor:
     """
     check_cams(cams, check_attention(A, values=False), values=False)
     check_runnable(A, cams)
-    check_k(k)
-    check_steps(steps)
+    k = check_k(k)
+    steps = check_steps(steps)
     from adcam_fast.kernels.coneighbor_topk import refine_sparse
     from adcam_fast.kernels.diffusion import diffuse_sparse
 

@@ -178,6 +178,23 @@ def test_extract_contract(drop_last_block):
         torch.testing.assert_close(cams, resized, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("drop_last_block", [False, True])
+def test_extract_logits_are_the_cnn_heads(drop_last_block):
+    """``return_logits``: the CNN head's logits as `forward` gives them, also where the maps
+    are resized from an odd grid (80 px: a stride-32 map of 3 rows to 5 token rows), whose
+    mean is not the map's."""
+    model = _nano(drop_last_block=drop_last_block).eval()
+    x = torch.randn(2, 3, 80, 96)
+    with torch.no_grad():
+        cams, _, logits = model.extract(x, return_logits=True)
+        conv_logits, _ = model(x)
+    assert logits.shape == (2, 5) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, conv_logits, atol=1e-5, rtol=1e-5)
+    if not drop_last_block:
+        resized_mean = cams.mean((2, 3)) + model.conv_cls_head.bias
+        assert not torch.allclose(resized_mean, conv_logits, atol=1e-3)
+
+
 def test_extract_attention_matches_manual_average_of_last_blocks():
     model = _nano(drop_last_block=True).eval()
     blocks = [model.trans_1] + [getattr(model, f"conv_trans_{i}").trans_block for i in (2, 3, 4, 5)]

@@ -6,9 +6,11 @@ The dynamo exporter's test takes 35-90 s on two CPUs: it runs only with ADCAM_SL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -26,7 +28,7 @@ from adcam_fast.export.onnx import (
     export_checkpoint,
     read_info,
 )
-from adcam_fast.export.tensorrt import TENSORRT_HINT, Profile, TensorRTExtractor
+from adcam_fast.export.tensorrt import TENSORRT_HINT, Profile, TensorRTExtractor, _pin_fp32
 from adcam_fast.io import file_sha256
 from adcam_fast.models.segmenter import Segmenter
 from adcam_fast.pipeline.label import LabelConfig, label_dataset
@@ -209,6 +211,19 @@ def test_wrong_or_corrupt_files_give_clear_errors(segmenter_onnx, exported, tmp_
         OnnxExtractor(tmp_path / "liar.onnx")
     with pytest.raises(ValueError, match="multiples of 16"):
         OnnxExtractor(exported[0])(torch.randn(1, 3, 64, 72))
+    props = exported[1].to_props()
+    for key, value in [("mean", "0.5"), ("dynamic_size", '"no"'), ("precision", '"fp8"')]:
+        with pytest.raises(ValueError, match=r"edited\.onnx: invalid adcam_fast metadata"):
+            ExportInfo.from_props(props | {f"adcam_fast.{key}": value}, "edited.onnx")
+
+
+def test_bad_export_arguments_stop_before_exporting(classifier, tmp_path):
+    out = tmp_path / "x.onnx"
+    with pytest.raises(ValueError, match=r"opset must be in \[17, \d+\] for the torchscript"):
+        export_checkpoint(classifier, "extractor", out, opset=30)
+    with pytest.raises(ValueError, match=r"with_labels \(--with-labels\) is for a segmenter"):
+        export_checkpoint(classifier, "extractor", out, with_labels=True)
+    assert not out.exists()
 
 
 def test_label_pipeline_onnx_masks_match_torch(exported, classifier, tmp_path):
@@ -227,13 +242,60 @@ def test_label_pipeline_onnx_masks_match_torch(exported, classifier, tmp_path):
     assert agree >= 0.999, f"onnx and torch masks agree on {agree:.4%} of pixels"
 
 
-def test_tensorrt_profile_defaults(exported):
+def test_tensorrt_profile_defaults(exported, segmenter_onnx):
     info = exported[1]
     assert Profile.for_info(info, (1, 16, 32), None).size == (32, 64, 128)
     with pytest.raises(ValueError, match="multiples of 16"):
         Profile.for_info(info, (1, 16, 32), (32, 60, 128))
+    # a segmenter takes any size, such as its default training crop
+    seg = dataclasses.replace(read_info(segmenter_onnx[1]), input_size=321)
+    assert Profile.for_info(seg, (1, 16, 32), None).size == (160, 321, 640)
     with pytest.raises(ValueError, match="min <= opt <= max"):
         Profile((4, 2, 8), (64, 64, 64))
+
+
+class _Layer(SimpleNamespace):
+    """A TensorRT network layer as `_pin_fp32` reads it: one float32 output."""
+
+    num_outputs = 1
+
+    def get_output(self, j: int) -> SimpleNamespace:
+        return self.out
+
+    def get_input(self, k: int) -> SimpleNamespace:
+        return self.inputs[k]
+
+    def set_output_type(self, j: int, dtype: str) -> None:
+        self.out.dtype = dtype
+
+
+def _pinned(kind: str, chain: list[str], output: str) -> list[str]:
+    """The layers of a chain (TensorRT layer types from the input on) that `_pin_fp32` pins
+    for an export of ``kind`` whose last layer gives ``output``."""
+    types = SimpleNamespace(**{t: t for t in ("SOFTMAX", "NORMALIZATION", *chain)})
+    trt = SimpleNamespace(float32="float32", LayerType=types)
+    layers, x = [], SimpleNamespace(name="images", dtype="float32")
+    for i, t in enumerate(chain):
+        out = SimpleNamespace(name=output if i == len(chain) - 1 else f"t{i}", dtype="float32")
+        layers.append(_Layer(name=f"{i}:{t}", type=t, inputs=[x], num_inputs=1, out=out))
+        x = out
+    network = SimpleNamespace(
+        num_layers=len(layers), get_layer=layers.__getitem__, num_outputs=1, get_output=lambda i: x
+    )
+    _pin_fp32(trt, network, kind)
+    return [layer.name for layer in layers if getattr(layer, "precision", None) == "float32"]
+
+
+def test_fp16_engines_pin_only_their_outputs_tails():
+    """With ``fp16``, an output's last layers stay float32 back to its stop (not run on
+    TensorRT: its network read through the attributes that `_pin_fp32` uses)."""
+    segmenter = ["CONVOLUTION", "ACTIVATION", "CONVOLUTION", "RESIZE"]
+    assert _pinned("segmenter", segmenter, "logits") == ["2:CONVOLUTION", "3:RESIZE"]
+    extractor = ["CONVOLUTION", "REDUCE", "SHUFFLE", "MATRIX_MULTIPLY", "ELEMENTWISE"]
+    assert _pinned("extractor", extractor, "logits") == [
+        "1:REDUCE", "2:SHUFFLE", "3:MATRIX_MULTIPLY", "4:ELEMENTWISE"
+    ]  # fmt: skip
+    assert _pinned("segmenter", ["CONVOLUTION", "NORMALIZATION"], "labels") == ["1:NORMALIZATION"]
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed")

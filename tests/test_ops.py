@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_attention
@@ -133,6 +134,7 @@ def good_a_but(value: float) -> torch.Tensor:
         (dict(k=0), "k must be an integer >= 1"),
         (dict(k=2.5), "k must be an integer >= 1"),
         (dict(k=True), "k must be an integer >= 1"),
+        (dict(k=np.int64(0)), "k must be an integer >= 1"),
         (dict(steps=-1), "steps must be an integer >= 0"),
         (dict(backend="cuda"), "backend must be one of"),
     ],
@@ -142,6 +144,14 @@ def test_bad_input_raises_value_error_naming_argument(kwargs, match, backend):
     args = dict(A=GOOD_A, cams=GOOD_CAMS, k=2, steps=1, backend=backend) | kwargs
     with pytest.raises(ValueError, match=match):
         adcam_fast.adcam(**args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_k_and_steps_of_any_integer_type(backend):
+    """numpy's integers (as from a config array) are integers: the same result as ints."""
+    want = adcam_fast.adcam(GOOD_A, GOOD_CAMS, k=2, steps=1, backend=backend)
+    got = adcam_fast.adcam(GOOD_A, GOOD_CAMS, k=np.int64(2), steps=np.int32(1), backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_public_reference_functions_validate():

@@ -553,8 +553,10 @@ class Conformer(nn.Module):
         """Training/classification forward: ``(conv_logits, trans_logits)``, each (B, K)."""
         return self.forward_head(self.forward_features(x))
 
-    def extract(self, x: Tensor, attn_blocks: int | None = None) -> tuple[Tensor, Tensor]:
-        """Class maps and attention for AD-CAM.
+    def extract(
+        self, x: Tensor, attn_blocks: int | None = None, return_logits: bool = False
+    ) -> tuple[Tensor, ...]:
+        """Class maps and attention for AD-CAM (and the CNN head's logits).
 
         Args:
             x: images (B, in_chans, H, W), H and W multiples of ``patch_size``.
@@ -571,6 +573,8 @@ class Conformer(nn.Module):
             ``A``: (B, N, N) float32 with N = h*w patch tokens in row-major order: post-softmax
             attention averaged over heads and over the used blocks (accumulated block by block
             in float32), class-token row and column dropped, each row renormalised to sum 1.
+            With ``return_logits``, also the CNN head's (B, K) float32 logits, as
+            :meth:`forward` gives them: the mean of ``F`` before any resize, plus the bias.
 
         Run under ``torch.inference_mode()`` with the model in eval mode for labelling.
         """
@@ -596,6 +600,8 @@ class Conformer(nn.Module):
         # The mean over blocks is implied: dividing by the block count cancels in the row norm.
         attn = attn_sum[:, 1:, 1:]
         attn = attn / attn.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(attn.dtype).tiny)
+        if return_logits:
+            return cams, attn, self.conv_cls_head(self.pooling(x_cnn).flatten(1)).float()
         return cams, attn
 
 
