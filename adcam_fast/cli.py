@@ -213,22 +213,32 @@ def _add_eval(sub) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from adcam_fast.data import open_dataset
+    from adcam_fast.io import atomic_write
     from adcam_fast.pipeline.evaluate import evaluate_masks, format_table, sweep_cams
 
+    if not (args.pred / "masks").is_dir():
+        raise ValueError(f"{args.pred}: no masks/ folder (--pred is the --out of adcam label)")
     dataset = open_dataset(args.data)
+    if not len(dataset):
+        raise ValueError(f"{args.data}: the collection is empty: nothing to score")
     names = ["background", *dataset.class_names]
     scores, missing = evaluate_masks(args.pred, dataset)
     result = dict(masks=scores.as_dict(names), missing=missing)
     rows = {"masks": scores}
     if args.sweep:
-        thr, best, curve = sweep_cams(args.pred, dataset)
-        result["sweep"] = dict(best_threshold=thr, best=best.as_dict(names), curve=curve)
+        thr, best, curve, no_maps = sweep_cams(args.pred, dataset)
+        result["sweep"] = dict(
+            best_threshold=thr, best=best.as_dict(names), curve=curve, missing=no_maps
+        )
         rows[f"cams @ {thr:.2f}"] = best
+        if no_maps:
+            print(f"{len(no_maps)} images had no maps (seeds as background)", file=sys.stderr)
     print(format_table(rows))
     if missing:
         print(f"{len(missing)} images had no mask (scored as background)", file=sys.stderr)
     out = args.json or args.pred / "eval.json"
-    out.write_text(json.dumps(result, indent=2))
+    payload = json.dumps(result, indent=2).encode()
+    atomic_write(out, lambda f: f.write(payload))
     print(f"-> {out}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from PIL import Image
 
 from adcam_fast.cli import main
 from adcam_fast.data import SyntheticDataset, load_mask, make_synthetic, open_dataset
+from adcam_fast.pipeline.label import LabelConfig, begin_run
+from adcam_fast.pipeline.writers import Outputs, coco_image_ids
 
 FAST = ["--input-size", "64", "--scales", "1.0,0.5", "--batch-size", "2", "--workers", "0"]
 
@@ -82,6 +85,56 @@ def test_eval_scores_masks_and_sweeps(checkpoint, collection, tmp_path, capsys):
     assert "mIoU" in capsys.readouterr().out
 
 
+def test_eval_takes_downscaled_masks_and_missing_maps(checkpoint, collection, tmp_path, capsys):
+    """Masks written under --max-side are scored at the ground truth's size; an image without
+    maps (it failed to label) has background seeds in the sweep; a --pred that is no output
+    folder is named."""
+    out = tmp_path / "out"
+    assert label(f"synthetic:{collection}", checkpoint, out, "--save-cams", "--max-side", "32") == 0
+    first = open_dataset(f"synthetic:{collection}").ids[0]
+    (out / "cams" / f"{first}.npz").unlink()
+    assert main(["eval", "--pred", str(out), "--data", f"synthetic:{collection}", "--sweep"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["missing"] == [] and result["sweep"]["missing"] == [first]
+    assert "1 images had no maps" in capsys.readouterr().err
+    typo = ["eval", "--pred", str(tmp_path / "typo"), "--data", f"synthetic:{collection}"]
+    assert main(typo) == 2
+    assert "typo: no masks/ folder" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_is_refused(checkpoint, collection, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert label(f"synthetic:{collection}", checkpoint, out, "--method", "cam") == 0
+    masks = {p.name: p.read_bytes() for p in (out / "masks").iterdir()}
+    assert label(f"synthetic:{collection}", checkpoint, out, "--bg-threshold", "0.5") == 2
+    err = capsys.readouterr().err
+    assert "method: 'cam' -> 'adcam'" in err and "bg_threshold: 0.3 -> 0.5" in err
+    assert {p.name: p.read_bytes() for p in (out / "masks").iterdir()} == masks
+    assert label(f"synthetic:{collection}", checkpoint, out, "--overwrite") == 0
+    assert json.loads((out / "run.json").read_text())["config"]["method"] == "adcam"
+    assert label(f"synthetic:{collection}", checkpoint, out, "--workers", "1") == 0  # speed only
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--k", "0"], r"k \(--k\) must be >= 1, got 0"),
+        (["--steps", "-1"], r"steps \(--steps\) must be >= 0"),
+        (["--max-side", "0"], r"max_side \(--max-side\) must be >= 1"),
+        (["--writers", "0"], r"writers \(--writers\) must be >= 1"),
+        (["--bg-threshold", "1.5"], r"bg_threshold \(--bg-threshold\) must be in \[0, 1\]"),
+        # a device that the kernels never run on (CPU tensors do under the interpreter)
+        (["--adcam-backend", "triton", "--device", "meta"], "the triton backend runs on CUDA"),
+    ],
+)
+def test_bad_options_fail_before_any_work(
+    checkpoint, collection, tmp_path, capsys, option, message
+):
+    assert label(f"synthetic:{collection}", checkpoint, tmp_path / "out", *option) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("method", ["cam", "product", "diffusion"])
 def test_ablation_methods_run(checkpoint, collection, tmp_path, method):
     assert label(f"synthetic:{collection}", checkpoint, tmp_path / method, "--method", method) == 0
@@ -134,6 +187,11 @@ def test_bad_inputs_are_reported_and_the_rest_goes_on(checkpoint, tmp_path):
     assert load_mask(out / "masks" / "huge.png").shape == (128, 85)  # bounded by --max-side
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failed"] == 5 and summary["written"] == 8
+    # mended, an image leaves failures.jsonl; the others are listed once, not once a run
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(root / "images" / "text.jpg", "PNG")
+    assert label(data, checkpoint, out, "--max-side", "128") == 1
+    failed = [json.loads(line)["id"] for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert sorted(failed) == ["empty", "good.jpg_copy", "truncated", "unknown"]
 
 
 def test_unlabeled_collection_uses_predictions(checkpoint, tmp_path):
@@ -196,3 +254,30 @@ def test_killed_run_resumes_without_loss_or_rework(checkpoint, tmp_path, sig):
     assert summary["written"] == 40 - len(done)
     assert len(list(masks.glob("*.png"))) == 40
     assert {p: p.stat().st_mtime_ns for p in done} == done
+
+
+def test_output_files_and_coco_ids(tmp_path):
+    outputs = Outputs(tmp_path, ["cat"], cams=True)
+    assert outputs.files("a/b") == [tmp_path / "masks" / "a/b.png", tmp_path / "cams" / "a/b.npz"]
+    for bad in ("/etc/x", "../x", "a/../../x", ""):
+        with pytest.raises(ValueError, match="would write outside"):
+            outputs.files(bad)
+    assert coco_image_ids(["7", "12"]) == {"7": 7, "12": 12}
+    # numbers only where no id would take another's: else every id by position
+    assert coco_image_ids(["1", "2", "cat"]) == {"1": 0, "2": 1, "cat": 2}
+    assert coco_image_ids(["1", "01"]) == {"1": 0, "01": 1}
+    assert coco_image_ids(["²"]) == {"²": 0}
+
+
+def test_coco_categories_follow_the_checkpoint_classes(tmp_path):
+    """With classes from predictions, a dataset's own categories apply only where its
+    classes are the checkpoint's."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "a.png")
+    (tmp_path / "c.txt").write_text("cat\ndog\n")
+    dataset = open_dataset(f"folder:{d}::{tmp_path / 'c.txt'}")
+    cfg = LabelConfig(classes_from="predictions", coco=True)
+    for names, ids in ((["cat", "dog"], [17, 18]), (["boat"], [1])):
+        outputs, _, _ = begin_run(dataset, names, tmp_path / "_".join(names), cfg, None, [17, 18])
+        assert outputs.category_ids == ids

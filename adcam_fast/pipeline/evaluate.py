@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-IGNORE = 255
+from adcam_fast.data.base import IGNORE_INDEX
+from adcam_fast.data.images import load_mask, scaled_size
+
 SWEEP = np.round(np.arange(0.0, 0.6001, 0.01), 2)
 """Background thresholds of the seed sweep: 0.00 to 0.60 in steps of 0.01."""
 
@@ -28,7 +31,7 @@ def confusion(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
     """
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
-    keep = gt != IGNORE
+    keep = gt != IGNORE_INDEX
     g = gt[keep].astype(np.int64)
     if g.size and g.max() >= num_classes:
         raise ValueError(f"ground truth holds class {g.max()} but num_classes is {num_classes}")
@@ -114,11 +117,34 @@ def format_table(rows: dict[str, Scores]) -> str:
     return "\n".join(lines)
 
 
-def _ground_truth(dataset, i: int) -> np.ndarray:
+def _ground_truth(dataset, i: int, num_classes: int) -> np.ndarray:
+    """Item i's ground-truth mask; ValueError naming it when it has none, or a value that is
+    neither 255 nor below ``num_classes``."""
     mask = dataset.mask(i)
     if mask is None:
         raise ValueError(f"{dataset.ids[i]}: the collection has no ground-truth mask for it")
+    values = mask[mask != IGNORE_INDEX]
+    if values.size and values.max() >= num_classes:
+        raise ValueError(
+            f"{dataset.ids[i]}: ground truth holds class {values.max()} but the collection has "
+            f"{num_classes - 1} classes"
+        )
     return mask
+
+
+def _prediction(path: Path, gt: np.ndarray) -> np.ndarray:
+    """The mask at ``path`` at the ground truth's size: one written downscaled (``adcam label
+    --max-side``) is brought back up by nearest neighbour. ValueError naming the file when
+    its size is no downscale of the ground truth's."""
+    pred = load_mask(path)
+    if pred.shape != gt.shape:
+        if scaled_size(*gt.shape, max(pred.shape)) != pred.shape:
+            raise ValueError(
+                f"{path}: prediction {pred.shape} is no downscale of its ground truth {gt.shape}"
+            )
+        size = (gt.shape[1], gt.shape[0])
+        pred = np.asarray(Image.fromarray(pred).resize(size, Image.Resampling.NEAREST))
+    return pred
 
 
 def evaluate_masks(pred_dir: str | Path, dataset) -> tuple[Scores, list[str]]:
@@ -126,16 +152,14 @@ def evaluate_masks(pred_dir: str | Path, dataset) -> tuple[Scores, list[str]]:
 
     Returns the scores and the ids with no prediction (counted as all background).
     """
-    from adcam_fast.data.images import load_mask
-
     n = len(dataset.class_names) + 1
     conf = np.zeros((n, n), np.int64)
     missing = []
     for i, image_id in enumerate(dataset.ids):
-        gt = _ground_truth(dataset, i)
+        gt = _ground_truth(dataset, i, n)
         path = Path(pred_dir) / "masks" / f"{image_id}.png"
         if path.exists():
-            pred = load_mask(path)
+            pred = _prediction(path, gt)
         else:
             missing.append(image_id)
             pred = np.zeros_like(gt)
@@ -143,21 +167,32 @@ def evaluate_masks(pred_dir: str | Path, dataset) -> tuple[Scores, list[str]]:
     return Scores.from_confusion(conf), missing
 
 
-def sweep_cams(pred_dir: str | Path, dataset) -> tuple[float, Scores, dict[float, float]]:
-    """The seed protocol on ``pred_dir/cams/<id>.npz``: see `best_of_sweep`."""
+def sweep_cams(
+    pred_dir: str | Path, dataset
+) -> tuple[float, Scores, dict[float, float], list[str]]:
+    """The seed protocol on ``pred_dir/cams/<id>.npz`` (see `best_of_sweep`), and the ids
+    without maps (an image that failed to label), whose seeds count as all background.
+    Raises ValueError when ``pred_dir`` holds no maps at all."""
     import torch
     import torch.nn.functional as F
 
+    cams_dir = Path(pred_dir) / "cams"
+    if not cams_dir.is_dir():
+        raise ValueError(f"{cams_dir}: no saved maps (label with --save-cams to sweep thresholds)")
+    missing: list[str] = []
+
     def items():
         for i, image_id in enumerate(dataset.ids):
-            gt = _ground_truth(dataset, i)
-            path = Path(pred_dir) / "cams" / f"{image_id}.npz"
+            gt = _ground_truth(dataset, i, len(dataset.class_names) + 1)
+            path = cams_dir / f"{image_id}.npz"
             if not path.exists():
-                raise ValueError(f"{path}: missing (label with --save-cams to sweep thresholds)")
+                missing.append(image_id)
+                yield np.zeros((0, *gt.shape), np.float32), np.zeros(0, np.int64), gt
+                continue
             z = np.load(path)
             maps = torch.from_numpy(z["maps"].astype(np.float32))
             if len(maps):
                 maps = F.interpolate(maps[None], size=gt.shape, mode="bilinear")[0]
             yield maps.numpy(), z["class_ids"], gt
 
-    return best_of_sweep(items(), len(dataset.class_names) + 1)
+    return (*best_of_sweep(items(), len(dataset.class_names) + 1), missing)

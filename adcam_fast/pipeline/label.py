@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -48,7 +48,7 @@ from adcam_fast.cam import normalize_cam, seed_labels
 from adcam_fast.data.base import ImageDataset
 from adcam_fast.export.backends import Extractor
 from adcam_fast.io import atomic_write, file_sha256
-from adcam_fast.pipeline.methods import Method, localise
+from adcam_fast.pipeline.methods import METHODS, Method, localise
 from adcam_fast.pipeline.writers import LabelResult, Outputs
 
 
@@ -76,12 +76,32 @@ class LabelConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        """Raises ValueError naming the field (and its ``adcam label`` option)."""
+        if self.method not in METHODS:
+            raise ValueError(f"method (--method) must be one of {METHODS}, got {self.method!r}")
         if self.classes_from not in ("labels", "predictions"):
-            raise ValueError(f"classes_from must be labels or predictions, got {self.classes_from}")
+            raise ValueError(
+                f"classes_from (--classes-from) must be labels or predictions, "
+                f"got {self.classes_from!r}"
+            )
         if not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"scales must be positive, got {self.scales}")
-        if self.batch_size < 1 or self.input_size < 16:
-            raise ValueError("batch_size must be >= 1 and input_size >= 16")
+            raise ValueError(f"scales (--scales) must be positive, got {self.scales}")
+        least = dict(input_size=16, k=1, steps=0, batch_size=1, workers=0, writers=1, max_side=1)
+        for name, low in least.items():
+            value = getattr(self, name)
+            if not (value is None and name == "max_side") and not value >= low:
+                flag = name.replace("_", "-")
+                raise ValueError(f"{name} (--{flag}) must be >= {low}, got {value}")
+        for name in ("bg_threshold", "pred_threshold"):
+            if not 0 <= getattr(self, name) <= 1:
+                flag = name.replace("_", "-")
+                raise ValueError(f"{name} (--{flag}) must be in [0, 1], got {getattr(self, name)}")
+
+    def shaping(self) -> dict:
+        """The fields that decide an image's outputs (not how fast they come, nor which
+        files are written): a resumed run must have the same."""
+        fast = ("adcam_backend", "batch_size", "workers", "writers", "cams", "coco", "overlays")
+        return {k: v for k, v in asdict(self).items() if k not in (*fast, "overwrite")}
 
 
 @dataclass
@@ -103,7 +123,7 @@ class Summary:
     seconds: float = 0.0
     startup_seconds: float = 0.0
     images_per_second: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     failures_file: str = "failures.jsonl"
     config: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
@@ -111,7 +131,8 @@ class Summary:
     workers: dict[str, dict] = field(default_factory=dict)
 
 
-def _error(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
+    """An exception as one line of a failure record: ``Type: message``."""
     return f"{type(e).__name__}: {e}"
 
 
@@ -132,7 +153,7 @@ def decode_item(dataset: ImageDataset, index: int, size: int, keep_image: bool) 
             image=s.image if keep_image else None,
         )
     except Exception as e:  # any bad item is reported, never fatal
-        return dict(id=image_id, error=_error(e))
+        return dict(id=image_id, error=describe_error(e))
 
 
 class _Decoded(Dataset):
@@ -200,6 +221,10 @@ class Labeller:
         self.ex, self.cfg = extractor, config
         self.methods = methods or (config.method,)
         dev = extractor.device
+        if config.adcam_backend == "triton":  # else each batch would fail alike
+            from adcam_fast.kernels.launch import check_runnable
+
+            check_runnable(torch.empty(0, device=dev))
         self.mean = torch.tensor(extractor.mean, device=dev).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(extractor.std, device=dev).view(1, 3, 1, 1) * 255
         self.grid = config.input_size // 4
@@ -284,7 +309,7 @@ def forward_batch(
     try:
         maps, classes = labeller(batch["x"], batch["labels"])
     except Exception as e:  # a failed batch is reported, not fatal
-        return records + [failed(i, "forward", _error(e)) for i in batch["ids"]], []
+        return records + [failed(i, "forward", describe_error(e)) for i in batch["ids"]], []
     maps = maps[cfg.method]
     images = [
         ImageMaps(image_id, maps[b], classes[b], batch["shapes"][b], batch["images"][b])
@@ -315,7 +340,7 @@ def write_record(outputs: Outputs, cfg: LabelConfig, item: ImageMaps) -> dict:
     try:
         write_image(outputs, cfg, item)
     except Exception as e:
-        return failed(item.id, "write", _error(e))
+        return failed(item.id, "write", describe_error(e))
     return written(item.id)
 
 
@@ -340,10 +365,13 @@ def label_batch(
 
 
 class FailureLog:
-    """The run's ``failures.jsonl``, opened for appending: one flushed line ``{id, stage,
-    error}`` per failed image; ``count`` is the number added by this run."""
+    """The run's ``failures.jsonl``: one flushed line ``{id, stage, error}`` appended per
+    failed image as it fails (so a crash keeps them); ``count`` is the number added by this
+    run. `close` rewrites the file with the latest line of each image that is still not
+    complete, so images that earlier runs failed and this one wrote drop out."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self._file = open(path, "a")
         self.count = 0
 
@@ -353,8 +381,17 @@ class FailureLog:
         self._file.flush()
         self.count += 1
 
-    def close(self) -> None:
+    def close(self, done: Callable[[str], bool]) -> None:
+        """Close the file, keeping the images for which ``done(id)`` is false."""
         self._file.close()
+        latest: dict[str, str] = {}
+        for line in self.path.read_text().splitlines():
+            try:
+                latest[json.loads(line)["id"]] = line
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                continue
+        kept = "".join(f"{line}\n" for image_id, line in latest.items() if not done(image_id))
+        atomic_write(self.path, lambda f: f.write(kept.encode()))
 
 
 def checkpoint_info(path: str | Path) -> dict:
@@ -373,8 +410,14 @@ def begin_run(
     """Check the run, create ``out_dir``; return its outputs, a summary to fill, and the indices
     of the images still to do (all with ``cfg.overwrite``, else those not complete).
 
+    ``out_dir/run.json`` records what decides the outputs (`LabelConfig.shaping`, the
+    checkpoint's sha256): a run resumes only where they are the same, or with overwrite.
+    COCO ``category_ids`` apply where the extractor's classes are the dataset's (else the
+    categories are 1..K of the extractor's classes).
+
     Raises ValueError before creating anything when the extractor's ``class_names`` do not fit
-    the dataset, or the collection has no labels and ``cfg`` needs them.
+    the dataset (with ``classes_from="labels"``), the collection has no labels and ``cfg``
+    needs them, ``out_dir`` is a file, or it holds a run with other settings.
     """
     if dataset.class_names != class_names and cfg.classes_from == "labels":
         raise ValueError(
@@ -383,6 +426,15 @@ def begin_run(
         )
     if cfg.classes_from == "labels" and not dataset.has_labels:
         raise ValueError("the collection has no image labels: use --classes-from predictions")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: --out is a file, not a folder")
+    run = dict(config=cfg.shaping(), checkpoint_sha256=(checkpoint or {}).get("sha256"))
+    run = json.loads(json.dumps(run))  # tuples as lists, as read back
+    run_file = out_dir / "run.json"
+    if run_file.is_file() and not cfg.overwrite:
+        _check_resume(run_file, run)
+    if dataset.class_names != class_names:
+        category_ids = None
     outputs = Outputs(out_dir, class_names, cfg.cams, cfg.coco, cfg.overlays, category_ids)
     summary = Summary(total=len(dataset), config=asdict(cfg), checkpoint=checkpoint or {})
     summary.versions = dict(python=platform.python_version(), torch=torch.__version__)
@@ -391,7 +443,25 @@ def begin_run(
     ]
     summary.skipped_complete = len(dataset) - len(todo)
     out_dir.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps(run, indent=2).encode()
+    atomic_write(run_file, lambda f: f.write(payload))
     return outputs, summary, todo
+
+
+def _check_resume(run_file: Path, run: dict) -> None:
+    """Raise ValueError naming what differs when ``run_file`` records another run."""
+    try:
+        before = json.loads(run_file.read_text())
+        was = before["config"] | dict(checkpoint_sha256=before["checkpoint_sha256"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{run_file}: unreadable ({e}): use --overwrite to start over") from e
+    now = run["config"] | dict(checkpoint_sha256=run["checkpoint_sha256"])
+    changed = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v]
+    if changed:
+        raise ValueError(
+            f"{run_file.parent} holds a run with other settings ({'; '.join(changed)}): "
+            "resuming would mix them; use --overwrite to redo every image, or another --out"
+        )
 
 
 def end_run(
@@ -441,9 +511,11 @@ def label_dataset(
 ) -> Summary:
     """Label every image of ``dataset`` into ``out_dir``; returns (and writes) the summary.
 
-    Raises ValueError before any work when the extractor's classes do not fit the dataset.
+    Raises ValueError before any work where `begin_run` does, and for an ``adcam_backend``
+    that cannot run on the extractor's device.
     """
     cfg, out = config, Path(out_dir)
+    labeller = Labeller(extractor, cfg)
     outputs, summary, todo = begin_run(
         dataset,
         extractor.class_names,
@@ -454,7 +526,6 @@ def label_dataset(
     )
     summary.versions["device"] = str(extractor.device)
     failures = FailureLog(out / summary.failures_file)
-    labeller = Labeller(extractor, cfg)
     loader = DataLoader(
         _Decoded(dataset, todo, cfg.input_size, cfg.overlays),
         batch_size=cfg.batch_size,
@@ -492,7 +563,7 @@ def label_dataset(
         drain(0)
         summary.interrupted = stop.event.is_set()
     bar.close()
-    failures.close()
+    failures.close(outputs.done)
     summary.failed = failures.count
     summary.stage_seconds = dict(labeller.timer)
     return end_run(summary, outputs, dataset.ids, time.perf_counter() - start, numeric_ids)

@@ -65,6 +65,7 @@ from adcam_fast.pipeline.label import (
     checkpoint_info,
     collate,
     decode_item,
+    describe_error,
     end_run,
     failed,
     label_batch,
@@ -219,7 +220,7 @@ def label_dataset_ray(
                         if stop.event.is_set():
                             break
                 except Exception as e:  # the stream broke: its images are checked below
-                    error = f"{type(e).__name__}: {e}"
+                    error = describe_error(e)
                     log.warning("the Ray stream stopped: %s", error)
                 finally:
                     rows.close()
@@ -230,7 +231,7 @@ def label_dataset_ray(
         bar.close()
         if not summary.interrupted:
             results.report_lost(missing, error)
-        results.failures.close()
+        results.failures.close(outputs.done)
         summary.failed = results.failures.count
         summary.written = sum(results.written(i) for i in todo)
         summary.stage_seconds = dict(results.stages)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -31,6 +31,19 @@ class LabelResult:
     maps: np.ndarray  # (C, h, w) float, normalised
     class_ids: np.ndarray  # (C,) label values (c + 1)
     image: np.ndarray | None = None  # (H, W, 3) uint8, for overlays
+
+
+_SUFFIX = dict(masks=".png", cams=".npz", coco=".json", overlays=".png")
+
+
+def coco_image_ids(image_ids: list[str]) -> dict[str, int]:
+    """Integer image ids for COCO results: the ids themselves where every one is a decimal
+    number and no two are the same number, else each id's position in ``image_ids``."""
+    if all(i.isascii() and i.isdigit() for i in image_ids):
+        numbers = [int(i) for i in image_ids]
+        if len(set(numbers)) == len(numbers):
+            return dict(zip(image_ids, numbers, strict=True))
+    return {image_id: pos for pos, image_id in enumerate(image_ids)}
 
 
 def _png(im: Image.Image):
@@ -54,16 +67,18 @@ class Outputs:
         self.cams, self.coco, self.overlays = cams, coco, overlays
         self.category_ids = category_ids or list(range(1, len(class_names) + 1))
 
+    def file(self, kind: str, image_id: str) -> Path:
+        """``root/<kind>/<id>.<suffix>`` of one output kind (masks, cams, coco, overlays).
+        Raises ValueError for an id that would name a file outside that folder."""
+        path = PurePosixPath(image_id)
+        if not image_id or path.is_absolute() or ".." in path.parts:
+            raise ValueError(f"image id {image_id!r} would write outside {self.root / kind}")
+        return self.root / kind / f"{image_id}{_SUFFIX[kind]}"
+
     def files(self, image_id: str) -> list[Path]:
         """The files that make ``image_id`` complete."""
-        out = [self.root / "masks" / f"{image_id}.png"]
-        if self.cams:
-            out.append(self.root / "cams" / f"{image_id}.npz")
-        if self.coco:
-            out.append(self.root / "coco" / f"{image_id}.json")
-        if self.overlays:
-            out.append(self.root / "overlays" / f"{image_id}.png")
-        return out
+        wanted = dict(masks=True, cams=self.cams, coco=self.coco, overlays=self.overlays)
+        return [self.file(kind, image_id) for kind, on in wanted.items() if on]
 
     def done(self, image_id: str) -> bool:
         return all(p.exists() for p in self.files(image_id))
@@ -80,15 +95,15 @@ class Outputs:
                     size=np.array(r.mask.shape, np.int64),
                 )
 
-            atomic_write(self.root / "cams" / f"{r.id}.npz", save_npz)
+            atomic_write(self.file("cams", r.id), save_npz)
         if self.coco:
             payload = json.dumps(self.rles(r)).encode()
-            atomic_write(self.root / "coco" / f"{r.id}.json", lambda f: f.write(payload))
+            atomic_write(self.file("coco", r.id), lambda f: f.write(payload))
         if self.overlays:
             if r.image is None:
                 raise ValueError(f"{r.id}: overlays need the image")
-            atomic_write(self.root / "overlays" / f"{r.id}.png", _png(self.overlay(r)))
-        atomic_write(self.root / "masks" / f"{r.id}.png", _png(mask_to_image(r.mask)))
+            atomic_write(self.file("overlays", r.id), _png(self.overlay(r)))
+        atomic_write(self.file("masks", r.id), _png(mask_to_image(r.mask)))
 
     def rles(self, r: LabelResult) -> list[dict]:
         """One COCO result (``COCO.loadRes`` format) per class present in the mask."""
@@ -130,20 +145,16 @@ class Outputs:
         """Join the per-image COCO fragments of ``image_ids`` into ``coco.json``.
 
         COCO wants integer image ids: ``numeric_ids`` maps ours to theirs (a COCO dataset's
-        own ids); by default, ids that are integers are kept and others get their position.
+        own ids); by default, `coco_image_ids`.
         """
         if not self.coco:
             return
+        numeric_ids = numeric_ids or coco_image_ids(image_ids)
         results = []
-        for pos, image_id in enumerate(image_ids):
-            frag = self.root / "coco" / f"{image_id}.json"
-            if not frag.exists():
-                continue
-            if numeric_ids is not None:
+        for image_id in image_ids:
+            frag = self.file("coco", image_id)
+            if frag.exists():
                 num = numeric_ids[image_id]
-            else:
-                num = int(image_id) if image_id.isdigit() else pos
-            for ann in json.loads(frag.read_text()):
-                results.append(ann | dict(image_id=num))
+                results += [ann | dict(image_id=num) for ann in json.loads(frag.read_text())]
         payload = json.dumps(results).encode()
         atomic_write(self.root / "coco.json", lambda f: f.write(payload))
