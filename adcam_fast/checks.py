@@ -20,6 +20,14 @@ def _tensor(x: object, name: str) -> Tensor:
     return x
 
 
+def _square(x: object, name: str) -> Tensor:
+    """x is a floating tensor of shape (..., N, N), N >= 1."""
+    x = _tensor(x, name)
+    if x.ndim < 2 or x.shape[-1] != x.shape[-2] or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape (..., N, N) with N >= 1, got {tuple(x.shape)}")
+    return x
+
+
 def check_attention(A: object, name: str = "A", values: bool = True) -> Tensor:
     """A is (..., N, N), floating and, when ``values``, finite and non-negative.
 
@@ -27,9 +35,7 @@ def check_attention(A: object, name: str = "A", values: bool = True) -> Tensor:
     shows in one) and one host sync; only a failing A is read again, to count its bad
     entries for the message.
     """
-    A = _tensor(A, name)
-    if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
-        raise ValueError(f"{name} must have shape (..., N, N) with N >= 1, got {tuple(A.shape)}")
+    A = _square(A, name)
     if not values or A.numel() == 0:
         return A
     lo, hi = torch.aminmax(A)
@@ -43,9 +49,7 @@ def check_attention(A: object, name: str = "A", values: bool = True) -> Tensor:
 
 def check_square(A: object, name: str) -> Tensor:
     """A is (..., N, N), floating and finite (no sign constraint)."""
-    A = _tensor(A, name)
-    if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
-        raise ValueError(f"{name} must have shape (..., N, N) with N >= 1, got {tuple(A.shape)}")
+    A = _square(A, name)
     if not bool(torch.isfinite(A).all()):
         raise ValueError(f"{name} must be finite")
     return A

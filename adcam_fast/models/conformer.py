@@ -349,8 +349,8 @@ class Conformer(nn.Module):
     Args beyond the official ones:
         drop_last_block: do not build ``conv_trans_{depth}``: ``depth - 1`` transformer blocks,
             CNN map at stride 16 (the token grid when ``patch_size`` is 16). ``conv_cls_head``
-            keeps its input
-            width ``4 * base_channel * channel_ratio`` (= ``256 * channel_ratio``).
+            keeps its input width ``4 * base_channel * channel_ratio`` (``256 *
+            channel_ratio`` at the official ``base_channel`` of 64).
         detach_branches: stop-gradient between the branches. The stem output fed to
             ``trans_patch_conv`` and the inputs of every ``squeeze_block`` / ``expand_block`` are
             detached; the forward values are unchanged. See :func:`parameter_branch`.
