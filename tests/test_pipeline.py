@@ -110,8 +110,15 @@ def test_resume_with_other_settings_is_refused(checkpoint, collection, tmp_path,
     err = capsys.readouterr().err
     assert "method: 'cam' -> 'adcam'" in err and "bg_threshold: 0.3 -> 0.5" in err
     assert {p.name: p.read_bytes() for p in (out / "masks").iterdir()} == masks
+    run = json.loads((out / "run.json").read_text())
+    run_file = out / "run.json"
+    # an overwrite that stops early leaves old outputs: it must be run again, not resumed
+    run_file.write_text(json.dumps(run | dict(overwriting=True)))
+    assert label(f"synthetic:{collection}", checkpoint, out, "--method", "cam") == 2
+    assert "did not redo every image" in capsys.readouterr().err
     assert label(f"synthetic:{collection}", checkpoint, out, "--overwrite") == 0
-    assert json.loads((out / "run.json").read_text())["config"]["method"] == "adcam"
+    run = json.loads(run_file.read_text())
+    assert run["config"]["method"] == "adcam" and run["overwriting"] is False
     assert label(f"synthetic:{collection}", checkpoint, out, "--workers", "1") == 0  # speed only
 
 

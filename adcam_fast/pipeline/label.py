@@ -411,7 +411,8 @@ def begin_run(
     of the images still to do (all with ``cfg.overwrite``, else those not complete).
 
     ``out_dir/run.json`` records what decides the outputs (`LabelConfig.shaping`, the
-    checkpoint's sha256): a run resumes only where they are the same, or with overwrite.
+    checkpoint's sha256): a run resumes only where they are the same, or with overwrite,
+    and not after an overwrite that left images not redone (their old outputs would mix).
     COCO ``category_ids`` apply where the extractor's classes are the dataset's (else the
     categories are 1..K of the extractor's classes).
 
@@ -428,7 +429,11 @@ def begin_run(
         raise ValueError("the collection has no image labels: use --classes-from predictions")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: --out is a file, not a folder")
-    run = dict(config=cfg.shaping(), checkpoint_sha256=(checkpoint or {}).get("sha256"))
+    run = dict(
+        config=cfg.shaping(),
+        checkpoint_sha256=(checkpoint or {}).get("sha256"),
+        overwriting=cfg.overwrite,  # until every image is redone (`end_run`)
+    )
     run = json.loads(json.dumps(run))  # tuples as lists, as read back
     run_file = out_dir / "run.json"
     if run_file.is_file() and not cfg.overwrite:
@@ -462,6 +467,11 @@ def _check_resume(run_file: Path, run: dict) -> None:
             f"{run_file.parent} holds a run with other settings ({'; '.join(changed)}): "
             "resuming would mix them; use --overwrite to redo every image, or another --out"
         )
+    if before.get("overwriting"):
+        raise ValueError(
+            f"{run_file.parent}: an --overwrite run did not redo every image (it was stopped, "
+            "or some failed): run it again with --overwrite"
+        )
 
 
 def end_run(
@@ -471,8 +481,15 @@ def end_run(
     seconds: float,
     numeric_ids: dict[str, int] | None = None,
 ) -> Summary:
-    """Join the COCO fragments of ``ids``, set the timings and write ``summary.json``."""
+    """Join the COCO fragments of ``ids``, set the timings and write ``summary.json``; after
+    an overwrite that redid every image, mark ``run.json`` resumable."""
     outputs.finish(ids, numeric_ids)
+    run_file = outputs.root / "run.json"
+    redone = not (summary.interrupted or summary.failed)  # else old outputs remain
+    if summary.config.get("overwrite") and redone and run_file.is_file():
+        run = json.loads(run_file.read_text()) | dict(overwriting=False)
+        payload = json.dumps(run, indent=2).encode()
+        atomic_write(run_file, lambda f: f.write(payload))
     summary.seconds = seconds
     done = summary.written + summary.failed
     summary.images_per_second = done / seconds if seconds else 0.0
