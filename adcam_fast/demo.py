@@ -53,6 +53,7 @@ def _train(out: Path, data: Path, p: dict, seed: int, workers: int) -> Path:
             "--crop", str(p["size"]), "--batch-size", str(p["batch_size"]),
             "--workers", str(workers), "--seed", str(seed), "--device", "cpu",
             "--lr-cnn", str(LR_CNN),
+            *(["--resume"] if (out / "last.pth").exists() else []),  # a rerun, or after ^C
         ]
     )  # fmt: skip
     if classifier.run(args) != 0:

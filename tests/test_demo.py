@@ -18,3 +18,6 @@ def test_demo_quick(tmp_path, capsys):
     assert (out / "contact_sheet.png").stat().st_size > 0
     assert len(list((out / "labels" / "masks").iterdir())) == result["label_summary"]["written"]
     assert "adcam @" in capsys.readouterr().out
+    # a second run on the same folder (or one after ^C) resumes the training and goes on
+    assert main(["demo", "--quick", "--out", str(out), "--workers", "0"]) == 0
+    assert json.loads((out / "demo.json").read_text())["ablation"] == result["ablation"]

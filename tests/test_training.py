@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from adcam_fast.data import SyntheticDataset, make_synthetic
+from adcam_fast.models.conformer import checkpoint_filter_fn
 from adcam_fast.models.segmenter import Segmenter
 from adcam_fast.training import classifier, engine, segmenter
 from adcam_fast.training.augment import TrainTransform, ValTransform
@@ -158,6 +159,55 @@ def test_resume_matches_uninterrupted_run(synthetic_root, tmp_path, monkeypatch)
     args.resume, args.lr_cnn = True, 1e-3  # resuming with another recipe is refused
     with pytest.raises(ValueError, match="lr_cnn"):
         classifier.run(args)
+    args.lr_cnn, args.val_data = 5e-4, None  # or without the validation it had
+    with pytest.raises(ValueError, match="val_data"):
+        classifier.run(args)
+
+
+def test_an_epoch_outlives_a_failed_validation(synthetic_root, tmp_path, monkeypatch):
+    """last.pth holds each epoch before validation runs, so an error there loses nothing."""
+    out = tmp_path / "out"
+    args = _args(classifier.add_arguments, synthetic_root, out, "--model", NANO, "--epochs", "1")
+
+    def broken(*a, **kw):
+        raise OSError("the validation set went away")
+
+    monkeypatch.setattr(classifier, "evaluate", broken)
+    with pytest.raises(OSError, match="went away"):
+        classifier.run(args)
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--lr-vit", "nan"], r"--lr-vit must be finite and > 0, got nan"),
+        (["--lr-cnn", "-1"], r"--lr-cnn must be finite and > 0"),
+        (["--weight-decay", "-0.1"], r"--weight-decay must be finite and >= 0"),
+        (["--seed", "-1"], r"--seed must be >= 0"),
+        (["--val-data", "synthetic:{root}:empty"], r"--val-data .* holds no images"),
+    ],
+)
+def test_bad_hyper_parameters_stop_before_training(synthetic_root, tmp_path, extra, message):
+    (synthetic_root / "ImageSets" / "Segmentation" / "empty.txt").write_text("")
+    extra = [e.format(root=synthetic_root) for e in extra]
+    args = _args(classifier.add_arguments, synthetic_root, tmp_path / "o", "--model", NANO, *extra)
+    with pytest.raises(ValueError, match=message):
+        classifier.run(args)
+    assert not (tmp_path / "o").exists()
+
+
+def test_init_weights_of_another_model_are_named(tmp_path):
+    """Weights whose keys match but whose shapes do not (another variant) are refused by
+    name, for the classifier's filter and the segmenter's backbone."""
+    small = timm.create_model(NANO, num_classes=8).state_dict()
+    wide = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if v.ndim else v for k, v in small.items()}
+    with pytest.raises(ValueError, match=r"of other shapes \['"):
+        checkpoint_filter_fn(wide, _nano())
+    backbone = timm.create_model("resnet18").state_dict()
+    backbone["conv1.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"not resnet18 weights: .* other shapes \['conv1"):
+        _small_segmenter().load_backbone(backbone)
 
 
 # --- segmenter --------------------------------------------------------------------------
@@ -270,6 +320,16 @@ def test_average_precision_by_hand():
     assert mean_average_precision(torch.tensor(scores), torch.tensor(targets)) == pytest.approx(
         (5 / 6 + 0.5) / 2
     )
+
+
+def test_average_precision_of_a_diverged_model_is_nan():
+    """NaN scores rank nothing (np.diff of NaNs is not zero, so they would form runs): a
+    diverged model never becomes the best."""
+    targets = np.array([[1, 0], [0, 1], [1, 1]])
+    scores = np.array([[0.9, 0.1], [0.2, np.nan], [0.8, 0.7]])
+    ap = average_precision(scores, targets)
+    assert ap[0] == pytest.approx(1.0) and math.isnan(ap[1])
+    assert math.isnan(mean_average_precision(scores, targets))
 
 
 def test_f1_by_hand():

@@ -165,10 +165,11 @@ def _build_task(args: argparse.Namespace, dist_info: DistInfo) -> Task:
     config = classifier_config(args.model, len(class_names), args.crop)
     model = classifier_from_config(config)
     if args.init is not None:
+        weights = read_weights(args.init)  # its errors name the file
         try:
-            weights = checkpoint_filter_fn(read_weights(args.init), model)
+            weights = checkpoint_filter_fn(weights, model)
         except ValueError as e:
-            raise ValueError(f"{args.init}: {e}") from e
+            raise ValueError(f"{args.init}: not {args.model} weights: {e}") from e
         model.load_state_dict(weights, strict=False)  # heads may be missing (class count)
     model = prepare_model(model, dist_info)
 

@@ -362,6 +362,8 @@ def open_collections(
     if not (args.val_data and dist_info.main):
         return train, None
     val = open_dataset(args.val_data)
+    if not len(val):
+        raise ValueError(f"--val-data {args.val_data!r} holds no images")
     if list(val.class_names) != list(train.class_names):
         raise ValueError(f"--val-data {args.val_data!r} has other classes than --data")
     return train, val
@@ -388,6 +390,7 @@ def base_recipe(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]
     """The settings every task's ``--resume`` must match; tasks add their own."""
     return {
         "data": args.data,
+        "val_data": args.val_data,
         "init": None if args.init is None else str(args.init),
         **{k: getattr(args, k) for k in ("epochs", "batch_size", "crop", "seed", "amp")},
         "world_size": dist_info.world_size,
@@ -404,6 +407,11 @@ def _restore(task: Task, path: Path, device: torch.device) -> tuple[int, dict[st
     }
     if diff:
         raise ValueError(f"{path}: --resume with other settings (saved, now): {diff}")
+    if ckpt["class_names"] != task.class_names:
+        raise ValueError(
+            f"{path}: --resume with other classes: saved {ckpt['class_names']}, "
+            f"now {task.class_names}"
+        )
     task.model.load_state_dict(ckpt["model"])
     task.optimizer.load_state_dict(ckpt["optimizer"])
     task.scheduler.load_state_dict(ckpt["scheduler"])
@@ -485,19 +493,6 @@ def fit(task: Task, args: argparse.Namespace, dist_info: DistInfo) -> int:
     for epoch in range(start_epoch, args.epochs):
         stats = _run_epoch(task, model, epoch, args, dist_info)
         if dist_info.main:
-            metrics: dict[str, float] = {}
-            if task.evaluate is not None:
-                task.model.eval()
-                with torch.no_grad():
-                    metrics = {k: float(v) for k, v in task.evaluate(task.model).items()}
-                task.model.train()
-            improved = _improved(best, metrics)
-            if improved:
-                best = {
-                    **best,
-                    "epoch": epoch + 1,
-                    "value": metrics[best["metric"]] if best["metric"] else None,
-                }
             state = {
                 "format": task.kind,
                 "version": VERSION,
@@ -506,18 +501,30 @@ def fit(task: Task, args: argparse.Namespace, dist_info: DistInfo) -> int:
                 "class_names": task.class_names,
                 "epoch": epoch + 1,
                 "iteration": task.scheduler.last_epoch,
-                "metrics": metrics,
+                "metrics": {},
                 "best": best,
                 "recipe": task.recipe,
+                "optimizer": task.optimizer.state_dict(),
+                "scheduler": task.scheduler.state_dict(),
+                "rng": rng_state(dist_info.device),
             }
-            if improved:
-                save_checkpoint(state, out / "best.pth")
-            state.update(
-                optimizer=task.optimizer.state_dict(),
-                scheduler=task.scheduler.state_dict(),
-                rng=rng_state(dist_info.device),
-            )
-            save_checkpoint(state, out / "last.pth")
+            metrics: dict[str, float] = {}
+            if task.evaluate is not None:
+                save_checkpoint(state, out / "last.pth")  # the epoch, whatever validation does
+                task.model.eval()
+                with torch.no_grad():
+                    metrics = {k: float(v) for k, v in task.evaluate(task.model).items()}
+                task.model.train()
+            if _improved(best, metrics):
+                best = {
+                    **best,
+                    "epoch": epoch + 1,
+                    "value": metrics[best["metric"]] if best["metric"] else None,
+                }
+                model_only = ("optimizer", "scheduler", "rng")
+                weights = {k: v for k, v in state.items() if k not in model_only}
+                save_checkpoint(weights | dict(metrics=metrics, best=best), out / "best.pth")
+            save_checkpoint(state | dict(metrics=metrics, best=best), out / "last.pth")
             lrs = {f"lr_{g['name']}": g["lr"] for g in task.optimizer.param_groups}
             record = {
                 "epoch": epoch + 1,
@@ -544,6 +551,15 @@ def launch(
     for name in ("epochs", "batch_size", "crop"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    for name in ("lr", "lr_cnn", "lr_vit", "head_lr_mult", "weight_decay"):
+        value = getattr(args, name, None)  # the task's own rates, where it has them
+        if value is None:
+            continue
+        bound = ">= 0" if name == "weight_decay" else "> 0"
+        if not (math.isfinite(value) and (value >= 0 if name == "weight_decay" else value > 0)):
+            raise ValueError(f"--{name.replace('_', '-')} must be finite and {bound}, got {value}")
     if not args.resume and (args.out / "last.pth").exists():
         raise ValueError(f"{args.out / 'last.pth'} exists: pass --resume or another --out")
     dist_info = init_distributed(args.device)

@@ -32,7 +32,8 @@ def average_precision(scores: Tensor | np.ndarray, targets: Tensor | np.ndarray)
 
     ``AP = sum_n (R_n - R_{n-1}) P_n`` over the distinct score thresholds in decreasing order
     (tied scores form one threshold), the definition of scikit-learn's
-    ``average_precision_score``. NaN for a class without positives.
+    ``average_precision_score``. NaN for a class without positives, or with a score that
+    is not finite (a diverged model ranks nothing).
     """
     s, t = _as_numpy(scores, "scores"), _as_numpy(targets, "targets")
     if s.shape != t.shape:
@@ -41,7 +42,7 @@ def average_precision(scores: Tensor | np.ndarray, targets: Tensor | np.ndarray)
     for k in range(s.shape[1]):
         order = np.argsort(-s[:, k], kind="stable")
         sk, tk = s[order, k], t[order, k]
-        if tk.sum() == 0:
+        if tk.sum() == 0 or not np.isfinite(sk).all():
             continue
         last = np.r_[np.flatnonzero(np.diff(sk)), sk.size - 1]  # end of each tie run
         tp = np.cumsum(tk)[last]
@@ -53,7 +54,10 @@ def average_precision(scores: Tensor | np.ndarray, targets: Tensor | np.ndarray)
 
 
 def mean_average_precision(scores: Tensor | np.ndarray, targets: Tensor | np.ndarray) -> float:
-    """Mean of :func:`average_precision` over the classes that have positives (NaN if none)."""
+    """Mean of :func:`average_precision` over the classes that have positives; NaN if none
+    has, or if any score is not finite (so a partly diverged model never looks best)."""
+    if not np.isfinite(_as_numpy(scores, "scores")).all():
+        return float("nan")
     return _nanmean(average_precision(scores, targets))
 
 

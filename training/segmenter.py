@@ -198,8 +198,9 @@ def _build_task(args: argparse.Namespace, dist_info: DistInfo) -> Task:
     }
     model = segmenter_from_config(config)
     if args.init is not None:
+        weights = read_weights(args.init)  # its errors name the file
         try:
-            model.load_backbone(read_weights(args.init))
+            model.load_backbone(weights)
         except ValueError as e:
             raise ValueError(f"{args.init}: {e}") from e
     model = prepare_model(model, dist_info)

@@ -614,8 +614,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Conformer) -> dic
     * drops ``conv_trans_{depth}.*`` when the model was built with ``drop_last_block``;
     * fills missing BatchNorm ``num_batches_tracked`` counters from the model.
 
-    Raises ValueError when any other key is missing or unexpected, so that a non-strict timm
-    load (used when class counts differ) never silently skips backbone weights.
+    Raises ValueError when any other key is missing, unexpected or of another shape, so that
+    a non-strict timm load (used when class counts differ) never silently skips backbone
+    weights.
     """
     sd: Mapping[str, Any] = state_dict
     while True:
@@ -642,11 +643,15 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Conformer) -> dic
             out[key] = own[key].clone()
     unexpected = sorted(set(out) - set(own))
     missing = sorted(k for k in set(own) - set(out) if not k.startswith(_HEAD_PREFIXES))
-    if unexpected or missing:
+    reshaped = sorted(k for k in set(own) & set(out) if own[k].shape != out[k].shape)
+    if unexpected or missing or reshaped:
+
+        def some(keys: list[str]) -> str:
+            return f"{keys[:5]}{'...' if len(keys) > 5 else ''}"
+
         raise ValueError(
-            f"state_dict does not match {type(model).__name__}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"state_dict does not match {type(model).__name__}: missing {some(missing)}, "
+            f"unexpected {some(unexpected)}, of other shapes {some(reshaped)}"
         )
     return out
 

@@ -76,15 +76,16 @@ class Segmenter(nn.Module):
     def load_backbone(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load ImageNet weights of the plain timm backbone (keys as in
         ``timm.create_model(backbone).state_dict()``; the classifier ``fc.*`` is dropped).
-        Raises ValueError when any other key is missing or unexpected."""
+        Raises ValueError when any other key is missing or unexpected, or of another shape."""
         own = self.backbone.state_dict()
         state = {k: v for k, v in state_dict.items() if k in own or not k.startswith("fc.")}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
+        shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or shapes:
             raise ValueError(
                 f"not {self.backbone_name} weights: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
+                f"unexpected {unexpected[:5]}, of other shapes {shapes[:5]}"
             )
         self.backbone.load_state_dict(state)
 
