@@ -6,6 +6,7 @@ broadcast silently.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -96,6 +97,24 @@ def check_k(k: object) -> int:
 def check_steps(steps: object) -> int:
     """steps is an integer >= 0."""
     return _integer(steps, "steps", 0)
+
+
+def check_eps(eps: object) -> float:
+    """eps is a finite number >= 0 (the kept mass at or below which a row is the self row)."""
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def check_fp32_range(x: Tensor, name: str) -> None:
+    """x, if float64, holds no value beyond float32's range (one host sync; none otherwise),
+    for the paths that compute in float32."""
+    top = torch.finfo(torch.float32).max
+    if x.dtype == torch.float64 and x.numel() and bool(x.abs().max() > top):
+        raise ValueError(
+            f"{name} holds values beyond float32's range, which the triton backend computes "
+            'in: use backend="torch"'
+        )
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:

@@ -144,8 +144,8 @@ def adcam(
     kernels, CUDA, or CPU under ``TRITON_INTERPRET=1``), ``auto`` (triton on CUDA, except
     for float64 inputs or k >= N; else torch).
     """
-    A = check_attention(A)
-    cams = check_cams(cams, A)
+    cams = check_cams(cams, check_attention(A, values=False), values=False)  # shapes, device
+    A, cams = check_attention(A), check_cams(cams, A)  # then values
     k = check_k(k)
     steps = check_steps(steps)
     backend = resolve_backend(backend, A.device, k, A.shape[-1], compute_dtype(A, cams))

@@ -12,6 +12,7 @@ from torch import Tensor
 from adcam_fast.checks import (
     check_attention,
     check_cams,
+    check_eps,
     check_k,
     check_square,
     check_steps,
@@ -55,6 +56,7 @@ def refine_attention(A: Tensor, k: int, eps: float = EPS) -> Tensor:
     """
     A = check_attention(A)
     k = check_k(k)
+    eps = check_eps(eps)
     return normalize_rows(A.to(compute_dtype(A)) * topk_mask(similarity(A), k), eps)
 
 

@@ -92,7 +92,7 @@ class TorchExtractor:
         device: str | torch.device = "cpu",
         amp: bool = True,
     ) -> None:
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
         self.graph = ExtractorGraph(self.model)
         self.class_names = class_names
@@ -109,10 +109,20 @@ class TorchExtractor:
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``device`` with the current CUDA device's index filled in (``"cuda"`` -> ``cuda:N``), so
-    it equals the ``device`` of the tensors moved to it."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
+    it equals the ``device`` of the tensors moved to it. Raises ValueError naming the device
+    when torch does not know it, or it is a CUDA device that is not there."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e})") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device}: no CUDA device is visible (use --device cpu)")
+        if device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        if device.index >= count:
+            raise ValueError(f"device {device}: only {count} CUDA device(s) are visible")
     return device
 
 
@@ -207,6 +217,8 @@ def create_extractor(
     if backend == "torch":
         from adcam_fast.training.checkpoint import load_classifier
 
+        if Path(checkpoint).suffix.lower() in (".onnx", ".engine"):
+            raise ValueError(f"{checkpoint}: an exported file: pass --backend onnx or tensorrt")
         model, meta = load_classifier(checkpoint, device="cpu")
         cfg = meta["config"]
         return TorchExtractor(model, meta["class_names"], cfg["mean"], cfg["std"], device, amp)

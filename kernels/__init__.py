@@ -18,7 +18,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from adcam_fast.checks import check_attention, check_cams, check_k, check_steps
+from adcam_fast.checks import (
+    check_attention,
+    check_cams,
+    check_eps,
+    check_fp32_range,
+    check_k,
+    check_steps,
+)
 from adcam_fast.kernels.launch import check_runnable, triton_available
 from adcam_fast.reference import EPS
 
@@ -37,8 +44,10 @@ def _flat(x: Tensor) -> Tensor:
 
 
 def _batch(A: Tensor) -> Tensor:
-    """A (..., N, N) as a contiguous (B, N, N) tensor of a dtype the kernels read."""
+    """A (..., N, N) as a contiguous (B, N, N) tensor of a dtype the kernels read (float64
+    within float32's range: one host sync)."""
     if A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        check_fp32_range(A, "A")
         A = A.to(torch.float32)
     return _flat(A).contiguous()
 
@@ -48,9 +57,9 @@ def _per_row(
 ) -> tuple[Tensor, Tensor]:
     """Check A (values: one host sync), k and the device, run ``launch`` on A as a (B, N, N)
     batch, and give its two (B, N, k') outputs A's leading dims."""
+    check_runnable(check_attention(A, values=False))
     A = check_attention(A)
     k = check_k(k)
-    check_runnable(A)
     out, idx = launch(_batch(A))
     shape = (*A.shape[:-1], out.shape[-1])
     return out.reshape(shape), idx.reshape(shape)
@@ -65,6 +74,8 @@ def refine_sparse_triton(A: Tensor, k: int, eps: float = EPS) -> tuple[Tensor, T
     column first); rows whose kept mass is <= eps are the self row (weight 1 at place 0
     with index i). Same contract as ``ops.refine_sparse``.
     """
+
+    eps = check_eps(eps)
 
     def launch(batch: Tensor) -> tuple[Tensor, Tensor]:
         from adcam_fast.kernels.coneighbor_topk import refine_sparse
@@ -114,6 +125,7 @@ def diffuse_sparse_triton(weights: Tensor, indices: Tensor, cams: Tensor, steps:
     check_runnable(weights, indices, cams)
     if bool(((indices < 0) | (indices >= n)).any()):
         raise ValueError(f"indices must lie in [0, {n})")
+    check_fp32_range(cams, "cams")
     from adcam_fast.kernels.diffusion import diffuse_sparse
 
     out = diffuse_sparse(_flat(weights), _flat(indices), _flat(cams), steps)
@@ -125,20 +137,21 @@ def adcam_triton(A: Tensor, cams: Tensor, k: int, steps: int) -> Tensor:
 
     A: (..., N, N) attention (fp32/fp16/bf16 read as is, other floats as fp32); cams:
     (..., K, N) any float. Values are not validated (``ops.adcam`` does that); shapes and
-    devices are, without a host sync. Per batch: the sqrt pass and the top-k kernel (once
-    per chunk of ``coneighbor_topk.ROOT_CHUNK`` attention entries), the diffusion's CSR
-    (two kernels around one torch sort) and the diffusion (one launch, or one per step when
-    its images are split over programs), and a few torch ops; no data-dependent host code:
-    CUDA-graph capturable once the configs for these sizes are cached (after a first call,
-    or ``ADCAM_AUTOTUNE=0``).
-    Raises ValueError for mixed devices, CUDA tensors without a usable Triton, and CPU
-    tensors when the kernels are not interpreted (set TRITON_INTERPRET=1 or use
-    backend="torch").
+    devices are, without a host sync (float64 inputs: one, for their range). Per batch:
+    the sqrt pass and the top-k kernel (once per chunk of ``coneighbor_topk.ROOT_CHUNK``
+    attention entries), the diffusion's CSR (two kernels around one torch sort) and the
+    diffusion (one launch, or one per step when its images are split over programs), and a
+    few torch ops; no data-dependent host code: CUDA-graph capturable once the configs for
+    these sizes are cached (after a first call, or ``ADCAM_AUTOTUNE=0``).
+    Raises ValueError for mixed devices, CUDA tensors without a usable Triton, CPU tensors
+    when the kernels are not interpreted (set TRITON_INTERPRET=1 or use backend="torch"),
+    and float64 values beyond float32's range.
     """
     check_cams(cams, check_attention(A, values=False), values=False)
     check_runnable(A, cams)
     k = check_k(k)
     steps = check_steps(steps)
+    check_fp32_range(cams, "cams")
     from adcam_fast.kernels.coneighbor_topk import refine_sparse
     from adcam_fast.kernels.diffusion import diffuse_sparse
 

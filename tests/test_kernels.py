@@ -708,6 +708,18 @@ def test_errors_name_the_problem(gen, monkeypatch):
         kernels.adcam_triton(A, cams.to("meta"), 4, 2)
     with pytest.raises(ValueError, match="runs on CUDA"):
         kernels.adcam_triton(A.to("meta"), cams.to("meta"), 4, 2)
+    for per_row in (kernels.refine_sparse_triton, kernels.similarity_topk_triton):
+        with pytest.raises(ValueError, match="runs on CUDA"):  # before any value is read
+            per_row(A.to("meta"), 4)
+    with pytest.raises(ValueError, match="cams is on meta but A is on"):
+        adcam_fast.adcam(A, cams.to("meta"), 4, 2, backend="triton")
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0, got -1"):
+        kernels.refine_sparse_triton(A, 4, eps=-1.0)
+    huge = A.double() * 1e40  # finite in float64, not in the kernels' float32
+    with pytest.raises(ValueError, match="A holds values beyond float32's range"):
+        kernels.adcam_triton(huge, cams, 4, 2)
+    with pytest.raises(ValueError, match="cams holds values beyond float32's range"):
+        kernels.adcam_triton(A, cams.double() * 1e300, 4, 2)
     with pytest.raises(ValueError, match="cams must have shape"):
         kernels.adcam_triton(A, cams[..., :-1], 4, 2)
     with pytest.raises(ValueError, match="k must be"):

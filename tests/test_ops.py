@@ -159,6 +159,8 @@ def test_public_reference_functions_validate():
         adcam_fast.coneighbor_similarity(-GOOD_A)
     with pytest.raises(ValueError, match="k must be"):
         adcam_fast.refine_attention(GOOD_A, 0)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0, got nan"):
+        adcam_fast.refine_attention(GOOD_A, 2, eps=math.nan)
     with pytest.raises(ValueError, match="cams must have shape"):
         adcam_fast.diffuse(GOOD_A, GOOD_CAMS[:1], 1)
     with pytest.raises(ValueError, match="steps must be"):

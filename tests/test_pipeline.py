@@ -100,6 +100,10 @@ def test_eval_takes_downscaled_masks_and_missing_maps(checkpoint, collection, tm
     typo = ["eval", "--pred", str(tmp_path / "typo"), "--data", f"synthetic:{collection}"]
     assert main(typo) == 2
     assert "typo: no masks/ folder" in capsys.readouterr().err
+    (tmp_path / "other" / "masks").mkdir(parents=True)  # labelled another collection
+    other = ["eval", "--pred", str(tmp_path / "other"), "--data", f"synthetic:{collection}"]
+    assert main(other) == 2
+    assert "no mask for any of the" in capsys.readouterr().err
 
 
 def test_resume_with_other_settings_is_refused(checkpoint, collection, tmp_path, capsys):
@@ -132,6 +136,8 @@ def test_resume_with_other_settings_is_refused(checkpoint, collection, tmp_path,
         (["--bg-threshold", "1.5"], r"bg_threshold \(--bg-threshold\) must be in \[0, 1\]"),
         # a device that the kernels never run on (CPU tensors do under the interpreter)
         (["--adcam-backend", "triton", "--device", "meta"], "the triton backend runs on CUDA"),
+        (["--device", "cpux"], "device 'cpux' is not a torch device"),
+        (["--device", "cuda:99"], r"device cuda:99: (no CUDA device is|only \d+ CUDA)"),
     ],
 )
 def test_bad_options_fail_before_any_work(
@@ -220,6 +226,10 @@ def test_wrong_checkpoint_fails_before_any_work(collection, tmp_path, capsys):
     junk.write_bytes(b"nope")
     assert label(f"synthetic:{collection}", junk, tmp_path / "out") == 2
     assert "junk.pth" in capsys.readouterr().err
+    exported = tmp_path / "model.onnx"  # an export, given to the default torch backend
+    exported.write_bytes(b"nope")
+    assert label(f"synthetic:{collection}", exported, tmp_path / "out") == 2
+    assert "model.onnx: an exported file: pass --backend onnx" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -150,7 +150,8 @@ def _prediction(path: Path, gt: np.ndarray) -> np.ndarray:
 def evaluate_masks(pred_dir: str | Path, dataset) -> tuple[Scores, list[str]]:
     """Scores of ``pred_dir/masks/<id>.png`` against the dataset's ground truth.
 
-    Returns the scores and the ids with no prediction (counted as all background).
+    Returns the scores and the ids with no prediction (counted as all background). Raises
+    ValueError when no image has one (``pred_dir`` labelled another collection).
     """
     n = len(dataset.class_names) + 1
     conf = np.zeros((n, n), np.int64)
@@ -164,6 +165,11 @@ def evaluate_masks(pred_dir: str | Path, dataset) -> tuple[Scores, list[str]]:
             missing.append(image_id)
             pred = np.zeros_like(gt)
         conf += confusion(pred, gt, n)
+    if missing and len(missing) == len(dataset.ids):
+        raise ValueError(
+            f"{Path(pred_dir) / 'masks'}: no mask for any of the {len(missing)} images of the "
+            "collection (another collection or split?)"
+        )
     return Scores.from_confusion(conf), missing
 
 

@@ -420,13 +420,18 @@ def begin_run(
     the dataset (with ``classes_from="labels"``), the collection has no labels and ``cfg``
     needs them, ``out_dir`` is a file, or it holds a run with other settings.
     """
+    if cfg.classes_from == "labels" and not dataset.has_labels:
+        raise ValueError("the collection has no image labels: use --classes-from predictions")
     if dataset.class_names != class_names and cfg.classes_from == "labels":
+        order = ""
+        if sorted(dataset.class_names) == sorted(class_names):
+            order = " (the same classes in another order: give the checkpoint's class list, "
+            order += "as in folder:DIR:LABELS:CLASSES.txt)"
         raise ValueError(
             f"the checkpoint's {len(class_names)} classes {class_names[:5]}... "
             f"differ from the dataset's {len(dataset.class_names)} {dataset.class_names[:5]}..."
+            f"{order}"
         )
-    if cfg.classes_from == "labels" and not dataset.has_labels:
-        raise ValueError("the collection has no image labels: use --classes-from predictions")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: --out is a file, not a folder")
     run = dict(

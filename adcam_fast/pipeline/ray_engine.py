@@ -246,7 +246,10 @@ def _session(address: str | None) -> Iterator[Any]:
     ray = require("ray", 'the Ray engine needs Ray: pip install "adcam_fast[ray]"')
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise ValueError(f"--address {address!r}: no Ray cluster to join ({e})") from e
     try:
         yield ray
     finally:
