@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 
-def _tensor(x: object, name: str) -> Tensor:
+def check_float_tensor(x: object, name: str) -> Tensor:
+    """x is a torch.Tensor of a floating dtype."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -23,7 +24,7 @@ def _tensor(x: object, name: str) -> Tensor:
 
 def _square(x: object, name: str) -> Tensor:
     """x is a floating tensor of shape (..., N, N), N >= 1."""
-    x = _tensor(x, name)
+    x = check_float_tensor(x, name)
     if x.ndim < 2 or x.shape[-1] != x.shape[-2] or x.shape[-1] == 0:
         raise ValueError(f"{name} must have shape (..., N, N) with N >= 1, got {tuple(x.shape)}")
     return x
@@ -59,7 +60,7 @@ def check_square(A: object, name: str) -> Tensor:
 def check_cams(cams: object, A: Tensor, name: str = "cams", values: bool = True) -> Tensor:
     """cams is (..., K, N) with exactly A's leading dims and N, on A's device, and, when
     ``values`` (one host sync), finite."""
-    cams = _tensor(cams, name)
+    cams = check_float_tensor(cams, name)
     lead, n = tuple(A.shape[:-2]), A.shape[-1]
     if cams.ndim != A.ndim or tuple(cams.shape[:-2]) != lead or cams.shape[-1] != n:
         raise ValueError(

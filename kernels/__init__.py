@@ -22,6 +22,7 @@ from adcam_fast.checks import (
     check_attention,
     check_cams,
     check_eps,
+    check_float_tensor,
     check_fp32_range,
     check_k,
     check_steps,
@@ -111,6 +112,9 @@ def diffuse_sparse_triton(weights: Tensor, indices: Tensor, cams: Tensor, steps:
     indices lie in [0, N) (one host sync).
     """
     steps = check_steps(steps)
+    weights, cams = check_float_tensor(weights, "weights"), check_float_tensor(cams, "cams")
+    if not isinstance(indices, Tensor):
+        raise ValueError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
     n = indices.shape[-2] if indices.ndim >= 2 else 0
     if weights.shape != indices.shape or indices.ndim < 2 or n == 0:
         raise ValueError(
@@ -155,7 +159,7 @@ def adcam_triton(A: Tensor, cams: Tensor, k: int, steps: int) -> Tensor:
     from adcam_fast.kernels.coneighbor_topk import refine_sparse
     from adcam_fast.kernels.diffusion import diffuse_sparse
 
-    if steps == 0 or cams.numel() == 0:
-        return cams.to(torch.float32, copy=True)
+    if steps == 0 or cams.numel() == 0:  # detached, as the kernels' outputs are
+        return cams.detach().to(torch.float32, copy=True)
     w, idx = refine_sparse(_batch(A), k, EPS, torch.int32)
     return diffuse_sparse(w, idx, _flat(cams), steps).reshape(cams.shape)

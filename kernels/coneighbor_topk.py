@@ -568,7 +568,11 @@ def refine_sparse(
     idx = torch.empty(b, n, n, dtype=index_dtype, device=A.device)
     bm, bn = 32, 64
     with on_device(A.device):
-        rownorm_kernel[(triton.cdiv(n, bm), b)](A, w, idx, n, eps, BLOCK_M=bm, BLOCK_N=bn)
+        for lo in range(0, b, launch.GRID_Y):
+            hi = min(b, lo + launch.GRID_Y)
+            rownorm_kernel[(triton.cdiv(n, bm), hi - lo)](
+                A[lo:hi], w[lo:hi], idx[lo:hi], n, eps, BLOCK_M=bm, BLOCK_N=bn
+            )
     return w, idx
 
 
@@ -640,7 +644,7 @@ def _topk(
     if config is not None and config.ws and not hopper:
         raise ValueError(f"a config with ws needs a Hopper GPU (sm_90) and Gluon, got {A.device}")
     default, candidates = topk_configs(kp, aligned, hopper, launch.warp_mma(A.device))
-    cap = max(1, min(b, ROOT_CHUNK // (n * n)))
+    cap = max(1, min(b, ROOT_CHUNK // (n * n), launch.GRID_Y))  # images on the grid's y
     root = torch.empty(cap, n, n, dtype=torch.float16, device=A.device)
     exponents = torch.empty(cap, n, dtype=torch.int32, device=A.device)
 

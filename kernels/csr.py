@@ -9,7 +9,8 @@ of the diffusion, is reproducible. Built by one flat int32 torch sort of
 ``N·image + destination`` for the whole batch (on an H200 0.5 to 0.65 times the time of a
 sort per image) between two kernels that make its keys and read the arrays off its
 permutation. Memory while built: 28·B·N·(R+1) bytes and the sort's own storage. No host
-sync; B·N·(R+1) < 2**31. (A counting sort, which moves the edges once, took 1.0 to 1.75
+sync; B·N·(R+1) <= ``MAX_EDGES`` (`diffusion.diffuse_sparse` takes more in chunks of
+images). (A counting sort, which moves the edges once, took 1.0 to 1.75
 times this build's time on an H200 at every size measured; bench/kernels_notes.md.)
 """
 
@@ -24,6 +25,9 @@ from adcam_fast.kernels.launch import on_device
 
 BLOCK = 1024
 """Edges per program of the two kernels around the sort."""
+
+MAX_EDGES = 2**31 - 1
+"""The most edges of one build: its keys and positions are int32."""
 
 
 @triton.jit
@@ -57,7 +61,7 @@ def csr_edges(weights: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]
     """Column-wise CSR of a sparse Ã, per image: ``(src, dst, wgt)``, each (B, N·(R+1)) (see
     the module).
 
-    weights, indices: (B, N, R), B·N >= 1.
+    weights, indices: (B, N, R), B·N >= 1, B·N·(R+1) <= ``MAX_EDGES``.
     """
     b, n, r = indices.shape
     indices, weights = indices.contiguous(), weights.contiguous()

@@ -74,7 +74,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from adcam_fast.kernels.csr import csr_edges
+from adcam_fast.kernels import csr
 from adcam_fast.kernels.launch import (
     Config,
     choose_config,
@@ -317,17 +317,24 @@ def diffuse_sparse(
 
     weights (B, N, k) float, indices (B, N, k) int in [0, N), cams (B, K, N) any float, all
     on one device. Returns (B, K, N) fp32. steps = 0 returns a fp32 copy of cams. The CSR
-    (`csr.csr_edges`), a search when images are split, one kernel
-    launch for the whole batch (one per step when images are split over programs, see
-    `split`), and a copy into the node-major maps (and a fill of their padding classes
-    where K is not a multiple of the class block); no host sync once the config is
-    cached; ``config`` fixes one instead (see `diffusion_configs`).
+    (`csr.csr_edges`), a search when images are split, one kernel launch for the whole
+    batch (one per step when images are split over programs, see `split`), and a copy into
+    the node-major maps (and a fill of their padding classes where K is not a multiple of
+    the class block); all of it per chunk of images past the CSR's int32 bound
+    (`csr.MAX_EDGES`). No host sync once the config is cached; ``config`` fixes one instead
+    (see `diffusion_configs`).
     """
     b, n_cls, n = cams.shape
     out = torch.empty(b, n_cls, n, dtype=torch.float32, device=cams.device)
     if steps == 0 or out.numel() == 0:
         return out.copy_(cams)
-    src, dst, wgt = csr_edges(weights, indices)
+    most = csr.MAX_EDGES // (n * (indices.shape[-1] + 1))  # images whose CSR one build holds
+    if b > most:
+        for lo in range(0, b, most):
+            hi = min(b, lo + most)
+            out[lo:hi] = diffuse_sparse(weights[lo:hi], indices[lo:hi], cams[lo:hi], steps, config)
+        return out
+    src, dst, wgt = csr.csr_edges(weights, indices)
     gpu = cams.device.type == "cuda"
     sms = device_properties(cams.device).multi_processor_count if gpu else 0
 

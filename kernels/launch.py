@@ -39,6 +39,10 @@ TRITON_LEAST = (3, 4)
 and 3.6 under numpy < 2 (tests/test_kernels.py says why not earlier); the GPU tests ran with
 3.6."""
 
+GRID_Y = 65535
+"""The most programs a CUDA grid takes along its second (and third) axis: launches that put
+images there take at most this many at a time."""
+
 GLUON_RELEASES = ((3, 6), (3, 9))
 """The first and last Triton release whose Gluon builds the warp-specialized kernel
 (`coneighbor_topk_ws`; bench/compile_check.py). Gluon is experimental and moves between

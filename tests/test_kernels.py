@@ -43,7 +43,7 @@ from adcam_fast import ops, reference
 pytest.importorskip("triton")
 
 from adcam_fast import kernels
-from adcam_fast.kernels import coneighbor_topk, launch, root
+from adcam_fast.kernels import coneighbor_topk, csr, launch, root
 from adcam_fast.kernels.launch import Config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -342,6 +342,24 @@ def test_refine_in_chunks_of_images(gen, monkeypatch, dtype):
     check_refinement(A, 6, *chunked)
 
 
+def test_batches_past_a_launch_limit_go_in_chunks(gen, monkeypatch):
+    """Images past the grid's y limit (the sqrt pass, the top-k and the k >= N rows) or the
+    CSR's int32 edges (the diffusion) go in chunks: bitwise the same outputs."""
+    A, cams = to_device(
+        random_attention(5, 24, 24, generator=gen, dtype=torch.float32),
+        torch.rand(5, 3, 24, generator=gen),
+    )
+    whole = [kernels.refine_sparse_triton(A, k) for k in (4, 24)]
+    w, idx = whole[0]
+    maps = kernels.diffuse_sparse_triton(w, idx, cams, 2)
+    monkeypatch.setattr(launch, "GRID_Y", 2)
+    monkeypatch.setattr(csr, "MAX_EDGES", 2 * 24 * 5)  # 2 images of 24 rows of 4 + 1 edges
+    for k, (w_all, idx_all) in zip((4, 24), whole, strict=True):
+        w_part, idx_part = kernels.refine_sparse_triton(A, k)
+        assert torch.equal(w_all, w_part) and torch.equal(idx_all, idx_part)
+    assert torch.equal(kernels.diffuse_sparse_triton(w, idx, cams, 2), maps)
+
+
 def test_images_per_launch_fills_whole_waves():
     """Chunks of images whose programs fill their waves: at N = 2304 with 64-row programs
     (36 an image) on 264 slots (an H200 at two programs per SM), 7 images a launch take 19
@@ -510,6 +528,8 @@ def test_diffuse_sparse_many_classes_and_no_alias(gen):
     )
     same = kernels.diffuse_sparse_triton(w_d, idx_d, cams_d, 0)
     assert torch.equal(same, cams_d) and same.data_ptr() != cams_d.data_ptr()
+    A = torch.eye(n, device=cams_d.device)  # and detached, as the kernels' outputs are
+    assert not kernels.adcam_triton(A, cams_d.clone().requires_grad_(), 4, 0).requires_grad
 
 
 def csr_reference(weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -731,6 +751,10 @@ def test_errors_name_the_problem(gen, monkeypatch):
         kernels.diffuse_sparse_triton(ones, zeros.to(DEVICE), cams[0], 1)
     with pytest.raises(ValueError, match="int32 or int64"):
         kernels.diffuse_sparse_triton(ones, ones, cams[0], 1)
+    with pytest.raises(ValueError, match="weights must have a floating dtype"):
+        kernels.diffuse_sparse_triton(ones.long(), zeros.to(DEVICE)[:, :2], cams[0], 1)
+    with pytest.raises(ValueError, match=r"indices must be a torch\.Tensor, got list"):
+        kernels.diffuse_sparse_triton(ones, [[0]], cams[0], 1)
     monkeypatch.setattr(coneighbor_topk, "MAX_TOPK", 4)
     with pytest.raises(ValueError, match=r"k <= 4 \(or k >= N\), got k=5"):
         kernels.refine_sparse_triton(A, 5)
