@@ -7,6 +7,7 @@ broadcast silently.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
@@ -102,7 +103,7 @@ def check_steps(steps: object) -> int:
 
 def check_eps(eps: object) -> float:
     """eps is a finite number >= 0 (the kept mass at or below which a row is the self row)."""
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps < math.inf:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return float(eps)
 

@@ -328,7 +328,7 @@ def diffuse_sparse(
     out = torch.empty(b, n_cls, n, dtype=torch.float32, device=cams.device)
     if steps == 0 or out.numel() == 0:
         return out.copy_(cams)
-    most = csr.MAX_EDGES // (n * (indices.shape[-1] + 1))  # images whose CSR one build holds
+    most = max(1, csr.MAX_EDGES // (n * (indices.shape[-1] + 1)))  # images one CSR holds
     if b > most:
         for lo in range(0, b, most):
             hi = min(b, lo + most)

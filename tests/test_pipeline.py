@@ -17,7 +17,7 @@ from PIL import Image
 
 from adcam_fast.cli import main
 from adcam_fast.data import SyntheticDataset, load_mask, make_synthetic, open_dataset
-from adcam_fast.pipeline.label import LabelConfig, begin_run
+from adcam_fast.pipeline.label import FailureLog, LabelConfig, begin_run
 from adcam_fast.pipeline.writers import Outputs, coco_image_ids
 
 FAST = ["--input-size", "64", "--scales", "1.0,0.5", "--batch-size", "2", "--workers", "0"]
@@ -104,6 +104,29 @@ def test_eval_takes_downscaled_masks_and_missing_maps(checkpoint, collection, tm
     other = ["eval", "--pred", str(tmp_path / "other"), "--data", f"synthetic:{collection}"]
     assert main(other) == 2
     assert "no mask for any of the" in capsys.readouterr().err
+    for p in (out / "cams").iterdir():
+        p.rename(tmp_path / "other" / p.name)  # out's masks, with maps of none of them
+    sweep = ["eval", "--pred", str(out), "--data", f"synthetic:{collection}", "--sweep"]
+    assert main(sweep) == 2
+    assert "no maps for any of the" in capsys.readouterr().err
+
+
+def test_failure_log_keeps_this_runs_failures(tmp_path):
+    """An image this run failed stays listed though it has (older) outputs, as under
+    --overwrite, unless a retry wrote it; earlier runs' failures go once complete."""
+    log = FailureLog(tmp_path / "failures.jsonl")
+    for image_id in ("a", "b", "c"):
+        log.add(dict(id=image_id, stage="decode", error="bad"))
+    log.close(done=lambda image_id: True)
+    assert [json.loads(x)["id"] for x in log.path.read_text().splitlines()] == ["a", "b", "c"]
+    log = FailureLog(tmp_path / "failures.jsonl")
+    log.add(dict(id="b", stage="write", error="disk full"))
+    log.add(dict(id="c", stage="forward", error="oom"))
+    log.recovered("c")
+    log.close(done=lambda image_id: image_id != "a")
+    kept = [json.loads(x) for x in log.path.read_text().splitlines()]
+    assert [(x["id"], x["stage"]) for x in kept] == [("a", "decode"), ("b", "write")]
+    assert log.count == 1
 
 
 def test_resume_with_other_settings_is_refused(checkpoint, collection, tmp_path, capsys):

@@ -162,6 +162,10 @@ def test_resume_matches_uninterrupted_run(synthetic_root, tmp_path, monkeypatch)
     args.lr_cnn, args.val_data = 5e-4, None  # or without the validation it had
     with pytest.raises(ValueError, match="val_data"):
         classifier.run(args)
+    ckpt = torch.load(resumed / "last.pth", weights_only=True)
+    del ckpt["recipe"]["val_data"]  # as written before the recipe held it: not compared
+    torch.save(ckpt, resumed / "last.pth")
+    assert classifier.run(args) == 0
 
 
 def test_an_epoch_outlives_a_failed_validation(synthetic_root, tmp_path, monkeypatch):
@@ -324,12 +328,16 @@ def test_average_precision_by_hand():
 
 def test_average_precision_of_a_diverged_model_is_nan():
     """NaN scores rank nothing (np.diff of NaNs is not zero, so they would form runs): a
-    diverged model never becomes the best."""
+    diverged model's mAP is NaN, which never takes best.pth from a model with a number."""
     targets = np.array([[1, 0], [0, 1], [1, 1]])
     scores = np.array([[0.9, 0.1], [0.2, np.nan], [0.8, 0.7]])
     ap = average_precision(scores, targets)
     assert ap[0] == pytest.approx(1.0) and math.isnan(ap[1])
-    assert math.isnan(mean_average_precision(scores, targets))
+    diverged = mean_average_precision(scores, targets)
+    assert math.isnan(diverged)
+    best = dict(metric="cnn_map", value=0.5, epoch=1)
+    assert not engine._improved(best, dict(cnn_map=diverged))
+    assert engine._improved(best | dict(value=math.nan), dict(cnn_map=0.1))
 
 
 def test_f1_by_hand():

@@ -402,9 +402,8 @@ def _restore(task: Task, path: Path, device: torch.device) -> tuple[int, dict[st
     ckpt = load_checkpoint(path, task.kind)
     if "optimizer" not in ckpt:
         raise ValueError(f"{path}: holds no training state to resume from")
-    diff = {
-        k: (ckpt["recipe"].get(k), v) for k, v in task.recipe.items() if ckpt["recipe"].get(k) != v
-    }
+    saved = ckpt["recipe"]  # settings it did not record (an older version's) are not compared
+    diff = {k: (saved[k], v) for k, v in task.recipe.items() if k in saved and saved[k] != v}
     if diff:
         raise ValueError(f"{path}: --resume with other settings (saved, now): {diff}")
     if ckpt["class_names"] != task.class_names:
@@ -457,7 +456,8 @@ def _run_epoch(
 
 def _improved(best: dict[str, Any], metrics: dict[str, float]) -> bool:
     """Whether this epoch becomes ``best.pth``: always without a metric; otherwise when the
-    metric beats the best so far (a NaN best, e.g. no positives yet, is beaten by anything)."""
+    metric beats the best so far. A NaN best (no positives yet, or a diverged model) is
+    beaten by anything; a NaN metric never beats a number."""
     if not best["metric"]:
         return True
     old = best["value"]
@@ -469,8 +469,10 @@ def fit(task: Task, args: argparse.Namespace, dist_info: DistInfo) -> int:
     ``args.resume``), validating and checkpointing after each; returns 0.
 
     Uses ``args``: ``out``, ``epochs``, ``seed``, ``amp``, ``resume``, ``quiet``. Per epoch,
-    rank 0 writes ``OUT/last.pth`` (full training state), ``OUT/best.pth`` (model only, when
-    ``best_metric`` improved; every epoch without validation) and a line in ``OUT/log.jsonl``.
+    rank 0 writes ``OUT/last.pth`` (full training state; with validation twice, before it
+    and then with its metrics, so that a failed validation loses no epoch), ``OUT/best.pth``
+    (model only, when ``best_metric`` improved; every epoch without validation) and a line
+    in ``OUT/log.jsonl``.
     """
     out: Path = args.out
     start_epoch = 0

@@ -140,7 +140,8 @@ class CocoDataset(ImageDataset):
 
     def _region(self, ann: dict) -> np.ndarray | None:
         """The pixels of one annotation, or None where it has no segmentation. Polygons of
-        fewer than three points, which some exports hold, are left out. Raises ValueError
+        fewer than three points or of an odd count of coordinates, which some exports hold,
+        are left out. Raises ValueError
         naming the file and the annotation for a segmentation pycocotools cannot render."""
         seg = ann.get("segmentation")
         if isinstance(seg, list):

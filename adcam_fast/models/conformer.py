@@ -562,6 +562,7 @@ class Conformer(nn.Module):
             x: images (B, in_chans, H, W), H and W multiples of ``patch_size``.
             attn_blocks: average the attention of the last ``attn_blocks`` transformer blocks
                 (1 ..= :attr:`num_attn_blocks`); None = all of them.
+            return_logits: also return the CNN head's logits (below).
 
         Returns:
             ``F``: (B, K, h, w) float32, the CNN head weights applied as a bias-free 1x1 conv to

@@ -178,7 +178,7 @@ def sweep_cams(
 ) -> tuple[float, Scores, dict[float, float], list[str]]:
     """The seed protocol on ``pred_dir/cams/<id>.npz`` (see `best_of_sweep`), and the ids
     without maps (an image that failed to label), whose seeds count as all background.
-    Raises ValueError when ``pred_dir`` holds no maps at all."""
+    Raises ValueError when ``pred_dir`` holds no maps of the collection at all."""
     import torch
     import torch.nn.functional as F
 
@@ -201,4 +201,10 @@ def sweep_cams(
                 maps = F.interpolate(maps[None], size=gt.shape, mode="bilinear")[0]
             yield maps.numpy(), z["class_ids"], gt
 
-    return (*best_of_sweep(items(), len(dataset.class_names) + 1), missing)
+    best = best_of_sweep(items(), len(dataset.class_names) + 1)
+    if missing and len(missing) == len(dataset.ids):
+        raise ValueError(
+            f"{cams_dir}: no maps for any of the {len(missing)} images of the collection "
+            "(another collection or split?)"
+        )
+    return (*best, missing)

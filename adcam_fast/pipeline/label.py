@@ -366,23 +366,33 @@ def label_batch(
 
 class FailureLog:
     """The run's ``failures.jsonl``: one flushed line ``{id, stage, error}`` appended per
-    failed image as it fails (so a crash keeps them); ``count`` is the number added by this
-    run. `close` rewrites the file with the latest line of each image that is still not
-    complete, so images that earlier runs failed and this one wrote drop out."""
+    failed image as it fails (so a crash keeps them). ``count``: the images this run failed
+    (and did not write on a retry). `close` rewrites the file with the latest line of each
+    image that this run failed or that is still not complete, so images that earlier runs
+    failed and this one wrote drop out."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = open(path, "a")
-        self.count = 0
+        self._failed: set[str] = set()
+
+    @property
+    def count(self) -> int:
+        return len(self._failed)
 
     def add(self, record: dict) -> None:
         line = dict(id=record["id"], stage=record["stage"], error=record["error"])
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()
-        self.count += 1
+        self._failed.add(record["id"])
+
+    def recovered(self, image_id: str) -> None:
+        """A retry wrote ``image_id`` after it failed in this run."""
+        self._failed.discard(image_id)
 
     def close(self, done: Callable[[str], bool]) -> None:
-        """Close the file, keeping the images for which ``done(id)`` is false."""
+        """Close the file, keeping the images this run failed, and those for which
+        ``done(id)`` is false (with ``--overwrite``, a failed image may keep old outputs)."""
         self._file.close()
         latest: dict[str, str] = {}
         for line in self.path.read_text().splitlines():
@@ -390,7 +400,9 @@ class FailureLog:
                 latest[json.loads(line)["id"]] = line
             except (ValueError, KeyError, TypeError):  # a line cut short by a crash
                 continue
-        kept = "".join(f"{line}\n" for image_id, line in latest.items() if not done(image_id))
+        kept = "".join(
+            f"{line}\n" for i, line in latest.items() if i in self._failed or not done(i)
+        )
         atomic_write(self.path, lambda f: f.write(kept.encode()))
 
 

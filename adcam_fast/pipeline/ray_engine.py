@@ -158,10 +158,12 @@ class _LabelActor:
         return dict(out)
 
 
-def _probe(spec: ExtractorSpec, device: str) -> dict:
+def _probe(spec: ExtractorSpec, device: str, config: LabelConfig) -> dict:
     """Ray task body, run with an actor's resources: the extractor's class names and the
-    checkpoint's hash, as the actors will see them."""
+    checkpoint's hash, as the actors will see them, after the checks of a `Labeller` there
+    (the AD-CAM backend on that device)."""
     extractor = create_extractor(spec.backend, spec.checkpoint, device, spec.amp)
+    Labeller(extractor, config)
     return dict(class_names=extractor.class_names, checkpoint=checkpoint_info(spec.checkpoint))
 
 
@@ -188,7 +190,7 @@ def label_dataset_ray(
         resources, pool = _resources(ray, options)
         device = "cuda" if resources["num_gpus"] > 0 else "cpu"
         try:
-            probe = ray.get(ray.remote(**resources)(_probe).remote(extractor, device))
+            probe = ray.get(ray.remote(**resources)(_probe).remote(extractor, device, config))
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, ValueError):
                 raise ValueError(str(e.cause)) from None
@@ -351,6 +353,8 @@ class _Results:
             first = record["id"] not in self.records
             if first or record["status"] == "written":
                 self.records[record["id"]] = record
+            if record["status"] == "written":  # a retried batch wrote what had failed
+                self.failures.recovered(record["id"])
             if first:
                 new += 1
                 if record["status"] == "failed":
