@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from adcam_fast.cam import seed_labels
 from adcam_fast.pipeline.evaluate import Scores, best_of_sweep, confusion, format_table
 
 GT = np.array([[0, 0, 1, 1], [0, 2, 2, 255]], np.uint8)
@@ -55,3 +57,14 @@ def test_format_table_percent():
     s = Scores.from_confusion(confusion(PRED, GT, 3))
     text = format_table({"adcam": s})
     assert "adcam" in text and f"{100 * s.miou:6.2f}" in text
+
+
+def test_sweep_breaks_ties_as_seed_labels_does():
+    """A map equal to the threshold (in the maps' float32) is background in both."""
+    thr = 0.3
+    maps = np.full((1, 2, 2), np.float32(thr), np.float32)
+    gt = np.zeros((2, 2), np.uint8)
+    seeds = seed_labels(torch.from_numpy(maps), [1], thr)
+    assert not seeds.any()
+    _, best, _ = best_of_sweep([(maps, np.array([1]), gt)], 2, np.array([thr]))
+    assert best.miou == 1.0  # every pixel background, as the ground truth

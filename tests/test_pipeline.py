@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from adcam_fast.cli import main
 from adcam_fast.data import SyntheticDataset, load_mask, make_synthetic, open_dataset
 from adcam_fast.pipeline.label import FailureLog, LabelConfig, begin_run
+from adcam_fast.pipeline.methods import localise
 from adcam_fast.pipeline.writers import Outputs, coco_image_ids
 
 FAST = ["--input-size", "64", "--scales", "1.0,0.5", "--batch-size", "2", "--workers", "0"]
@@ -321,3 +323,12 @@ def test_coco_categories_follow_the_checkpoint_classes(tmp_path):
     for names, ids in ((["cat", "dog"], [17, 18]), (["boat"], [1])):
         outputs, _, _ = begin_run(dataset, names, tmp_path / "_".join(names), cfg, None, [17, 18])
         assert outputs.category_ids == ids
+
+
+def test_product_weighs_every_scale_alike():
+    """Under uniform attention every token receives the same attention: ``product`` is the
+    CAM itself at any N, so the scales' sum is not tilted toward small grids."""
+    for n in (4, 16, 144):
+        A = torch.full((1, n, n), 1.0 / n, dtype=torch.float64)
+        cams = torch.rand(1, 2, n, dtype=torch.float64)
+        torch.testing.assert_close(localise("product", A, cams, 5, 2), cams)

@@ -98,8 +98,9 @@ def best_of_sweep(
             top, score = class_ids[maps.argmax(0)], maps.max(0)
         else:
             top, score = np.zeros(gt.shape, np.int64), np.zeros(gt.shape, np.float32)
-        for t, thr in enumerate(thresholds):
-            conf[t] += confusion(np.where(score > thr, top, 0), gt, num_classes)
+        for t, thr in enumerate(thresholds):  # in the maps' precision, as seed_labels does
+            seeds = np.where(score > np.asarray(thr, score.dtype), top, 0)
+            conf[t] += confusion(seeds, gt, num_classes)
     scores = [Scores.from_confusion(c) for c in conf]
     best = int(np.argmax([s.miou for s in scores]))
     curve = {float(thr): s.miou for thr, s in zip(thresholds, scores, strict=True)}

@@ -1,13 +1,16 @@
 """The localisation maps of the paper's ablation (Table 3), from one scale's CAM and A.
 
     cam        M = CAM                                   plain CAM (Eq. 2)
-    product    M_j = CAM_j · a_j,  a_j = Σ_i A_ij / N     attention × CAM (TS-CAM style)
+    product    M_j = CAM_j · a_j,  a_j = Σ_i A_ij         attention × CAM (TS-CAM style)
     diffusion  M ← M · rownorm(A), T times               diffusion with the unrefined A
     adcam      M ← M · Ã, T times, Ã = rownorm(TOP(S,k) ⊗ A)   AD-CAM (Eq. 6-8)
 
-``product`` uses the attention each token receives (A's column mean) as the class-agnostic
-attention map, since A carries no class-token row. Each result is normalised per class
-afterwards by the caller (Eq. 2 again), so overall scale factors do not matter.
+``product`` uses the attention each token receives (A's column sum) as the class-agnostic
+attention map, since A carries no class-token row. Each result is normalised per class by
+the caller (Eq. 2 again) after the scales are summed, so no method may weight a scale by a
+factor of its own: A's rows sum to 1, so a's mean is 1 at every N (a column mean, 1/N,
+weighted the 144 tokens of scale 0.5 16 times the 2304 of scale 2), and the diffusions
+keep the CAM's mass.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def localise(
     if method == "cam":
         return cams
     if method == "product":
-        return cams * A.mean(-2, keepdim=True)
+        return cams * A.sum(-2, keepdim=True)
     if method == "diffusion":
         return adcam(A, cams, k=A.shape[-1], steps=steps, backend=backend)
     if method == "adcam":
