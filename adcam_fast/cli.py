@@ -66,36 +66,77 @@ def _add_label(sub) -> None:
         help="voc:ROOT[:SPLIT] | coco:IMAGES:ANN.json | "
         "folder:DIR[:LABELS[:CLASSES]] | synthetic:ROOT[:SPLIT]",
     )
-    p.add_argument("--checkpoint", required=True, help="classifier checkpoint (.pth) or .onnx")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="classifier checkpoint (.pth); with --backend onnx an exported .onnx, with "
+        "tensorrt an engine or .onnx",
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
     p.add_argument("--backend", default="torch", help="extractor: torch | onnx | tensorrt")
     p.add_argument(
         "--device", default=None, help="local engine; default: cuda if available, else cpu"
     )
-    p.add_argument("--method", default=d.method, choices=METHODS)
-    p.add_argument("--scales", type=_scales, default=d.scales)
-    p.add_argument("--no-flip", dest="flip", action="store_false")
-    p.add_argument("--input-size", type=int, default=d.input_size)
-    p.add_argument("--k", type=int, default=d.k)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--bg-threshold", type=float, default=d.bg_threshold)
-    p.add_argument("--classes-from", choices=("labels", "predictions"), default=d.classes_from)
-    p.add_argument("--pred-threshold", type=float, default=d.pred_threshold)
+    p.add_argument("--method", default=d.method, choices=METHODS, help=f"default {d.method}")
+    scales = ",".join(f"{s:g}" for s in d.scales)
+    p.add_argument("--scales", type=_scales, default=d.scales, help=f"default {scales}")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="no flipped copies")
     p.add_argument(
-        "--adcam-backend", default=d.adcam_backend, choices=("auto", "reference", "torch", "triton")
+        "--input-size",
+        type=int,
+        default=d.input_size,
+        help=f"square side at scale 1 (default {d.input_size}: N = 576 tokens)",
     )
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--k", type=int, default=d.k, help=f"co-neighbours kept (default {d.k})")
     p.add_argument(
-        "--workers", type=int, default=d.workers, help="local engine: DataLoader decode workers"
+        "--steps", type=int, default=d.steps, help=f"diffusion steps (default {d.steps})"
     )
-    p.add_argument("--writers", type=int, default=d.writers, help="writer threads (per actor)")
-    p.add_argument("--max-side", type=int, default=d.max_side)
-    p.add_argument("--save-cams", dest="cams", action="store_true")
-    p.add_argument("--coco-json", dest="coco", action="store_true")
-    p.add_argument("--overlays", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-amp", dest="amp", action="store_false")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--bg-threshold", type=float, default=d.bg_threshold, help=f"default {d.bg_threshold}"
+    )
+    p.add_argument(
+        "--classes-from",
+        choices=("labels", "predictions"),
+        default=d.classes_from,
+        help=f"default {d.classes_from}",
+    )
+    p.add_argument(
+        "--pred-threshold",
+        type=float,
+        default=d.pred_threshold,
+        help=f"class probability kept with --classes-from predictions (default {d.pred_threshold})",
+    )
+    p.add_argument(
+        "--adcam-backend",
+        default=d.adcam_backend,
+        choices=("auto", "reference", "torch", "triton"),
+        help=f"default {d.adcam_backend} (triton on CUDA, else torch)",
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help=f"local engine: DataLoader decode workers (default {d.workers})",
+    )
+    p.add_argument(
+        "--writers",
+        type=int,
+        default=d.writers,
+        help=f"writer threads, per actor (default {d.writers})",
+    )
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=d.max_side,
+        help=f"longer sides are brought down to this on load (default {d.max_side})",
+    )
+    p.add_argument("--save-cams", dest="cams", action="store_true", help="write cams/<id>.npz")
+    p.add_argument("--coco-json", dest="coco", action="store_true", help="write coco.json")
+    p.add_argument("--overlays", action="store_true", help="write overlays/<id>.png")
+    p.add_argument("--overwrite", action="store_true", help="redo complete images")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     ray = p.add_argument_group(
         "Ray engine",
         "--engine ray: decode in Ray CPU tasks, label and write in an autoscaling pool of "
