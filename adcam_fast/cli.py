@@ -77,60 +77,29 @@ def _add_label(sub) -> None:
     p.add_argument(
         "--device", default=None, help="local engine; default: cuda if available, else cpu"
     )
-    p.add_argument("--method", default=d.method, choices=METHODS, help=f"default {d.method}")
-    scales = ",".join(f"{s:g}" for s in d.scales)
-    p.add_argument("--scales", type=_scales, default=d.scales, help=f"default {scales}")
+
+    def field(flag: str, about: str = "", **kw) -> None:
+        """An option of the LabelConfig field that ``flag`` names, its default said in its
+        help."""
+        default = getattr(d, flag.removeprefix("--").replace("-", "_"))
+        shown = ",".join(f"{v:g}" for v in default) if isinstance(default, tuple) else default
+        p.add_argument(flag, default=default, help=f"{about} (default {shown})".lstrip(), **kw)
+
+    field("--method", choices=METHODS)
+    field("--scales", type=_scales)
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no flipped copies")
-    p.add_argument(
-        "--input-size",
-        type=int,
-        default=d.input_size,
-        help=f"square side at scale 1 (default {d.input_size}: N = 576 tokens)",
-    )
-    p.add_argument("--k", type=int, default=d.k, help=f"co-neighbours kept (default {d.k})")
-    p.add_argument(
-        "--steps", type=int, default=d.steps, help=f"diffusion steps (default {d.steps})"
-    )
-    p.add_argument(
-        "--bg-threshold", type=float, default=d.bg_threshold, help=f"default {d.bg_threshold}"
-    )
-    p.add_argument(
-        "--classes-from",
-        choices=("labels", "predictions"),
-        default=d.classes_from,
-        help=f"default {d.classes_from}",
-    )
-    p.add_argument(
-        "--pred-threshold",
-        type=float,
-        default=d.pred_threshold,
-        help=f"class probability kept with --classes-from predictions (default {d.pred_threshold})",
-    )
-    p.add_argument(
-        "--adcam-backend",
-        default=d.adcam_backend,
-        choices=("auto", "reference", "torch", "triton"),
-        help=f"default {d.adcam_backend} (triton on CUDA, else torch)",
-    )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=d.workers,
-        help=f"local engine: DataLoader decode workers (default {d.workers})",
-    )
-    p.add_argument(
-        "--writers",
-        type=int,
-        default=d.writers,
-        help=f"writer threads, per actor (default {d.writers})",
-    )
-    p.add_argument(
-        "--max-side",
-        type=int,
-        default=d.max_side,
-        help=f"longer sides are brought down to this on load (default {d.max_side})",
-    )
+    field("--input-size", "square side at scale 1 (N = (side / 16)² tokens)", type=int)
+    field("--k", "co-neighbours kept", type=int)
+    field("--steps", "diffusion steps", type=int)
+    field("--bg-threshold", type=float)
+    field("--classes-from", choices=("labels", "predictions"))
+    field("--pred-threshold", "class probability kept with --classes-from predictions", type=float)
+    field("--adcam-backend", "auto: triton on CUDA, else torch",
+          choices=("auto", "reference", "torch", "triton"))  # fmt: skip
+    field("--batch-size", type=int)
+    field("--workers", "local engine: DataLoader decode workers", type=int)
+    field("--writers", "writer threads, per actor", type=int)
+    field("--max-side", "longer sides are brought down to this on load", type=int)
     p.add_argument("--save-cams", dest="cams", action="store_true", help="write cams/<id>.npz")
     p.add_argument("--coco-json", dest="coco", action="store_true", help="write coco.json")
     p.add_argument("--overlays", action="store_true", help="write overlays/<id>.png")

@@ -148,6 +148,15 @@ def _prediction(path: Path, gt: np.ndarray) -> np.ndarray:
     return pred
 
 
+def _check_some_found(missing: list[str], dataset, folder: Path, what: str) -> None:
+    """ValueError naming ``folder`` when it holds ``what`` for none of the dataset's images."""
+    if missing and len(missing) == len(dataset.ids):
+        raise ValueError(
+            f"{folder}: no {what} for any of the {len(missing)} images of the collection "
+            "(another collection or split?)"
+        )
+
+
 def evaluate_masks(pred_dir: str | Path, dataset) -> tuple[Scores, list[str]]:
     """Scores of ``pred_dir/masks/<id>.png`` against the dataset's ground truth.
 
@@ -166,11 +175,7 @@ def evaluate_masks(pred_dir: str | Path, dataset) -> tuple[Scores, list[str]]:
             missing.append(image_id)
             pred = np.zeros_like(gt)
         conf += confusion(pred, gt, n)
-    if missing and len(missing) == len(dataset.ids):
-        raise ValueError(
-            f"{Path(pred_dir) / 'masks'}: no mask for any of the {len(missing)} images of the "
-            "collection (another collection or split?)"
-        )
+    _check_some_found(missing, dataset, Path(pred_dir) / "masks", "mask")
     return Scores.from_confusion(conf), missing
 
 
@@ -203,9 +208,5 @@ def sweep_cams(
             yield maps.numpy(), z["class_ids"], gt
 
     best = best_of_sweep(items(), len(dataset.class_names) + 1)
-    if missing and len(missing) == len(dataset.ids):
-        raise ValueError(
-            f"{cams_dir}: no maps for any of the {len(missing)} images of the collection "
-            "(another collection or split?)"
-        )
+    _check_some_found(missing, dataset, cams_dir, "maps")
     return (*best, missing)

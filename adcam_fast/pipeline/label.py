@@ -77,25 +77,22 @@ class LabelConfig:
 
     def __post_init__(self) -> None:
         """Raises ValueError naming the field (and its ``adcam label`` option)."""
-        if self.method not in METHODS:
-            raise ValueError(f"method (--method) must be one of {METHODS}, got {self.method!r}")
-        if self.classes_from not in ("labels", "predictions"):
-            raise ValueError(
-                f"classes_from (--classes-from) must be labels or predictions, "
-                f"got {self.classes_from!r}"
-            )
-        if not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"scales (--scales) must be positive, got {self.scales}")
+
+        def check(name: str, ok: bool, rule: str) -> None:
+            if not ok:
+                flag = name.replace("_", "-")
+                raise ValueError(f"{name} (--{flag}) must be {rule}, got {getattr(self, name)!r}")
+
+        check("method", self.method in METHODS, f"one of {METHODS}")
+        check("classes_from", self.classes_from in ("labels", "predictions"),
+              "labels or predictions")  # fmt: skip
+        check("scales", bool(self.scales) and min(self.scales) > 0, "positive")
         least = dict(input_size=16, k=1, steps=0, batch_size=1, workers=0, writers=1, max_side=1)
         for name, low in least.items():
             value = getattr(self, name)
-            if not (value is None and name == "max_side") and not value >= low:
-                flag = name.replace("_", "-")
-                raise ValueError(f"{name} (--{flag}) must be >= {low}, got {value}")
+            check(name, (value is None and name == "max_side") or value >= low, f">= {low}")
         for name in ("bg_threshold", "pred_threshold"):
-            if not 0 <= getattr(self, name) <= 1:
-                flag = name.replace("_", "-")
-                raise ValueError(f"{name} (--{flag}) must be in [0, 1], got {getattr(self, name)}")
+            check(name, 0 <= getattr(self, name) <= 1, "in [0, 1]")
 
     def shaping(self) -> dict:
         """The fields that decide an image's outputs (not how fast they come, nor which
