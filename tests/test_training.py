@@ -132,7 +132,11 @@ def test_resume_matches_uninterrupted_run(synthetic_root, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         classifier.run(args)
     monkeypatch.undo()
-    assert torch.load(resumed / "last.pth", weights_only=True)["epoch"] == 1
+    first = torch.load(resumed / "last.pth", weights_only=True)
+    assert first["epoch"] == 1
+    del first["recipe"]["val_data"]  # as written before the recipe held it: not compared
+    (tmp_path / "older").mkdir()
+    torch.save(first, tmp_path / "older" / "last.pth")
     args.resume = True
     assert classifier.run(args) == 0
 
@@ -159,13 +163,15 @@ def test_resume_matches_uninterrupted_run(synthetic_root, tmp_path, monkeypatch)
     args.resume, args.lr_cnn = True, 1e-3  # resuming with another recipe is refused
     with pytest.raises(ValueError, match="lr_cnn"):
         classifier.run(args)
-    args.lr_cnn, args.val_data = 5e-4, None  # or without the validation it had
+    args.lr_cnn, val_data, args.val_data = 5e-4, args.val_data, None  # or without validation
     with pytest.raises(ValueError, match="val_data"):
         classifier.run(args)
-    ckpt = torch.load(resumed / "last.pth", weights_only=True)
-    del ckpt["recipe"]["val_data"]  # as written before the recipe held it: not compared
-    torch.save(ckpt, resumed / "last.pth")
+    args.out = tmp_path / "older"  # whose recipe does not say: its best.pth does
+    with pytest.raises(ValueError, match=r"without validation data, but best\.pth was chosen by"):
+        classifier.run(args)
+    args.val_data = val_data
     assert classifier.run(args) == 0
+    assert torch.load(args.out / "last.pth", weights_only=True)["epoch"] == 2
 
 
 def test_an_epoch_outlives_a_failed_validation(synthetic_root, tmp_path, monkeypatch):

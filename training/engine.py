@@ -398,6 +398,10 @@ def base_recipe(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]
     }
 
 
+def _by(metric: str) -> str:
+    return f"by {metric}" if metric else "as the last epoch"
+
+
 def _restore(task: Task, path: Path, device: torch.device) -> tuple[int, dict[str, Any]]:
     ckpt = load_checkpoint(path, task.kind)
     if "optimizer" not in ckpt:
@@ -410,6 +414,12 @@ def _restore(task: Task, path: Path, device: torch.device) -> tuple[int, dict[st
         raise ValueError(
             f"{path}: --resume with other classes: saved {ckpt['class_names']}, "
             f"now {task.class_names}"
+        )
+    chosen_by = task.best_metric if task.evaluate else ""
+    if ckpt["best"]["metric"] != chosen_by:  # an older checkpoint's recipe may not say
+        raise ValueError(
+            f"{path}: --resume {'with' if chosen_by else 'without'} validation data, but "
+            f"best.pth was chosen {_by(ckpt['best']['metric'])} so far, not {_by(chosen_by)}"
         )
     task.model.load_state_dict(ckpt["model"])
     task.optimizer.load_state_dict(ckpt["optimizer"])
