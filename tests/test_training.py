@@ -228,6 +228,26 @@ def _small_segmenter() -> Segmenter:
     return Segmenter("resnet18", num_classes=9, output_stride=16)
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenetv3_small_050", "regnetx_002"])
+def test_segmenter_loads_plain_imagenet_weights(backbone):
+    """Whatever the plain model calls its classifier (fc, classifier and conv_head, head.fc)."""
+    torch.manual_seed(0)
+    weights = timm.create_model(backbone).state_dict()
+    model = Segmenter(backbone, num_classes=3, output_stride=16)
+    model.load_backbone(weights)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+
+
+def test_segmenter_refuses_weights_it_cannot_map():
+    """convnext's features_only model renames the stages: refused by name, not half loaded."""
+    with torch.device("meta"):
+        weights = timm.create_model("convnext_atto").state_dict()
+        model = Segmenter("convnext_atto", num_classes=3, output_stride=16)
+    with pytest.raises(ValueError, match="convnext_atto with features_only names its weights"):
+        model.load_backbone(weights)
+
+
 def test_segmenter_steps_lower_the_loss():
     model = _small_segmenter()
     batch = _fixed_batch(32, 2, "mask")

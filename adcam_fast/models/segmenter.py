@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import timm
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -74,20 +75,29 @@ class Segmenter(nn.Module):
         self.head = ASPP(self.backbone.feature_info.channels()[-1], num_classes)
 
     def load_backbone(self, state_dict: Mapping[str, Tensor]) -> None:
-        """Load ImageNet weights of the plain timm backbone (keys as in
-        ``timm.create_model(backbone).state_dict()``; the classifier ``fc.*`` is dropped).
-        Raises ValueError when any other key is missing or unexpected, or of another shape."""
-        own = self.backbone.state_dict()
-        state = {k: v for k, v in state_dict.items() if k in own or not k.startswith("fc.")}
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        """Load ImageNet weights of the plain timm backbone: exactly the keys and shapes of
+        ``timm.create_model(backbone).state_dict()``, whose classifier head is then dropped.
+        Raises ValueError naming the keys that are missing, unexpected or of another shape."""
+        with torch.device("meta"):  # the plain model's layout, without its memory
+            plain = timm.create_model(self.backbone_name, pretrained=False).state_dict()
+        missing = sorted(set(plain) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(plain))
+        shapes = sorted(
+            k for k in set(plain) & set(state_dict) if plain[k].shape != state_dict[k].shape
+        )
         if missing or unexpected or shapes:
             raise ValueError(
                 f"not {self.backbone_name} weights: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}, of other shapes {shapes[:5]}"
             )
-        self.backbone.load_state_dict(state)
+        own = self.backbone.state_dict()
+        renamed = sorted(set(own) - set(plain))
+        if renamed:
+            raise ValueError(
+                f"{self.backbone_name} with features_only names its weights apart from the "
+                f"plain model's (e.g. {renamed[0]!r}): ImageNet weights cannot be mapped onto it"
+            )
+        self.backbone.load_state_dict({k: state_dict[k] for k in own})
 
     def param_groups_split(self) -> dict[str, list[nn.Parameter]]:
         """``{"backbone": [...], "head": [...]}``; every parameter in exactly one list."""
