@@ -58,19 +58,21 @@ def check_square(A: object, name: str) -> Tensor:
     return A
 
 
-def check_cams(cams: object, A: Tensor, name: str = "cams", values: bool = True) -> Tensor:
-    """cams is (..., K, N) with exactly A's leading dims and N, on A's device, and, when
-    ``values`` (one host sync), finite."""
+def check_cams(
+    cams: object, A: Tensor, name: str = "cams", values: bool = True, a_name: str = "A"
+) -> Tensor:
+    """cams is (..., K, N) with exactly the leading dims and N of A (named ``a_name`` in
+    errors), on A's device, and, when ``values`` (one host sync), finite."""
     cams = check_float_tensor(cams, name)
     lead, n = tuple(A.shape[:-2]), A.shape[-1]
     if cams.ndim != A.ndim or tuple(cams.shape[:-2]) != lead or cams.shape[-1] != n:
         raise ValueError(
-            f"{name} must have shape {(*lead, 'K', n)} to match A {tuple(A.shape)}, "
+            f"{name} must have shape {(*lead, 'K', n)} to match {a_name} {tuple(A.shape)}, "
             f"got {tuple(cams.shape)}"
         )
     if cams.device != A.device:
         raise ValueError(
-            f"{name} is on {cams.device} but A is on {A.device}: use one device for both"
+            f"{name} is on {cams.device} but {a_name} is on {A.device}: use one device for both"
         )
     if values and not bool(torch.isfinite(cams).all()):
         raise ValueError(f"{name} must be finite")

@@ -75,7 +75,7 @@ def diffuse(A_tilde: Tensor, cams: Tensor, steps: int) -> Tensor:
     Row-stochastic Ã conserves each map's total mass; steps = 0 returns cams unchanged.
     """
     A_tilde = check_square(A_tilde, "A_tilde")
-    cams = check_cams(cams, A_tilde)
+    cams = check_cams(cams, A_tilde, a_name="A_tilde")
     steps = check_steps(steps)
     dtype = compute_dtype(A_tilde, cams)
     A_tilde, M = A_tilde.to(dtype), cams.to(dtype)
@@ -86,4 +86,5 @@ def diffuse(A_tilde: Tensor, cams: Tensor, steps: int) -> Tensor:
 
 def adcam(A: Tensor, cams: Tensor, k: int = 50, steps: int = 2) -> Tensor:
     """AD-CAM's raw diffused maps: ``diffuse(refine_attention(A, k), cams, steps)``."""
+    check_cams(cams, check_square(A, "A"), values=False)  # named against A, not Ã
     return diffuse(refine_attention(A, k), cams, steps)

@@ -161,7 +161,11 @@ def test_public_reference_functions_validate():
         adcam_fast.refine_attention(GOOD_A, 0)
     with pytest.raises(ValueError, match="eps must be a finite number >= 0, got nan"):
         adcam_fast.refine_attention(GOOD_A, 2, eps=math.nan)
-    with pytest.raises(ValueError, match="cams must have shape"):
+    with pytest.raises(ValueError, match=r"cams must have shape .* to match A_tilde \("):
         adcam_fast.diffuse(GOOD_A, GOOD_CAMS[:1], 1)
+    with pytest.raises(ValueError, match="cams is on meta but A_tilde is on cpu"):
+        adcam_fast.diffuse(GOOD_A, GOOD_CAMS.to("meta"), 1)
+    with pytest.raises(ValueError, match=r"cams must have shape .* to match A \("):
+        adcam_fast.reference.adcam(GOOD_A, GOOD_CAMS[:1])
     with pytest.raises(ValueError, match="steps must be"):
         adcam_fast.diffuse(GOOD_A, GOOD_CAMS, -2)
