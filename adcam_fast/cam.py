@@ -34,20 +34,27 @@ def merge_scales(
     """Multi-scale + flip merge: resize each (..., K, h_s, w_s) map to ``size``, sum, apply Eq. 2.
 
     ``flipped[s]`` marks a map computed on the horizontally flipped image; it is flipped
-    back before summing. Bilinear resizing, ``align_corners=False``.
+    back before summing. Bilinear resizing, ``align_corners=False``; float32, or float64 for
+    float64 maps. Every map has the leading (..., K) of the first.
     """
     if not maps:
         raise ValueError("maps must hold at least one scale")
     flipped = [False] * len(maps) if flipped is None else list(flipped)
     if len(flipped) != len(maps):
         raise ValueError(f"flipped has {len(flipped)} entries for {len(maps)} maps")
+    lead = maps[0].shape[:-2]
     total = None
-    for m, flip in zip(maps, flipped, strict=True):
-        if m.ndim < 3:
-            raise ValueError(f"each map must be (..., K, h, w), got {tuple(m.shape)}")
-        lead = m.shape[:-2]
+    for s, (m, flip) in enumerate(zip(maps, flipped, strict=True)):
+        if m.ndim < 3 or m.shape[:-2] != lead:
+            raise ValueError(
+                f"maps[{s}] must be (..., K, h, w) with the (..., K) of maps[0] {tuple(lead)}, "
+                f"got {tuple(m.shape)}"
+            )
         r = F.interpolate(
-            m.reshape(-1, 1, *m.shape[-2:]).float(), size=size, mode="bilinear", align_corners=False
+            m.reshape(-1, 1, *m.shape[-2:]).to(torch.promote_types(m.dtype, torch.float32)),
+            size=size,
+            mode="bilinear",
+            align_corners=False,
         ).reshape(*lead, *size)
         r = r.flip(-1) if flip else r
         total = r if total is None else total + r

@@ -27,20 +27,38 @@ def test_normalize_cam_rejects_missing_dims():
 
 
 def test_merge_scales_resizes_unflips_and_normalises():
-    base = torch.zeros(1, 4, 4)
-    base[0, 1, 0] = 1.0
-    small = torch.nn.functional.avg_pool2d(base[None], 2)[0]  # the same map at half size
-    flipped = base.flip(-1)
-    merged = adcam_fast.merge_scales([base, small, flipped], (4, 4), flipped=[False, False, True])
-    assert merged.shape == (1, 4, 4)
-    assert merged.max() == pytest.approx(1.0)
-    # The flipped copy was flipped back: the peak stays in the left column.
-    assert merged[0].argmax().item() == 4
+    """Each map resized to the size (bilinear), a flipped one flipped back, summed, Eq. 2."""
+    torch.manual_seed(0)
+    base, small = torch.rand(2, 4, 6), torch.rand(2, 2, 3)  # two classes, left/right uneven
+    mirrored = torch.rand(2, 4, 6)  # from the flipped image
+    merged = adcam_fast.merge_scales([base, small, mirrored], (4, 6), flipped=[False, False, True])
+    up = torch.nn.functional.interpolate(small[None], (4, 6), mode="bilinear")[0]
+    total = base + up + mirrored.flip(-1)
+    torch.testing.assert_close(merged, total / total.amax((-2, -1), keepdim=True))
+
+
+def test_merge_scales_flips_back_only_what_is_flipped():
+    peak = torch.zeros(1, 3, 5)
+    peak[0, 1, 0] = 1.0  # the left edge of the flipped image is the right edge of the image
+    assert adcam_fast.merge_scales([peak], (3, 5), flipped=[True])[0].argmax().item() == 9
+    assert adcam_fast.merge_scales([peak], (3, 5))[0].argmax().item() == 5
+
+
+def test_merge_scales_keeps_float64():
+    maps = [torch.rand(2, 3, 3, dtype=torch.float64)]
+    assert adcam_fast.merge_scales(maps, (5, 5)).dtype == torch.float64
 
 
 def test_merge_scales_rejects_mismatched_flags():
     with pytest.raises(ValueError, match="flipped has 1 entries for 2 maps"):
         adcam_fast.merge_scales([torch.rand(1, 2, 2)] * 2, (2, 2), flipped=[True])
+
+
+@pytest.mark.parametrize("other", [(1, 4, 4), (2, 3, 4, 4), (4, 4)])
+def test_merge_scales_rejects_maps_of_other_classes(other):
+    """A map of another class count or batch is named, not broadcast into the sum."""
+    with pytest.raises(ValueError, match=r"maps\[1\] must be .* maps\[0\] \(3,\)"):
+        adcam_fast.merge_scales([torch.rand(3, 4, 4), torch.rand(other)], (4, 4))
 
 
 def test_seed_labels_background_threshold_and_ids():

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from adcam_fast.cam import normalize_cam, seed_labels
+from adcam_fast.cam import merge_scales, normalize_cam, seed_labels
 from adcam_fast.data.base import ImageDataset
 from adcam_fast.export.backends import Extractor
 from adcam_fast.io import atomic_write, file_sha256
@@ -257,7 +257,8 @@ class Labeller:
         cfg, dev, n = self.cfg, self.ex.device, len(x)
         t = time.perf_counter()
         x = (x.to(dev, non_blocking=True).float() - self.mean) / self.std
-        total: dict[str, Tensor] = {}
+        per_scale: dict[str, list[Tensor]] = {m: [] for m in self.methods}
+        flipped: list[bool] = []
         classes, idx, valid = None, None, None
         for scale in self.scales:
             xs = _scaled(x, scale, self.ex.patch_size)
@@ -273,13 +274,14 @@ class Labeller:
             cams = normalize_cam(sel.flatten(-2), spatial_dims=1)
             for method in self.methods:
                 maps = localise(method, out.attention, cams, cfg.k, cfg.steps, cfg.adcam_backend)
-                maps = maps.view(b2, -1, h, w)
-                if cfg.flip:
-                    maps = maps[:n] + maps[n:].flip(-1)
-                maps = F.interpolate(maps, size=(self.grid, self.grid), mode="bilinear")
-                total[method] = maps + total[method] if method in total else maps
+                per_scale[method] += maps.view(b2, -1, h, w).split(n)
+            flipped += [False, True] if cfg.flip else [False]
             t = self._tick("adcam", t)
-        merged = {m: (normalize_cam(v) * valid[..., None, None]).cpu() for m, v in total.items()}
+        size = (self.grid, self.grid)
+        merged = {
+            m: (merge_scales(v, size, flipped) * valid[..., None, None]).cpu()
+            for m, v in per_scale.items()
+        }
         return merged, classes
 
 
