@@ -20,6 +20,7 @@ metadata :func:`~adcam_fast.export.onnx.export_checkpoint` writes into the file.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +49,23 @@ class Extraction:
     attention: Tensor
 
 
+@dataclass(frozen=True)
+class InputRange:
+    """The input batches and square image sides an extractor takes, each (least, most), and
+    what sets them (named in errors)."""
+
+    batch: tuple[int, int] = (1, sys.maxsize)
+    side: tuple[int, int] = (1, sys.maxsize)
+    source: str = "any size"
+
+
 class Extractor(Protocol):
     class_names: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     patch_size: int
     device: torch.device
+    inputs: InputRange
 
     def __call__(self, images: Tensor) -> Extraction: ...
 
@@ -98,6 +110,7 @@ class TorchExtractor:
         self.class_names = class_names
         self.mean, self.std = tuple(mean), tuple(std)
         self.patch_size = model.patch_size
+        self.inputs = InputRange()
         self.amp = amp and self.device.type == "cuda"
 
     @torch.inference_mode()
@@ -185,6 +198,9 @@ class OnnxExtractor:
         self.class_names = self.info.class_names
         self.mean, self.std = self.info.mean, self.info.std
         self.patch_size = self.info.stride
+        size = self.info.input_size
+        fixed = InputRange(side=(size, size), source=f"{self.path}'s fixed size")
+        self.inputs = InputRange() if self.info.dynamic_size else fixed
 
     def __call__(self, images: Tensor) -> Extraction:
         images = check_images(images, self.device, self.info)

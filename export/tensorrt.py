@@ -40,6 +40,7 @@ from adcam_fast.export.backends import (
     INPUT,
     OUTPUTS,
     Extraction,
+    InputRange,
     check_images,
     resolve_device,
 )
@@ -302,6 +303,9 @@ class TensorRTExtractor:
             ):
                 raise ValueError(f"{path}: tensors {sorted(names)} are not an extractor's")
             self.context = self.engine.create_execution_context()
+            lo, _, hi = self.engine.get_tensor_profile_shape(INPUT, 0)
+        side = (max(lo[2], lo[3]), min(hi[2], hi[3]))  # (B, 3, H, W) Dims; square images
+        self.inputs = InputRange((lo[0], hi[0]), side, f"the profile of {path}")
         self.path = path
         self.class_names = self.info.class_names
         self.mean, self.std = self.info.mean, self.info.std

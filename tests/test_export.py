@@ -31,7 +31,7 @@ from adcam_fast.export.onnx import (
 from adcam_fast.export.tensorrt import TENSORRT_HINT, Profile, TensorRTExtractor, _pin_fp32
 from adcam_fast.io import file_sha256
 from adcam_fast.models.segmenter import Segmenter
-from adcam_fast.pipeline.label import LabelConfig, label_dataset
+from adcam_fast.pipeline.label import LabelConfig, Labeller, label_dataset
 from adcam_fast.training.augment import IMAGENET_MEAN, IMAGENET_STD
 from adcam_fast.training.checkpoint import (
     SEGMENTER,
@@ -162,6 +162,10 @@ def test_fixed_size_export_without_dropped_block(tmp_path):
     assert ex(torch.randn(3, 3, 64, 64)).cams.shape == (3, len(NAMES), 4, 4)
     with pytest.raises(ValueError, match="fixed size 64x64"):
         ex(torch.randn(1, 3, 96, 96))
+    # adcam label stops before any work, naming the options that do not fit
+    with pytest.raises(ValueError, match=r"--input-size 64 at --scales 1,0.5 feeds .*full.onnx"):
+        Labeller(ex, LabelConfig(input_size=64, scales=(1.0, 0.5)))
+    Labeller(ex, LabelConfig(input_size=64, scales=(1.0,)))
 
 
 def test_segmenter_export_matches_torch(segmenter_onnx):

@@ -13,7 +13,7 @@ from torch import Tensor
 from adcam_fast import reference
 from adcam_fast.cam import normalize_cam
 from adcam_fast.data import load_mask
-from adcam_fast.export.backends import Extraction
+from adcam_fast.export.backends import Extraction, InputRange
 from adcam_fast.pipeline.label import ImageMaps, LabelConfig, Labeller, write_image
 from adcam_fast.pipeline.writers import Outputs
 
@@ -29,6 +29,7 @@ class PixelExtractor:
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
     patch_size = PATCH
     device = torch.device("cpu")
+    inputs = InputRange()
 
     def __call__(self, images: Tensor) -> Extraction:
         patches = F.avg_pool2d(images, PATCH)  # (B, 3, h, w)
@@ -107,3 +108,21 @@ def test_seeds_are_the_maps_above_the_background_threshold(tmp_path, threshold):
     best, which = full.max(0)
     expected = np.where(best > threshold, np.array([1, 3])[which.numpy()], 0)
     np.testing.assert_array_equal(load_mask(tmp_path / "masks" / "img.png"), expected)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(batch_size=9), r"--batch-size 9 feeds batches of 18 images .* at most 16"),
+        (dict(input_size=64, scales=(1.0, 2.0)), r"sides \[64, 128\], but .* sides 16 to 96"),
+        (dict(scales=(0.25,)), r"--input-size 32 at --scales 0.25 feeds image sides \[8\]"),
+    ],
+)
+def test_inputs_the_extractor_does_not_take_stop_before_any_work(options, message):
+    """As a TensorRT engine's profile: batches of at most 16 (8 images and their flips), sides
+    16 to 96."""
+    ex = PixelExtractor()
+    ex.inputs = InputRange((1, 16), (16, 96), "the profile of x.engine")
+    with pytest.raises(ValueError, match=message):
+        Labeller(ex, LabelConfig(**{"input_size": SIDE, **options}))
+    Labeller(ex, LabelConfig(batch_size=8, input_size=48, scales=(0.5, 2.0)))

@@ -190,8 +190,13 @@ def failed(image_id: str, stage: str, error: str) -> dict:
     return dict(id=image_id, status="failed", stage=stage, error=error)
 
 
+def _side(size: int, scale: float, patch: int) -> int:
+    """The side of a ``size`` image at ``scale``, a multiple of the patch size."""
+    return max(patch, round(size * scale / patch) * patch)
+
+
 def _scaled(x: Tensor, scale: float, patch: int) -> Tensor:
-    side = max(patch, round(x.shape[-1] * scale / patch) * patch)
+    side = _side(x.shape[-1], scale, patch)
     if side == x.shape[-1]:
         return x
     return F.interpolate(x, size=(side, side), mode="bilinear", antialias=side < x.shape[-1])
@@ -208,6 +213,26 @@ def _class_index(classes: list[np.ndarray], device: torch.device) -> tuple[Tenso
     return idx.to(device), valid.to(device)
 
 
+def _check_inputs(extractor: Extractor, cfg: LabelConfig) -> None:
+    """Raises ValueError, naming the options, when the labeller would feed ``extractor``
+    batches or image sides it does not take (a fixed-size export, a TensorRT profile)."""
+    accepts = extractor.inputs
+    batch = cfg.batch_size * (2 if cfg.flip else 1)  # the flipped copies go in the batch
+    if batch > accepts.batch[1]:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} feeds batches of {batch} images (flips included), "
+            f"but {accepts.source} takes at most {accepts.batch[1]}"
+        )
+    sides = sorted({_side(cfg.input_size, s, extractor.patch_size) for s in cfg.scales})
+    lo, hi = accepts.side
+    if not lo <= sides[0] <= sides[-1] <= hi:
+        scales = ",".join(f"{s:g}" for s in cfg.scales)
+        raise ValueError(
+            f"--input-size {cfg.input_size} at --scales {scales} feeds image sides {sides}, "
+            f"but {accepts.source} takes sides {lo} to {hi}"
+        )
+
+
 class Labeller:
     """Runs :class:`LabelConfig`'s method (or several methods sharing one extraction) on
     batches: uint8 images -> merged normalised maps."""
@@ -222,6 +247,7 @@ class Labeller:
             from adcam_fast.kernels.launch import check_runnable
 
             check_runnable(torch.empty(0, device=dev))
+        _check_inputs(extractor, config)
         self.mean = torch.tensor(extractor.mean, device=dev).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(extractor.std, device=dev).view(1, 3, 1, 1) * 255
         self.grid = config.input_size // 4
