@@ -31,6 +31,21 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     return path
 
 
+def writable_file(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a file this process can create or replace (its folder is created). Raises
+    ValueError naming ``what`` when it is a folder or its folder cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder: give the file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: its folder cannot be made ({e.strerror})") from e
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: its folder {path.parent} is not writable")
+    return path
+
+
 def read_text(path: str | os.PathLike[str], what: str) -> str:
     """The UTF-8 text of the file ``path`` (a leading BOM dropped). Raises ValueError naming
     the file and ``what`` it holds when it cannot be read or is not UTF-8."""

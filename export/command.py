@@ -23,6 +23,7 @@ from adcam_fast.export.onnx import (
     export_checkpoint,
     read_info,
 )
+from adcam_fast.io import writable_file
 
 
 def _triple(text: str) -> tuple[int, int, int]:
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     import_tensorrt()  # before a possibly long export
     if args.out.suffix == ".onnx":
         raise ValueError(f"--out {args.out}: a TensorRT engine needs another suffix (.engine)")
+    writable_file(args.out, "--out")
     if args.checkpoint.suffix == ".onnx":
         onnx_path = args.checkpoint
     else:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -53,7 +54,7 @@ from torch import Tensor, nn
 
 import adcam_fast
 from adcam_fast.export.backends import INPUT, OUTPUTS, ExtractorGraph
-from adcam_fast.io import atomic_write, file_sha256
+from adcam_fast.io import atomic_write, file_sha256, writable_file
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -330,6 +331,8 @@ def export_graph(
     graph.eval()
     if info.exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {info.exporter!r}")
+    if info.exporter == "dynamo":
+        require("onnxscript", ONNX_HINT)
     top = max_opset(info.exporter)
     if not MIN_OPSET <= info.opset <= top:
         raise ValueError(
@@ -394,7 +397,8 @@ def export_checkpoint(
     Returns the written :class:`ExportInfo` and the parity errors of :func:`verify_export`
     (empty without ``verify``). Raises ValueError naming the file for an unusable checkpoint,
     an unknown ``what``/``exporter``, an opset outside 17 to `max_opset`, ``with_labels``
-    for an extractor, or an export that fails the check.
+    for an extractor, an ``out`` that is a folder or in one that cannot be written, or an
+    export that fails the check (which then leaves what ``out`` held as it was).
     """
     from adcam_fast.training.checkpoint import load_classifier, load_segmenter
 
@@ -402,6 +406,7 @@ def export_checkpoint(
         raise ValueError(f"what must be one of {KINDS}, got {what!r}")
     if with_labels and what != "segmenter":
         raise ValueError("with_labels (--with-labels) is for a segmenter export only")
+    out = writable_file(out, "out")
     load = load_classifier if what == "extractor" else load_segmenter
     model, meta = load(checkpoint, device="cpu")
     cfg = meta["config"]
@@ -432,8 +437,13 @@ def export_checkpoint(
         exporter=exporter,
         opset=opset,
     )
-    export_graph(graph, sample, info, out, with_labels)
-    errors = verify_export(out, reference) if verify else {}
+    staged = out.with_name(f".{out.name}.{os.getpid()}.unverified")
+    try:
+        export_graph(graph, sample, info, staged, with_labels)
+        errors = verify_export(staged, reference, shown_as=out) if verify else {}
+        os.replace(staged, out)  # only a verified export replaces what --out held
+    finally:
+        staged.unlink(missing_ok=True)
     return info, errors
 
 
@@ -446,12 +456,16 @@ def _compare(ref: Tensor, got: Tensor, name: str) -> dict[str, float]:
     return {f"{name}_abs": diff, f"{name}_rel": diff / scale}
 
 
-def verify_export(path: str | Path, reference: nn.Module) -> dict[str, float]:
+def verify_export(
+    path: str | Path, reference: nn.Module, shown_as: str | Path | None = None
+) -> dict[str, float]:
     """Run the export at ``path`` with ONNX Runtime (CPU) and ``reference`` (the float32
     graph it came from) at two input shapes: the batch changes, and so do the (unequal) height
     and width when the export has a dynamic size. Returns the worst errors over both
     (``<output>_abs``, ``<output>_rel``, ``labels_agree``; see :data:`TOLERANCES`). Raises
-    ValueError naming the file when one is out of tolerance for the export's precision."""
+    ValueError naming the file (``shown_as``, else ``path``) when one is out of tolerance
+    for the export's precision."""
+    shown = shown_as or path
     info = read_info(path)
     session, _ = open_session(path, info.kind)
     s, p = info.input_size, info.stride
@@ -472,7 +486,7 @@ def verify_export(path: str | Path, reference: nn.Module) -> dict[str, float]:
             g = torch.from_numpy(got[name])
             if g.shape != r.shape:
                 raise ValueError(
-                    f"{path}: {name} is {tuple(g.shape)} at input {shape}, "
+                    f"{shown}: {name} is {tuple(g.shape)} at input {shape}, "
                     f"PyTorch gives {tuple(r.shape)}"
                 )
             for k, v in _compare(r, g, name).items():
@@ -480,7 +494,7 @@ def verify_export(path: str | Path, reference: nn.Module) -> dict[str, float]:
                 worst[k] = min(worst.get(k, 1.0), v) if agree else max(worst.get(k, 0.0), v)
                 if (v < tol[k]) if agree else (v > tol.get(k, float("inf"))):
                     raise ValueError(
-                        f"{path}: ONNX Runtime and PyTorch differ at input {shape}: "
+                        f"{shown}: ONNX Runtime and PyTorch differ at input {shape}: "
                         f"{k} = {v:.3g} (tolerance {tol[k]:.0e} for {info.precision})"
                     )
     return worst

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -221,13 +222,31 @@ def test_wrong_or_corrupt_files_give_clear_errors(segmenter_onnx, exported, tmp_
             ExportInfo.from_props(props | {f"adcam_fast.{key}": value}, "edited.onnx")
 
 
-def test_bad_export_arguments_stop_before_exporting(classifier, tmp_path):
+def test_bad_export_arguments_stop_before_exporting(classifier, tmp_path, monkeypatch):
     out = tmp_path / "x.onnx"
     with pytest.raises(ValueError, match=r"opset must be in \[17, \d+\] for the torchscript"):
         export_checkpoint(classifier, "extractor", out, opset=30)
     with pytest.raises(ValueError, match=r"with_labels \(--with-labels\) is for a segmenter"):
         export_checkpoint(classifier, "extractor", out, with_labels=True)
+    with pytest.raises(ValueError, match=r"out .* is a folder: give the file to write"):
+        export_checkpoint(classifier, "extractor", tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"out .*file/x\.onnx: its folder cannot be made"):
+        export_checkpoint(classifier, "extractor", tmp_path / "file" / "x.onnx")
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as where it is not installed
+    with pytest.raises(MissingDependencyError, match="onnxscript"):
+        export_checkpoint(classifier, "extractor", out, exporter="dynamo")
     assert not out.exists()
+
+
+def test_an_export_that_fails_its_check_replaces_nothing(classifier, tmp_path, monkeypatch):
+    out = tmp_path / "x.onnx"
+    out.write_bytes(b"the last good export")
+    monkeypatch.setitem(TOLERANCES, "fp32", dict.fromkeys(TOLERANCES["fp32"], 0.0))
+    with pytest.raises(ValueError, match=r"x\.onnx: ONNX Runtime and PyTorch differ"):
+        export_checkpoint(classifier, "extractor", out)
+    assert out.read_bytes() == b"the last good export"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.onnx"]  # nothing staged is left
 
 
 def test_label_pipeline_onnx_masks_match_torch(exported, classifier, tmp_path):
