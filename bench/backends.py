@@ -117,6 +117,8 @@ def main() -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args()
+    if any(size < 16 or size % 16 for size in args.sizes):  # the Conformers' patch size
+        p.error(f"--sizes must be multiples of 16, got {args.sizes}")
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

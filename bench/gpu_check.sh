@@ -38,6 +38,7 @@ out=${1:?usage: bench/gpu_check.sh RESULTS_DIR [ARCHIVE.tgz]}
 archive=${2:-}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 if [ -n "$archive" ]; then
+  mkdir -p "$(dirname "$archive")" || exit 2
   archive=$(cd "$(dirname "$archive")" && pwd)/$(basename "$archive")
   case $archive in "$out"/*) echo "ARCHIVE must lie outside RESULTS_DIR" >&2; exit 2 ;; esac
 fi

@@ -115,10 +115,11 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible")
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if not torch.cuda.is_available():
         devices = [d for d in devices if d != "cuda"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
     for device in devices:
         record = measure(device, args.steps, args.warmup)
         args.out.mkdir(parents=True, exist_ok=True)
