@@ -1,13 +1,25 @@
-"""mIoU / FP / FN and the threshold sweep on hand-made masks with hand-computed answers."""
+"""mIoU / FP / FN and the threshold sweep on hand-made masks with hand-computed answers, and
+`evaluate_masks` on masks written by the tests."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from adcam_fast.cam import seed_labels
-from adcam_fast.pipeline.evaluate import Scores, best_of_sweep, confusion, format_table
+from adcam_fast.data import make_synthetic, open_dataset
+from adcam_fast.data.images import mask_to_image
+from adcam_fast.pipeline.evaluate import (
+    Scores,
+    best_of_sweep,
+    confusion,
+    evaluate_masks,
+    format_table,
+)
 
 GT = np.array([[0, 0, 1, 1], [0, 2, 2, 255]], np.uint8)
 PRED = np.array([[0, 1, 1, 1], [2, 2, 0, 1]], np.uint8)
@@ -68,3 +80,38 @@ def test_sweep_breaks_ties_as_seed_labels_does():
     assert not seeds.any()
     _, best, _ = best_of_sweep([(maps, np.array([1]), gt)], 2, np.array([thr]))
     assert best.miou == 1.0  # every pixel background, as the ground truth
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    root = make_synthetic(tmp_path_factory.mktemp("syn"), 4, seed=5, size=48, val_fraction=0.0)
+    return open_dataset(f"synthetic:{root}")
+
+
+def _write_masks(pred: Path, dataset, make) -> None:
+    (pred / "masks").mkdir(parents=True)
+    for i, image_id in enumerate(dataset.ids):
+        mask_to_image(make(dataset.mask(i))).save(pred / "masks" / f"{image_id}.png")
+
+
+def test_evaluate_masks_scores_what_is_written(collection, tmp_path):
+    """The ground truth itself scores 1; all background scores, by hand, the background's IoU
+    over the classes present; the ground truth downscaled (as under --max-side) scores near 1."""
+    masks = [collection.mask(i) for i in range(len(collection))]
+    _write_masks(tmp_path / "same", collection, lambda m: np.where(m == 255, 0, m))
+    scores, missing = evaluate_masks(tmp_path / "same", collection)
+    assert missing == [] and scores.miou == 1.0 and scores.fp_rate == scores.fn_rate == 0.0
+
+    _write_masks(tmp_path / "zeros", collection, np.zeros_like)
+    scored = np.concatenate([m[m != 255] for m in masks])
+    present = np.unique(scored)
+    assert len(present) > 1  # the by-hand answer below needs some class besides background
+    scores, _ = evaluate_masks(tmp_path / "zeros", collection)
+    assert scores.miou == pytest.approx((scored == 0).mean() / len(present))
+
+    def half(m: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(np.where(m == 255, 0, m)).resize((24, 24), 0))
+
+    _write_masks(tmp_path / "half", collection, half)
+    scores, _ = evaluate_masks(tmp_path / "half", collection)
+    assert 0.8 < scores.miou < 1.0

@@ -145,14 +145,24 @@ def test_onnx_runtime_matches_torch_at_two_batches_and_sizes(exported, classifie
 
 
 def test_fp16_export_stays_within_its_tolerances(classifier, tmp_path):
+    """The body is float16 (its weights and inputs), the outputs float32, and ONNX Runtime's
+    outputs differ from PyTorch's float32 by rounding, within the fp16 tolerances."""
     info, errors = export_checkpoint(classifier, "extractor", tmp_path / "half.onnx", fp16=True)
     assert info.precision == "fp16"
+    weights = onnx.load(str(tmp_path / "half.onnx")).graph.initializer
+    float16 = sum(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
+    assert float16 > 0.9 * sum(w.data_type != onnx.TensorProto.INT64 for w in weights)
+    model, meta = load_classifier(classifier)
+    want = TorchExtractor(model, meta["class_names"], MEAN, STD, amp=False)
+    x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(2))
+    got, want = OnnxExtractor(tmp_path / "half.onnx", threads=1)(x), want(x)
+    assert got.cams.dtype == got.attention.dtype == torch.float32
     tol = TOLERANCES["fp16"]
-    assert errors["attention_rel"] <= tol["attention_rel"]
-    assert errors["cams_rel"] <= tol["cams_rel"]
-    out = OnnxExtractor(tmp_path / "half.onnx", threads=1)(torch.randn(2, 3, 64, 64))
-    assert out.cams.dtype == out.attention.dtype == torch.float32
-    torch.testing.assert_close(out.attention.sum(-1), torch.ones(2, 16))
+    for name in ("attention", "cams"):
+        a, b = getattr(got, name), getattr(want, name)
+        rel = ((a - b).abs().max() / b.abs().max()).item()
+        assert 1e-6 < rel <= tol[f"{name}_rel"], (name, rel)  # rounded, and not far
+        assert 0 < errors[f"{name}_rel"] <= tol[f"{name}_rel"]
 
 
 def test_fixed_size_export_without_dropped_block(tmp_path):

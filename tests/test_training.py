@@ -401,11 +401,18 @@ def test_train_transform_crops_flips_and_pads():
     assert torch.equal(x, y) and torch.equal(m, n)
     rows = (m != 255).any(1)
     assert int(rows.sum()) == 32 and (m[~rows] == 255).all() and (x[:, ~rows] == 0).all()
-    cols, red = m[rows][0].float(), x[0][rows][0]
-    # monotone along the row (flipped or not), and the image flipped with the mask
-    direction = torch.sign(cols[-1] - cols[0])
-    assert direction != 0
-    assert (cols.diff() * direction >= 0).all() and (red.diff() * direction >= -1e-5).all()
+    # monotone along the row (flipped or not), and the image flipped with the mask; over
+    # seeds, both ways
+    directions = set()
+    for seed in range(12):
+        x, m = transform(image, mask, np.random.default_rng(seed))
+        rows = (m != 255).any(1)
+        cols, red = m[rows][0].float(), x[0][rows][0]
+        direction = torch.sign(cols[-1] - cols[0])
+        assert direction != 0
+        assert (cols.diff() * direction >= 0).all() and (red.diff() * direction >= -1e-5).all()
+        directions.add(int(direction))
+    assert directions == {-1, 1}
 
 
 def test_val_transform_and_poly():
