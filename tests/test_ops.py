@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -87,6 +88,20 @@ def test_auto_uses_torch_on_cpu(gen):
     assert ops.resolve_backend("auto", A.device) == "torch"
     want = reference.adcam(A, cams, 3, 2)
     torch.testing.assert_close(adcam_fast.adcam(A, cams, k=3), want, rtol=1e-12, atol=1e-12)
+
+
+def test_gpus_older_than_ampere_are_named(monkeypatch):
+    """Compute capability below 8.0 (a T4, a V100): the kernels are unusable, and say why."""
+    pytest.importorskip("triton")
+    from adcam_fast.kernels import launch
+
+    if launch._triton_problem() is not None:
+        pytest.skip(f"this Triton is unusable first: {launch._triton_problem()}")
+    t4 = SimpleNamespace(name="Tesla T4", major=7, minor=5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launch, "device_properties", lambda device=None: t4)
+    assert launch.unusable() == "Tesla T4 has compute capability 7.5, below 8.0"
+    assert not launch.triton_available()
 
 
 def test_auto_rule_on_cuda(monkeypatch):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from adcam_fast.cli import main
 from adcam_fast.data import SyntheticDataset, load_mask, make_synthetic, open_dataset
-from adcam_fast.pipeline.label import FailureLog, LabelConfig, begin_run
+from adcam_fast.pipeline.label import FailureLog, LabelConfig, StopFlag, begin_run
 from adcam_fast.pipeline.methods import localise
 from adcam_fast.pipeline.writers import Outputs, coco_image_ids
 
@@ -146,6 +146,8 @@ def test_resume_with_other_settings_is_refused(checkpoint, collection, tmp_path,
     assert label(f"synthetic:{collection}", checkpoint, out, "--method", "cam") == 2
     assert "did not redo every image" in capsys.readouterr().err
     assert label(f"synthetic:{collection}", checkpoint, out, "--overwrite") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["written"] == len(masks) and summary["skipped_complete"] == 0  # all redone
     run = json.loads(run_file.read_text())
     assert run["config"]["method"] == "adcam" and run["overwriting"] is False
     assert label(f"synthetic:{collection}", checkpoint, out, "--workers", "1") == 0  # speed only
@@ -264,7 +266,9 @@ def test_class_mismatch_fails_before_any_work(checkpoint, tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "a.png")
     (tmp_path / "l.csv").write_text("a.png,cat\n")
     assert label(f"folder:{d}:{tmp_path / 'l.csv'}", checkpoint, tmp_path / "out") == 2
-    assert "classes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the checkpoint's 8 classes ['boat'" in err
+    assert "differ from the dataset's 1 ['cat']" in err
     assert not (tmp_path / "out" / "masks").exists()
 
 
@@ -332,3 +336,27 @@ def test_product_weighs_every_scale_alike():
         A = torch.full((1, n, n), 1.0 / n, dtype=torch.float64)
         cams = torch.rand(1, 2, n, dtype=torch.float64)
         torch.testing.assert_close(localise("product", A, cams, 5, 2), cams)
+
+
+def test_info_names_versions_device_kernels_and_models(capsys):
+    import adcam_fast
+    from adcam_fast.kernels.launch import unusable
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"adcam_fast {adcam_fast.__version__}"
+    assert f"torch {torch.__version__}" in out[1]
+    problem = unusable()
+    assert out[3] == f"triton kernels: {'usable' if problem is None else f'not usable ({problem})'}"
+    models = out[4].removeprefix("models: ").split(", ")
+    assert {"conformer_tiny_patch16", "conformer_small_patch16"} <= set(models)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stop_flag_takes_sigint_and_sigterm_then_restores_the_handlers(sig):
+    """Ctrl-C stops a run as SIGTERM does (the subprocess test above sends SIGTERM)."""
+    before = signal.getsignal(sig)
+    with StopFlag() as stop:
+        os.kill(os.getpid(), sig)
+        assert stop.event.wait(5)
+    assert signal.getsignal(sig) is before
