@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -18,7 +19,13 @@ from PIL import Image
 
 from adcam_fast.cli import main
 from adcam_fast.data import SyntheticDataset, load_mask, make_synthetic, open_dataset
-from adcam_fast.pipeline.label import FailureLog, LabelConfig, StopFlag, begin_run
+from adcam_fast.pipeline.label import (
+    OVERWRITE_MARK,
+    FailureLog,
+    LabelConfig,
+    StopFlag,
+    begin_run,
+)
 from adcam_fast.pipeline.methods import localise
 from adcam_fast.pipeline.writers import Outputs, coco_image_ids
 
@@ -139,18 +146,50 @@ def test_resume_with_other_settings_is_refused(checkpoint, collection, tmp_path,
     err = capsys.readouterr().err
     assert "method: 'cam' -> 'adcam'" in err and "bg_threshold: 0.3 -> 0.5" in err
     assert {p.name: p.read_bytes() for p in (out / "masks").iterdir()} == masks
-    run = json.loads((out / "run.json").read_text())
-    run_file = out / "run.json"
-    # an overwrite that stops early leaves old outputs: it must be run again, not resumed
-    run_file.write_text(json.dumps(run | dict(overwriting=True)))
-    assert label(f"synthetic:{collection}", checkpoint, out, "--method", "cam") == 2
-    assert "did not redo every image" in capsys.readouterr().err
     assert label(f"synthetic:{collection}", checkpoint, out, "--overwrite") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["written"] == len(masks) and summary["skipped_complete"] == 0  # all redone
-    run = json.loads(run_file.read_text())
+    run = json.loads((out / "run.json").read_text())
     assert run["config"]["method"] == "adcam" and run["overwriting"] is False
+    assert not (out / OVERWRITE_MARK).exists()
     assert label(f"synthetic:{collection}", checkpoint, out, "--workers", "1") == 0  # speed only
+
+
+def test_a_stopped_overwrite_resumes_with_only_what_it_had_not_redone(checkpoint, tmp_path):
+    """An --overwrite with a failed image stops with that image's old outputs in place; the
+    next run (with --overwrite or without) redoes that image only, then the folder resumes
+    as any other."""
+    root = make_synthetic(tmp_path / "syn", 6, seed=2, size=64, val_fraction=0.0)
+    data, out = f"synthetic:{root}", tmp_path / "out"
+    assert label(data, checkpoint, out, "--method", "cam") == 0
+    broken = root / "JPEGImages" / "syn_000003.png"
+    image = broken.read_bytes()
+    broken.write_bytes(b"not an image")
+    assert label(data, checkpoint, out, "--overwrite") == 1  # the others redone with adcam
+    assert json.loads((out / "run.json").read_text())["overwriting"] is True
+    began = (out / OVERWRITE_MARK).stat().st_mtime_ns
+    old = (out / "masks" / "syn_000003.png").stat().st_mtime_ns
+    assert old < began  # the cam run's mask: not to be taken for a redone one
+    broken.write_bytes(image)
+    assert label(data, checkpoint, out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["written"], summary["skipped_complete"], summary["failed"]) == (1, 5, 0)
+    assert (out / "masks" / "syn_000003.png").stat().st_mtime_ns > began
+    assert json.loads((out / "run.json").read_text())["overwriting"] is False
+    assert not (out / OVERWRITE_MARK).exists() and not (out / "failures.jsonl").read_text()
+    assert label(data, checkpoint, out) == 0
+    assert json.loads((out / "summary.json").read_text())["skipped_complete"] == 6
+
+
+def test_a_folder_being_labelled_is_refused(checkpoint, collection, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:  # as another process's run holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert label(f"synthetic:{collection}", checkpoint, out) == 2
+    assert "another adcam label run is writing there" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert label(f"synthetic:{collection}", checkpoint, out) == 0  # once it is let go
 
 
 @pytest.mark.parametrize(

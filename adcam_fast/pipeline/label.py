@@ -26,6 +26,7 @@ handles images returns per-image records: ``{"id", "status": "written"}`` or
 
 from __future__ import annotations
 
+import fcntl
 import json
 import platform
 import signal
@@ -37,6 +38,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -47,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from adcam_fast.cam import merge_scales, normalize_cam, seed_labels
 from adcam_fast.data.base import ImageDataset
 from adcam_fast.export.backends import Extractor
-from adcam_fast.io import atomic_write, file_sha256
+from adcam_fast.io import atomic_write, file_sha256, writable_file
 from adcam_fast.pipeline.methods import METHODS, Method, localise
 from adcam_fast.pipeline.writers import LabelResult, Outputs
 
@@ -436,6 +438,28 @@ def checkpoint_info(path: str | Path) -> dict:
     return dict(path=str(path), sha256=file_sha256(path))
 
 
+OVERWRITE_MARK = ".overwrite-began"
+"""In an output folder while an ``--overwrite`` is in progress: its mtime is when it began."""
+
+_LOCKS: dict[Path, IO[str]] = {}
+"""The output folders this process labels into, each with its held ``.lock``."""
+
+
+def _lock(folder: Path) -> None:
+    """Hold ``folder/.lock`` (an exclusive flock) until `end_run`, or this process exits.
+    Raises ValueError when another process holds it."""
+    key = folder.resolve()
+    if key in _LOCKS:  # this process's own run that raised before end_run
+        return
+    f = open(folder / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ValueError(f"{folder}: another adcam label run is writing there") from None
+    _LOCKS[key] = f
+
+
 def begin_run(
     dataset: ImageDataset,
     class_names: list[str],
@@ -444,18 +468,21 @@ def begin_run(
     checkpoint: dict | None = None,
     category_ids: list[int] | None = None,
 ) -> tuple[Outputs, Summary, list[int]]:
-    """Check the run, create ``out_dir``; return its outputs, a summary to fill, and the indices
-    of the images still to do (all with ``cfg.overwrite``, else those not complete).
+    """Check the run, create and lock ``out_dir``; return its outputs, a summary to fill, and
+    the indices of the images still to do.
 
     ``out_dir/run.json`` records what decides the outputs (`LabelConfig.shaping`, the
-    checkpoint's sha256): a run resumes only where they are the same, or with overwrite,
-    and not after an overwrite that left images not redone (their old outputs would mix).
-    COCO ``category_ids`` apply where the extractor's classes are the dataset's (else the
-    categories are 1..K of the extractor's classes).
+    checkpoint's sha256): a run resumes only where they are the same, unless
+    ``cfg.overwrite``, which redoes every image. An overwrite that stops (interrupted, or
+    with failures) is resumed by the next run with the same settings, ``--overwrite`` or
+    not: it redoes the images whose outputs predate the overwrite (`OVERWRITE_MARK`), so
+    old outputs never pass for new ones. COCO ``category_ids`` apply where the extractor's
+    classes are the dataset's (else the categories are 1..K of the extractor's classes).
 
     Raises ValueError before creating anything when the extractor's ``class_names`` do not fit
     the dataset (with ``classes_from="labels"``), the collection has no labels and ``cfg``
-    needs them, ``out_dir`` is a file, or it holds a run with other settings.
+    needs them, ``out_dir`` is a file or cannot be made, it holds a run with other settings,
+    or another process is labelling into it.
     """
     if cfg.classes_from == "labels" and not dataset.has_labels:
         raise ValueError("the collection has no image labels: use --classes-from predictions")
@@ -471,49 +498,51 @@ def begin_run(
         )
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: --out is a file, not a folder")
-    run = dict(
-        config=cfg.shaping(),
-        checkpoint_sha256=(checkpoint or {}).get("sha256"),
-        overwriting=cfg.overwrite,  # until every image is redone (`end_run`)
-    )
+    run = dict(config=cfg.shaping(), checkpoint_sha256=(checkpoint or {}).get("sha256"))
     run = json.loads(json.dumps(run))  # tuples as lists, as read back
     run_file = out_dir / "run.json"
-    if run_file.is_file() and not cfg.overwrite:
-        _check_resume(run_file, run)
+    resumed = False  # an overwrite in progress, with these settings
+    if run_file.is_file():
+        changed, unfinished = _earlier_run(run_file, run, cfg.overwrite)
+        if changed and not cfg.overwrite:
+            raise ValueError(
+                f"{out_dir} holds a run with other settings ({'; '.join(changed)}): resuming "
+                "would mix them; use --overwrite to redo every image, or another --out"
+            )
+        resumed = unfinished and not changed
+    writable_file(run_file, "--out")
+    _lock(out_dir)
+    overwriting = cfg.overwrite or resumed
+    payload = json.dumps(run | dict(overwriting=overwriting), indent=2).encode()
+    atomic_write(run_file, lambda f: f.write(payload))  # before the mark: it is then in force
+    mark = out_dir / OVERWRITE_MARK
+    if overwriting and not (resumed and mark.is_file()):
+        atomic_write(mark, lambda f: None)
+    began = mark.stat().st_mtime_ns if overwriting else None
     if dataset.class_names != class_names:
         category_ids = None
-    outputs = Outputs(out_dir, class_names, cfg.cams, cfg.coco, cfg.overlays, category_ids)
+    outputs = Outputs(out_dir, class_names, cfg.cams, cfg.coco, cfg.overlays, category_ids, began)
     summary = Summary(total=len(dataset), config=asdict(cfg), checkpoint=checkpoint or {})
     summary.versions = dict(python=platform.python_version(), torch=torch.__version__)
-    todo = [
-        i for i, image_id in enumerate(dataset.ids) if cfg.overwrite or not outputs.done(image_id)
-    ]
+    todo = [i for i, image_id in enumerate(dataset.ids) if not outputs.done(image_id)]
     summary.skipped_complete = len(dataset) - len(todo)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps(run, indent=2).encode()
-    atomic_write(run_file, lambda f: f.write(payload))
     return outputs, summary, todo
 
 
-def _check_resume(run_file: Path, run: dict) -> None:
-    """Raise ValueError naming what differs when ``run_file`` records another run."""
+def _earlier_run(run_file: Path, run: dict, overwrite: bool) -> tuple[list[str], bool]:
+    """What ``run_file`` records differently from ``run`` (as ``"name: was -> now"``), and
+    whether it records an overwrite in progress. An unreadable file raises ValueError, unless
+    ``overwrite`` (then it differs in everything)."""
     try:
         before = json.loads(run_file.read_text())
         was = before["config"] | dict(checkpoint_sha256=before["checkpoint_sha256"])
     except (ValueError, KeyError, TypeError) as e:
+        if overwrite:
+            return ["run.json: unreadable"], False
         raise ValueError(f"{run_file}: unreadable ({e}): use --overwrite to start over") from e
     now = run["config"] | dict(checkpoint_sha256=run["checkpoint_sha256"])
     changed = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v]
-    if changed:
-        raise ValueError(
-            f"{run_file.parent} holds a run with other settings ({'; '.join(changed)}): "
-            "resuming would mix them; use --overwrite to redo every image, or another --out"
-        )
-    if before.get("overwriting"):
-        raise ValueError(
-            f"{run_file.parent}: an --overwrite run did not redo every image (it was stopped, "
-            "or some failed): run it again with --overwrite"
-        )
+    return changed, bool(before.get("overwriting"))
 
 
 def end_run(
@@ -524,19 +553,24 @@ def end_run(
     numeric_ids: dict[str, int] | None = None,
 ) -> Summary:
     """Join the COCO fragments of ``ids``, set the timings and write ``summary.json``; after
-    an overwrite that redid every image, mark ``run.json`` resumable."""
+    an overwrite that has now redone every image, mark ``run.json`` resumable as any run.
+    Releases the folder's lock."""
     outputs.finish(ids, numeric_ids)
-    run_file = outputs.root / "run.json"
-    redone = not (summary.interrupted or summary.failed)  # else old outputs remain
-    if summary.config.get("overwrite") and redone and run_file.is_file():
+    redone = summary.skipped_complete + summary.written == summary.total
+    if outputs.redo_before is not None and redone:
+        run_file = outputs.root / "run.json"
         run = json.loads(run_file.read_text()) | dict(overwriting=False)
         payload = json.dumps(run, indent=2).encode()
         atomic_write(run_file, lambda f: f.write(payload))
+        (outputs.root / OVERWRITE_MARK).unlink(missing_ok=True)
     summary.seconds = seconds
     done = summary.written + summary.failed
     summary.images_per_second = done / seconds if seconds else 0.0
     payload = json.dumps(asdict(summary), indent=2, default=str).encode()
     atomic_write(outputs.root / "summary.json", lambda f: f.write(payload))
+    lock = _LOCKS.pop(outputs.root.resolve(), None)
+    if lock is not None:
+        lock.close()
     return summary
 
 

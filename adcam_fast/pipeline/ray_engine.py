@@ -367,9 +367,9 @@ class _Results:
         return new
 
     def written(self, i: int) -> bool:
-        """Image ``i`` was reported written and its outputs are complete."""
+        """Image ``i`` was reported written and its outputs are visible here."""
         r = self.records.get(self.ids[i])
-        return r is not None and r["status"] == "written" and self.outputs.done(r["id"])
+        return r is not None and r["status"] == "written" and self.outputs.exist(r["id"])
 
     def complete(self, i: int) -> bool:
         """Image ``i`` is written (:meth:`written`) or reported failed."""

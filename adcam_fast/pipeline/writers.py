@@ -51,7 +51,11 @@ def _png(im: Image.Image):
 
 
 class Outputs:
-    """The output directory of one labelling run."""
+    """The output directory of one labelling run.
+
+    ``redo_before``: while an ``--overwrite`` is in progress, the mtime (ns, by the output
+    folder's clock) at which it began: an image whose files are not all newer is not done.
+    """
 
     def __init__(
         self,
@@ -61,11 +65,13 @@ class Outputs:
         coco: bool = False,
         overlays: bool = False,
         category_ids: list[int] | None = None,
+        redo_before: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.class_names = class_names
         self.cams, self.coco, self.overlays = cams, coco, overlays
         self.category_ids = category_ids or list(range(1, len(class_names) + 1))
+        self.redo_before = redo_before
 
     def file(self, kind: str, image_id: str) -> Path:
         """``root/<kind>/<id>.<suffix>`` of one output kind (masks, cams, coco, overlays).
@@ -80,8 +86,18 @@ class Outputs:
         wanted = dict(masks=True, cams=self.cams, coco=self.coco, overlays=self.overlays)
         return [self.file(kind, image_id) for kind, on in wanted.items() if on]
 
-    def done(self, image_id: str) -> bool:
+    def exist(self, image_id: str) -> bool:
+        """Every file of ``image_id`` is there, whenever it was written."""
         return all(p.exists() for p in self.files(image_id))
+
+    def done(self, image_id: str) -> bool:
+        """Every file of ``image_id`` is there, and newer than ``redo_before``."""
+        if self.redo_before is None:
+            return self.exist(image_id)
+        try:
+            return all(p.stat().st_mtime_ns > self.redo_before for p in self.files(image_id))
+        except FileNotFoundError:
+            return False
 
     def write(self, r: LabelResult) -> None:
         """Write every requested output of one image; the mask last, so it marks completion."""
