@@ -124,7 +124,9 @@ def _add_label(sub) -> None:
         default=None,
         help="GPUs per actor, 0 for CPU actors (default: 1 if the cluster has GPUs, else 0)",
     )
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor")
+    ray.add_argument(
+        "--cpus-per-worker", type=float, default=None, help="CPUs per actor (default: 1)"
+    )
     ray.add_argument(
         "--ray-workers",
         type=_min_max,
@@ -140,6 +142,10 @@ def _label(args: argparse.Namespace) -> int:
     from adcam_fast.pipeline.label import LabelConfig
 
     cfg = LabelConfig(**{k: getattr(args, k) for k in LabelConfig.__dataclass_fields__})
+    ray_only = ("address", "gpus_per_worker", "cpus_per_worker", "ray_workers")
+    given = [f"--{name.replace('_', '-')}" for name in ray_only if getattr(args, name) is not None]
+    if given and args.engine != "ray":
+        raise ValueError(f"{', '.join(given)}: for --engine ray (this run is --engine local)")
     if args.engine == "ray":
         summary = _label_ray(args, cfg)
     else:
@@ -180,10 +186,11 @@ def _label_ray(args: argparse.Namespace, cfg: LabelConfig) -> Summary:
 
     if args.device is not None:
         raise ValueError("--device is for --engine local; Ray actors use --gpus-per-worker")
+    cpus = args.cpus_per_worker
     options = RayOptions(
         address=args.address,
         gpus_per_worker=args.gpus_per_worker,
-        cpus_per_worker=args.cpus_per_worker,
+        cpus_per_worker=RayOptions.cpus_per_worker if cpus is None else cpus,
         workers=args.ray_workers,
     )
     dataset = open_dataset(args.data, strict=False, max_side=cfg.max_side)
@@ -223,11 +230,14 @@ def _add_eval(sub) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from adcam_fast.data import open_dataset
-    from adcam_fast.io import atomic_write
-    from adcam_fast.pipeline.evaluate import evaluate_masks, format_table, sweep_cams
+    from adcam_fast.io import atomic_write, writable_file
+    from adcam_fast.pipeline.evaluate import evaluate_masks, format_table, saved_maps, sweep_cams
 
     if not (args.pred / "masks").is_dir():
         raise ValueError(f"{args.pred}: no masks/ folder (--pred is the --out of adcam label)")
+    if args.sweep:
+        saved_maps(args.pred)
+    out = writable_file(args.json or args.pred / "eval.json", "--json")
     dataset = open_dataset(args.data)
     if not len(dataset):
         raise ValueError(f"{args.data}: the collection is empty: nothing to score")
@@ -246,7 +256,6 @@ def _eval(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if missing:
         print(f"{len(missing)} images had no mask (scored as background)", file=sys.stderr)
-    out = args.json or args.pred / "eval.json"
     payload = json.dumps(result, indent=2).encode()
     atomic_write(out, lambda f: f.write(payload))
     print(f"-> {out}")

@@ -113,6 +113,11 @@ def test_eval_takes_downscaled_masks_and_missing_maps(checkpoint, collection, tm
     other = ["eval", "--pred", str(tmp_path / "other"), "--data", f"synthetic:{collection}"]
     assert main(other) == 2
     assert "no mask for any of the" in capsys.readouterr().err
+    assert main([*other, "--sweep"]) == 2  # named before the masks are scored
+    assert "other/cams: no saved maps" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main([*other, "--json", str(tmp_path / "file" / "eval.json")]) == 2
+    assert "--json " in capsys.readouterr().err
     for p in (out / "cams").iterdir():
         p.rename(tmp_path / "other" / p.name)  # out's masks, with maps of none of them
     sweep = ["eval", "--pred", str(out), "--data", f"synthetic:{collection}", "--sweep"]
@@ -200,6 +205,9 @@ def test_a_folder_being_labelled_is_refused(checkpoint, collection, tmp_path, ca
         (["--max-side", "0"], r"max_side \(--max-side\) must be >= 1"),
         (["--writers", "0"], r"writers \(--writers\) must be >= 1"),
         (["--bg-threshold", "1.5"], r"bg_threshold \(--bg-threshold\) must be in \[0, 1\]"),
+        (["--scales", "1,inf"], r"scales \(--scales\) must be finite and positive"),
+        (["--scales", "1,nan"], r"scales \(--scales\) must be finite and positive"),
+        (["--cpus-per-worker", "2", "--ray-workers", "1,2"], "--cpus-per-worker, --ray-workers: "),
         # a device that the kernels never run on (CPU tensors do under the interpreter)
         (["--adcam-backend", "triton", "--device", "meta"], "the triton backend runs on CUDA"),
         (["--device", "cpux"], "device 'cpux' is not a torch device"),

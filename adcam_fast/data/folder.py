@@ -87,10 +87,13 @@ def _read_json(path: Path) -> list[Entry]:
 
 
 def _list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, hidden entries skipped), relative, sorted."""
+    """Image files under ``folder`` (recursive), relative, sorted; hidden entries and the
+    output folders of ``adcam label`` (those holding a ``run.json``) are skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        hidden = [d for d in dirnames if d.startswith(".")]
+        outputs = [d for d in dirnames if Path(dirpath, d, "run.json").is_file()]
+        dirnames[:] = [d for d in dirnames if d not in hidden + outputs]
         for name in filenames:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 found.append((Path(dirpath) / name).relative_to(folder))

@@ -179,6 +179,14 @@ def evaluate_masks(pred_dir: str | Path, dataset) -> tuple[Scores, list[str]]:
     return Scores.from_confusion(conf), missing
 
 
+def saved_maps(pred_dir: str | Path) -> Path:
+    """``pred_dir/cams``; ValueError when it is not there (the run did not save maps)."""
+    cams_dir = Path(pred_dir) / "cams"
+    if not cams_dir.is_dir():
+        raise ValueError(f"{cams_dir}: no saved maps (label with --save-cams to sweep thresholds)")
+    return cams_dir
+
+
 def sweep_cams(
     pred_dir: str | Path, dataset
 ) -> tuple[float, Scores, dict[float, float], list[str]]:
@@ -188,9 +196,7 @@ def sweep_cams(
     import torch
     import torch.nn.functional as F
 
-    cams_dir = Path(pred_dir) / "cams"
-    if not cams_dir.is_dir():
-        raise ValueError(f"{cams_dir}: no saved maps (label with --save-cams to sweep thresholds)")
+    cams_dir = saved_maps(pred_dir)
     missing: list[str] = []
 
     def items():

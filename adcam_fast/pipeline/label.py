@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import platform
 import signal
 import threading
@@ -88,7 +89,8 @@ class LabelConfig:
         check("method", self.method in METHODS, f"one of {METHODS}")
         check("classes_from", self.classes_from in ("labels", "predictions"),
               "labels or predictions")  # fmt: skip
-        check("scales", bool(self.scales) and min(self.scales) > 0, "positive")
+        finite = all(math.isfinite(s) and s > 0 for s in self.scales)
+        check("scales", bool(self.scales) and finite, "finite and positive")
         least = dict(input_size=16, k=1, steps=0, batch_size=1, workers=0, writers=1, max_side=1)
         for name, low in least.items():
             value = getattr(self, name)
