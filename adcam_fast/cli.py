@@ -174,7 +174,8 @@ def _label(args: argparse.Namespace) -> int:
     if summary.failed:
         print(f"failures are listed in {args.out / summary.failures_file}", file=sys.stderr)
     if summary.interrupted:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
+        again = "without --overwrite" if cfg.overwrite else "again"
+        print(f"interrupted: run the same command {again} to resume", file=sys.stderr)
         return 130
     return 1 if summary.failed else 0
 
@@ -237,7 +238,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.pred}: no masks/ folder (--pred is the --out of adcam label)")
     if args.sweep:
         saved_maps(args.pred)
-    out = writable_file(args.json or args.pred / "eval.json", "--json")
+    out = writable_file(args.json or args.pred / "eval.json", "--json" if args.json else "--pred")
     dataset = open_dataset(args.data)
     if not len(dataset):
         raise ValueError(f"{args.data}: the collection is empty: nothing to score")

@@ -31,18 +31,26 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     return path
 
 
+def writable_folder(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a folder this process can write in (made if missing). Raises ValueError
+    naming ``what`` when it cannot be made or written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what}: {path} cannot be made ({e.strerror})") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: {path} is not writable")
+    return path
+
+
 def writable_file(path: str | os.PathLike[str], what: str) -> Path:
-    """``path`` as a file this process can create or replace (its folder is created). Raises
+    """``path`` as a file this process can create or replace (its folder is made). Raises
     ValueError naming ``what`` when it is a folder or its folder cannot be written."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder: give the file to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{what} {path}: its folder cannot be made ({e.strerror})") from e
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: its folder {path.parent} is not writable")
+    writable_folder(path.parent, f"{what} {path}'s folder")
     return path
 
 

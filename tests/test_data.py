@@ -336,9 +336,12 @@ def test_folder_csv_json_and_unlabeled(tmp_path):
     assert ds[0].labels is None and ds.path(1) == images / "sub" / "b.png"
     assert ds[0].mask is None and ds.mask(0) is None
     assert open_dataset(f"folder:{images}::{classes}").class_names[0] == "dog"
-    # adcam label's outputs written inside the folder are not images of the collection
+    # adcam label's outputs written inside the folder, or into it, are not its images
     write_folder(images / "labels" / "masks")
     (images / "labels" / "run.json").write_text("{}")
+    assert open_dataset(f"folder:{images}").ids == ["a", "sub/b"]
+    write_folder(images / "overlays")
+    (images / "run.json").write_text("{}")
     assert open_dataset(f"folder:{images}").ids == ["a", "sub/b"]
 
 

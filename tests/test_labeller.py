@@ -4,6 +4,8 @@ resized to the grid, summed and normalised (Eq. 2); seeds thresholded at ``bg_th
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -113,16 +115,25 @@ def test_seeds_are_the_maps_above_the_background_threshold(tmp_path, threshold):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(batch_size=9), r"--batch-size 9 feeds batches of 18 images .* at most 16"),
+        (dict(batch_size=9), r"--batch-size 9 feeds batches of 2 to 18 images .* takes 2 to 16"),
+        (dict(flip=False), r"batches of 1 to 8 images .* x\.engine takes 2 to 16"),
         (dict(input_size=64, scales=(1.0, 2.0)), r"sides \[64, 128\], but .* sides 16 to 96"),
         (dict(scales=(0.25,)), r"--input-size 32 at --scales 0.25 feeds image sides \[8\]"),
     ],
 )
 def test_inputs_the_extractor_does_not_take_stop_before_any_work(options, message):
-    """As a TensorRT engine's profile: batches of at most 16 (8 images and their flips), sides
-    16 to 96."""
+    """As a TensorRT engine's profile: batches of 2 to 16 images (a last batch of one image
+    and its flip, up to 8 and theirs), sides 16 to 96."""
     ex = PixelExtractor()
-    ex.inputs = InputRange((1, 16), (16, 96), "the profile of x.engine")
+    ex.inputs = InputRange((2, 16), (16, 96), "the profile of x.engine")
     with pytest.raises(ValueError, match=message):
         Labeller(ex, LabelConfig(**{"input_size": SIDE, **options}))
     Labeller(ex, LabelConfig(batch_size=8, input_size=48, scales=(0.5, 2.0)))
+
+
+def test_an_extractor_without_an_input_range_takes_any():
+    """`inputs` came after the `Extractor` contract's first version: without it, no limit."""
+    ex = PixelExtractor()
+    fields = ("class_names", "mean", "std", "patch_size", "device")
+    older = SimpleNamespace(**{name: getattr(ex, name) for name in fields})
+    Labeller(older, LabelConfig(batch_size=64, input_size=SIDE, scales=(0.5, 4.0)))

@@ -161,29 +161,37 @@ def test_resume_with_other_settings_is_refused(checkpoint, collection, tmp_path,
 
 
 def test_a_stopped_overwrite_resumes_with_only_what_it_had_not_redone(checkpoint, tmp_path):
-    """An --overwrite with a failed image stops with that image's old outputs in place; the
-    next run (with --overwrite or without) redoes that image only, then the folder resumes
-    as any other."""
+    """An --overwrite with a failed image stops with that image's old outputs in place; run
+    again with --overwrite it starts over, without it it redoes that image only, and then
+    the folder resumes as any other. Files of a kind the overwrite does not write (an
+    earlier run's maps) go with each redone image: a later run asking for them redoes it."""
     root = make_synthetic(tmp_path / "syn", 6, seed=2, size=64, val_fraction=0.0)
     data, out = f"synthetic:{root}", tmp_path / "out"
-    assert label(data, checkpoint, out, "--method", "cam") == 0
+    assert label(data, checkpoint, out, "--method", "cam", "--save-cams") == 0
     broken = root / "JPEGImages" / "syn_000003.png"
     image = broken.read_bytes()
     broken.write_bytes(b"not an image")
+
+    def summary() -> tuple[int, int, int]:
+        s = json.loads((out / "summary.json").read_text())
+        return s["written"], s["skipped_complete"], s["failed"]
+
     assert label(data, checkpoint, out, "--overwrite") == 1  # the others redone with adcam
     assert json.loads((out / "run.json").read_text())["overwriting"] is True
     began = (out / OVERWRITE_MARK).stat().st_mtime_ns
-    old = (out / "masks" / "syn_000003.png").stat().st_mtime_ns
-    assert old < began  # the cam run's mask: not to be taken for a redone one
+    assert (out / "masks" / "syn_000003.png").stat().st_mtime_ns < began  # the cam run's
+    assert [p.stem for p in (out / "cams").iterdir()] == ["syn_000003"]  # not redone yet
+    assert label(data, checkpoint, out, "--overwrite") == 1 and summary() == (5, 0, 1)
+    assert (out / OVERWRITE_MARK).stat().st_mtime_ns > began  # started over
+    began = (out / OVERWRITE_MARK).stat().st_mtime_ns
     broken.write_bytes(image)
-    assert label(data, checkpoint, out) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert (summary["written"], summary["skipped_complete"], summary["failed"]) == (1, 5, 0)
+    assert label(data, checkpoint, out) == 0 and summary() == (1, 5, 0)
     assert (out / "masks" / "syn_000003.png").stat().st_mtime_ns > began
     assert json.loads((out / "run.json").read_text())["overwriting"] is False
     assert not (out / OVERWRITE_MARK).exists() and not (out / "failures.jsonl").read_text()
-    assert label(data, checkpoint, out) == 0
-    assert json.loads((out / "summary.json").read_text())["skipped_complete"] == 6
+    assert label(data, checkpoint, out) == 0 and summary() == (0, 6, 0)
+    assert not any((out / "cams").iterdir())
+    assert label(data, checkpoint, out, "--save-cams") == 0 and summary() == (6, 0, 0)
 
 
 def test_a_folder_being_labelled_is_refused(checkpoint, collection, tmp_path, capsys):
@@ -195,6 +203,21 @@ def test_a_folder_being_labelled_is_refused(checkpoint, collection, tmp_path, ca
     assert "another adcam label run is writing there" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
     assert label(f"synthetic:{collection}", checkpoint, out) == 0  # once it is let go
+
+
+def test_a_run_that_raises_lets_go_of_its_folder(checkpoint, collection, tmp_path, monkeypatch):
+    """An error after the folder is locked (here: the COCO join, as on a full disk) releases
+    it, so that another process may label there."""
+    out = tmp_path / "out"
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Outputs, "finish", full)
+    with pytest.raises(OSError, match="No space left"):
+        label(f"synthetic:{collection}", checkpoint, out)
+    with open(out / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still held
 
 
 @pytest.mark.parametrize(

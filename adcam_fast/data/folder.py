@@ -86,14 +86,17 @@ def _read_json(path: Path) -> list[Entry]:
     return entries
 
 
+LABEL_OUTPUTS = ("masks", "cams", "coco", "overlays")
+"""The folders of images that ``adcam label`` writes beside its ``run.json``."""
+
+
 def _list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive), relative, sorted; hidden entries and the
-    output folders of ``adcam label`` (those holding a ``run.json``) are skipped."""
+    outputs of ``adcam label`` (`LABEL_OUTPUTS` beside a ``run.json``) are skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        hidden = [d for d in dirnames if d.startswith(".")]
-        outputs = [d for d in dirnames if Path(dirpath, d, "run.json").is_file()]
-        dirnames[:] = [d for d in dirnames if d not in hidden + outputs]
+        outputs = LABEL_OUTPUTS if "run.json" in filenames else ()
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in outputs]
         for name in filenames:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 found.append((Path(dirpath) / name).relative_to(folder))

@@ -49,8 +49,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from adcam_fast.cam import merge_scales, normalize_cam, seed_labels
 from adcam_fast.data.base import ImageDataset
-from adcam_fast.export.backends import Extractor
-from adcam_fast.io import atomic_write, file_sha256, writable_file
+from adcam_fast.export.backends import Extractor, InputRange
+from adcam_fast.io import atomic_write, file_sha256, writable_folder
 from adcam_fast.pipeline.methods import METHODS, Method, localise
 from adcam_fast.pipeline.writers import LabelResult, Outputs
 
@@ -220,12 +220,13 @@ def _class_index(classes: list[np.ndarray], device: torch.device) -> tuple[Tenso
 def _check_inputs(extractor: Extractor, cfg: LabelConfig) -> None:
     """Raises ValueError, naming the options, when the labeller would feed ``extractor``
     batches or image sides it does not take (a fixed-size export, a TensorRT profile)."""
-    accepts = extractor.inputs
-    batch = cfg.batch_size * (2 if cfg.flip else 1)  # the flipped copies go in the batch
-    if batch > accepts.batch[1]:
+    accepts = getattr(extractor, "inputs", InputRange())  # an extractor written before it
+    least, most = (1, cfg.batch_size) if not cfg.flip else (2, 2 * cfg.batch_size)
+    if not accepts.batch[0] <= least <= most <= accepts.batch[1]:
         raise ValueError(
-            f"--batch-size {cfg.batch_size} feeds batches of {batch} images (flips included), "
-            f"but {accepts.source} takes at most {accepts.batch[1]}"
+            f"--batch-size {cfg.batch_size} feeds batches of {least} to {most} images (flipped "
+            f"copies included), but {accepts.source} takes {accepts.batch[0]} to "
+            f"{accepts.batch[1]}"
         )
     sides = sorted({_side(cfg.input_size, s, extractor.patch_size) for s in cfg.scales})
     lo, hi = accepts.side
@@ -448,18 +449,24 @@ _LOCKS: dict[Path, IO[str]] = {}
 
 
 def _lock(folder: Path) -> None:
-    """Hold ``folder/.lock`` (an exclusive flock) until `end_run`, or this process exits.
-    Raises ValueError when another process holds it."""
-    key = folder.resolve()
-    if key in _LOCKS:  # this process's own run that raised before end_run
-        return
+    """Hold ``folder/.lock`` (an exclusive flock) until `release`. Raises ValueError when
+    another run holds it, or the folder's filesystem takes no locks."""
     f = open(folder / ".lock", "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as e:
         f.close()
-        raise ValueError(f"{folder}: another adcam label run is writing there") from None
-    _LOCKS[key] = f
+        if isinstance(e, BlockingIOError):
+            raise ValueError(f"{folder}: another adcam label run is writing there") from None
+        raise ValueError(f"{folder}: cannot lock {folder / '.lock'} ({e.strerror})") from e
+    _LOCKS[folder.resolve()] = f
+
+
+def release(folder: Path) -> None:
+    """Let go of ``folder``'s lock, taken by `begin_run` (a no-op when not held)."""
+    lock = _LOCKS.pop(Path(folder).resolve(), None)
+    if lock is not None:
+        lock.close()
 
 
 def begin_run(
@@ -470,21 +477,22 @@ def begin_run(
     checkpoint: dict | None = None,
     category_ids: list[int] | None = None,
 ) -> tuple[Outputs, Summary, list[int]]:
-    """Check the run, create and lock ``out_dir``; return its outputs, a summary to fill, and
-    the indices of the images still to do.
+    """Check the run, create and lock ``out_dir`` (the caller calls `release` once done, or
+    on error); return its outputs, a summary to fill, and the indices of the images to do.
 
     ``out_dir/run.json`` records what decides the outputs (`LabelConfig.shaping`, the
     checkpoint's sha256): a run resumes only where they are the same, unless
     ``cfg.overwrite``, which redoes every image. An overwrite that stops (interrupted, or
-    with failures) is resumed by the next run with the same settings, ``--overwrite`` or
-    not: it redoes the images whose outputs predate the overwrite (`OVERWRITE_MARK`), so
-    old outputs never pass for new ones. COCO ``category_ids`` apply where the extractor's
-    classes are the dataset's (else the categories are 1..K of the extractor's classes).
+    with failures) is resumed by the next run with the same settings and without
+    ``cfg.overwrite``: it redoes the images whose outputs are not newer than the overwrite's
+    start (the mtime of `OVERWRITE_MARK`, by the output folder's clock). COCO
+    ``category_ids`` apply where the extractor's classes are the dataset's (else the
+    categories are 1..K of the extractor's classes).
 
-    Raises ValueError before creating anything when the extractor's ``class_names`` do not fit
+    Raises ValueError before writing anything when the extractor's ``class_names`` do not fit
     the dataset (with ``classes_from="labels"``), the collection has no labels and ``cfg``
-    needs them, ``out_dir`` is a file or cannot be made, it holds a run with other settings,
-    or another process is labelling into it.
+    needs them, ``out_dir`` is a file or cannot be made, another process is labelling into
+    it, or it holds a run with other settings.
     """
     if cfg.classes_from == "labels" and not dataset.has_labels:
         raise ValueError("the collection has no image labels: use --classes-from predictions")
@@ -500,10 +508,27 @@ def begin_run(
         )
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: --out is a file, not a folder")
+    _lock(writable_folder(out_dir, "--out"))
+    try:
+        return _plan(dataset, class_names, out_dir, cfg, checkpoint, category_ids)
+    except BaseException:
+        release(out_dir)
+        raise
+
+
+def _plan(
+    dataset: ImageDataset,
+    class_names: list[str],
+    out_dir: Path,
+    cfg: LabelConfig,
+    checkpoint: dict | None,
+    category_ids: list[int] | None,
+) -> tuple[Outputs, Summary, list[int]]:
+    """`begin_run`'s work once the folder is held: compare, record and plan."""
     run = dict(config=cfg.shaping(), checkpoint_sha256=(checkpoint or {}).get("sha256"))
     run = json.loads(json.dumps(run))  # tuples as lists, as read back
     run_file = out_dir / "run.json"
-    resumed = False  # an overwrite in progress, with these settings
+    resumed = False  # an overwrite in progress, with these settings, is carried on
     if run_file.is_file():
         changed, unfinished = _earlier_run(run_file, run, cfg.overwrite)
         if changed and not cfg.overwrite:
@@ -511,9 +536,7 @@ def begin_run(
                 f"{out_dir} holds a run with other settings ({'; '.join(changed)}): resuming "
                 "would mix them; use --overwrite to redo every image, or another --out"
             )
-        resumed = unfinished and not changed
-    writable_file(run_file, "--out")
-    _lock(out_dir)
+        resumed = unfinished and not changed and not cfg.overwrite
     overwriting = cfg.overwrite or resumed
     payload = json.dumps(run | dict(overwriting=overwriting), indent=2).encode()
     atomic_write(run_file, lambda f: f.write(payload))  # before the mark: it is then in force
@@ -555,8 +578,7 @@ def end_run(
     numeric_ids: dict[str, int] | None = None,
 ) -> Summary:
     """Join the COCO fragments of ``ids``, set the timings and write ``summary.json``; after
-    an overwrite that has now redone every image, mark ``run.json`` resumable as any run.
-    Releases the folder's lock."""
+    an overwrite that has now redone every image, mark ``run.json`` resumable as any run."""
     outputs.finish(ids, numeric_ids)
     redone = summary.skipped_complete + summary.written == summary.total
     if outputs.redo_before is not None and redone:
@@ -570,9 +592,6 @@ def end_run(
     summary.images_per_second = done / seconds if seconds else 0.0
     payload = json.dumps(asdict(summary), indent=2, default=str).encode()
     atomic_write(outputs.root / "summary.json", lambda f: f.write(payload))
-    lock = _LOCKS.pop(outputs.root.resolve(), None)
-    if lock is not None:
-        lock.close()
     return summary
 
 
@@ -619,49 +638,52 @@ def label_dataset(
         checkpoint_info(checkpoint) if checkpoint is not None else None,
         category_ids,
     )
-    summary.versions["device"] = str(extractor.device)
-    failures = FailureLog(out / summary.failures_file)
-    loader = DataLoader(
-        _Decoded(dataset, todo, cfg.input_size, cfg.overlays),
-        batch_size=cfg.batch_size,
-        num_workers=cfg.workers,
-        collate_fn=collate,
-        pin_memory=extractor.device.type == "cuda",
-        persistent_workers=False,
-    )
-    pending: deque[Future] = deque()
+    try:
+        summary.versions["device"] = str(extractor.device)
+        failures = FailureLog(out / summary.failures_file)
+        loader = DataLoader(
+            _Decoded(dataset, todo, cfg.input_size, cfg.overlays),
+            batch_size=cfg.batch_size,
+            num_workers=cfg.workers,
+            collate_fn=collate,
+            pin_memory=extractor.device.type == "cuda",
+            persistent_workers=False,
+        )
+        pending: deque[Future] = deque()
 
-    def drain(limit: int) -> None:
-        while len(pending) > limit:
-            record = pending.popleft().result()
-            if record["status"] == "written":
-                summary.written += 1
-            else:
-                failures.add(record)
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                record = pending.popleft().result()
+                if record["status"] == "written":
+                    summary.written += 1
+                else:
+                    failures.add(record)
 
-    start = time.perf_counter()
-    bar = progress_bar(len(todo), progress)
-    with StopFlag() as stop, ThreadPoolExecutor(cfg.writers) as pool:
-        t = time.perf_counter()
-        for batch in _iterate(loader, stop.event):
-            labeller.timer["decode_wait"] += time.perf_counter() - t
-            records, images = forward_batch(labeller, cfg, batch)
-            for record in records:
-                failures.add(record)
-            pending.extend(pool.submit(write_record, outputs, cfg, item) for item in images)
-            t_w = time.perf_counter()
-            drain(4 * cfg.batch_size)
-            labeller.timer["write_wait"] += time.perf_counter() - t_w
-            bar.update(len(batch["ids"]) + len(batch["failed"]))
+        start = time.perf_counter()
+        bar = progress_bar(len(todo), progress)
+        with StopFlag() as stop, ThreadPoolExecutor(cfg.writers) as pool:
             t = time.perf_counter()
-            summary.startup_seconds = summary.startup_seconds or t - start
-        drain(0)
-        summary.interrupted = stop.event.is_set()
-    bar.close()
-    failures.close(outputs.done)
-    summary.failed = failures.count
-    summary.stage_seconds = dict(labeller.timer)
-    return end_run(summary, outputs, dataset.ids, time.perf_counter() - start, numeric_ids)
+            for batch in _iterate(loader, stop.event):
+                labeller.timer["decode_wait"] += time.perf_counter() - t
+                records, images = forward_batch(labeller, cfg, batch)
+                for record in records:
+                    failures.add(record)
+                pending.extend(pool.submit(write_record, outputs, cfg, item) for item in images)
+                t_w = time.perf_counter()
+                drain(4 * cfg.batch_size)
+                labeller.timer["write_wait"] += time.perf_counter() - t_w
+                bar.update(len(batch["ids"]) + len(batch["failed"]))
+                t = time.perf_counter()
+                summary.startup_seconds = summary.startup_seconds or t - start
+            drain(0)
+            summary.interrupted = stop.event.is_set()
+        bar.close()
+        failures.close(outputs.done)
+        summary.failed = failures.count
+        summary.stage_seconds = dict(labeller.timer)
+        return end_run(summary, outputs, dataset.ids, time.perf_counter() - start, numeric_ids)
+    finally:
+        release(out)
 
 
 def _iterate(loader: DataLoader, stop: threading.Event) -> Iterator[dict]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import threading
 import time
 import warnings
 from collections import defaultdict
@@ -70,6 +71,7 @@ from adcam_fast.pipeline.label import (
     failed,
     label_batch,
     progress_bar,
+    release,
 )
 from adcam_fast.pipeline.writers import Outputs
 
@@ -199,46 +201,62 @@ def label_dataset_ray(
         outputs, summary, todo = begin_run(
             dataset, probe["class_names"], out, config, probe["checkpoint"], category_ids
         )
-        summary.engine = "ray"
-        summary.versions |= dict(
-            ray=ray.__version__, device=device, actor_resources=resources, actor_pool=list(pool)
-        )
-        plan = _Plan(ray, dataset, config, extractor, device, outputs, options, resources, pool)
-        results = _Results(dataset.ids, outputs, FailureLog(out / summary.failures_file))
-        start = time.perf_counter()
-        bar = progress_bar(len(todo), progress)
-        with StopFlag() as stop:
-            missing, error = todo, ""
-            for attempt in range(2):  # the first run, then one more for what it did not report
-                if attempt:
-                    log.warning("%d images were neither written nor reported: again", len(missing))
-                rows = plan.stream(missing)
-                try:
-                    for row in rows:
-                        bar.update(results.add(row))
-                        summary.startup_seconds = (
-                            summary.startup_seconds or time.perf_counter() - start
-                        )
-                        if stop.event.is_set():
-                            break
-                except Exception as e:  # the stream broke: its images are checked below
-                    error = describe_error(e)
-                    log.warning("the Ray stream stopped: %s", error)
-                finally:
-                    rows.close()
-                summary.interrupted = stop.event.is_set()
-                missing = [i for i in missing if not results.complete(i)]
-                if not missing or summary.interrupted:
+        try:
+            summary.engine = "ray"
+            summary.versions |= dict(
+                ray=ray.__version__, device=device, actor_resources=resources, actor_pool=list(pool)
+            )
+            plan = _Plan(ray, dataset, config, extractor, device, outputs, options, resources, pool)
+            results = _Results(dataset.ids, outputs, FailureLog(out / summary.failures_file))
+            start = time.perf_counter()
+            bar = progress_bar(len(todo), progress)
+            with StopFlag() as stop:
+                missing, error = _stream(plan, results, todo, summary, bar, stop.event, start)
+            bar.close()
+            if not summary.interrupted:
+                results.report_lost(missing, error)
+            results.failures.close(outputs.done)
+            summary.failed = results.failures.count
+            summary.written = sum(results.written(i) for i in todo)
+            summary.stage_seconds = dict(results.stages)
+            summary.workers = results.per_worker()
+            return end_run(summary, outputs, dataset.ids, time.perf_counter() - start, numeric_ids)
+        finally:
+            release(out)
+
+
+def _stream(
+    plan: _Plan,
+    results: _Results,
+    todo: list[int],
+    summary: Summary,
+    bar: Any,
+    stop: threading.Event,
+    start: float,
+) -> tuple[list[int], str]:
+    """Stream ``todo`` through the actors, then once more what they neither wrote nor
+    reported; returns what is still missing and why the stream broke ("" if it did not)."""
+    missing, error = todo, ""
+    for attempt in range(2):
+        if attempt:
+            log.warning("%d images were neither written nor reported: again", len(missing))
+        rows = plan.stream(missing)
+        try:
+            for row in rows:
+                bar.update(results.add(row))
+                summary.startup_seconds = summary.startup_seconds or time.perf_counter() - start
+                if stop.is_set():
                     break
-        bar.close()
-        if not summary.interrupted:
-            results.report_lost(missing, error)
-        results.failures.close(outputs.done)
-        summary.failed = results.failures.count
-        summary.written = sum(results.written(i) for i in todo)
-        summary.stage_seconds = dict(results.stages)
-        summary.workers = results.per_worker()
-        return end_run(summary, outputs, dataset.ids, time.perf_counter() - start, numeric_ids)
+        except Exception as e:  # the stream broke: its images are checked below
+            error = describe_error(e)
+            log.warning("the Ray stream stopped: %s", error)
+        finally:
+            rows.close()
+        summary.interrupted = stop.is_set()
+        missing = [i for i in missing if not results.complete(i)]
+        if not missing or summary.interrupted:
+            break
+    return missing, error
 
 
 @contextmanager
@@ -367,9 +385,10 @@ class _Results:
         return new
 
     def written(self, i: int) -> bool:
-        """Image ``i`` was reported written and its outputs are visible here."""
+        """Image ``i`` was reported written and its outputs are visible here (while an
+        overwrite is in progress: newer than its start)."""
         r = self.records.get(self.ids[i])
-        return r is not None and r["status"] == "written" and self.outputs.exist(r["id"])
+        return r is not None and r["status"] == "written" and self.outputs.done(r["id"])
 
     def complete(self, i: int) -> bool:
         """Image ``i`` is written (:meth:`written`) or reported failed."""

@@ -81,26 +81,28 @@ class Outputs:
             raise ValueError(f"image id {image_id!r} would write outside {self.root / kind}")
         return self.root / kind / f"{image_id}{_SUFFIX[kind]}"
 
-    def files(self, image_id: str) -> list[Path]:
-        """The files that make ``image_id`` complete."""
-        wanted = dict(masks=True, cams=self.cams, coco=self.coco, overlays=self.overlays)
-        return [self.file(kind, image_id) for kind, on in wanted.items() if on]
-
-    def exist(self, image_id: str) -> bool:
-        """Every file of ``image_id`` is there, whenever it was written."""
-        return all(p.exists() for p in self.files(image_id))
+    def files(self, image_id: str, wanted: bool = True) -> list[Path]:
+        """The files that make ``image_id`` complete (or, not ``wanted``, the kinds this run
+        does not write)."""
+        kinds = dict(masks=True, cams=self.cams, coco=self.coco, overlays=self.overlays)
+        return [self.file(kind, image_id) for kind, on in kinds.items() if on == wanted]
 
     def done(self, image_id: str) -> bool:
-        """Every file of ``image_id`` is there, and newer than ``redo_before``."""
+        """Every file of ``image_id`` is there, and newer than ``redo_before`` if set."""
         if self.redo_before is None:
-            return self.exist(image_id)
+            return all(p.exists() for p in self.files(image_id))
         try:
             return all(p.stat().st_mtime_ns > self.redo_before for p in self.files(image_id))
         except FileNotFoundError:
             return False
 
     def write(self, r: LabelResult) -> None:
-        """Write every requested output of one image; the mask last, so it marks completion."""
+        """Write every requested output of one image; the mask last, so it marks completion.
+        While an overwrite is in progress, the image's files of the other kinds go first:
+        they are an earlier run's, which a later run asking for them must not take."""
+        if self.redo_before is not None:
+            for path in self.files(r.id, wanted=False):
+                path.unlink(missing_ok=True)
         if self.cams:
 
             def save_npz(f):
