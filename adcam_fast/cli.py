@@ -103,7 +103,11 @@ def _add_label(sub) -> None:
     p.add_argument("--save-cams", dest="cams", action="store_true", help="write cams/<id>.npz")
     p.add_argument("--coco-json", dest="coco", action="store_true", help="write coco.json")
     p.add_argument("--overlays", action="store_true", help="write overlays/<id>.png")
-    p.add_argument("--overwrite", action="store_true", help="redo complete images")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo every image (a stopped overwrite is resumed by the command without it)",
+    )
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     ray = p.add_argument_group(
