@@ -86,5 +86,5 @@ def diffuse(A_tilde: Tensor, cams: Tensor, steps: int) -> Tensor:
 
 def adcam(A: Tensor, cams: Tensor, k: int = 50, steps: int = 2) -> Tensor:
     """AD-CAM's raw diffused maps: ``diffuse(refine_attention(A, k), cams, steps)``."""
-    check_cams(cams, check_square(A, "A"), values=False)  # named against A, not Ã
+    check_cams(cams, check_attention(A, values=False), values=False)  # named against A, not Ã
     return diffuse(refine_attention(A, k), cams, steps)

@@ -395,8 +395,8 @@ def test_coco_categories_follow_the_checkpoint_classes(tmp_path):
     dataset = open_dataset(f"folder:{d}::{tmp_path / 'c.txt'}")
     cfg = LabelConfig(classes_from="predictions", coco=True)
     for names, ids in ((["cat", "dog"], [17, 18]), (["boat"], [1])):
-        outputs, _, _ = begin_run(dataset, names, tmp_path / "_".join(names), cfg, None, [17, 18])
-        assert outputs.category_ids == ids
+        with begin_run(dataset, names, tmp_path / "_".join(names), cfg, None, [17, 18]) as run:
+            assert run[0].category_ids == ids
 
 
 def test_product_weighs_every_scale_alike():

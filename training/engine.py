@@ -569,8 +569,9 @@ def launch(
         value = getattr(args, name, None)  # the task's own rates, where it has them
         if value is None:
             continue
-        bound = ">= 0" if name == "weight_decay" else "> 0"
-        if not (math.isfinite(value) and (value >= 0 if name == "weight_decay" else value > 0)):
+        zero_ok = name == "weight_decay"
+        if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+            bound = ">= 0" if zero_ok else "> 0"
             raise ValueError(f"--{name.replace('_', '-')} must be finite and {bound}, got {value}")
     if not args.resume and (args.out / "last.pth").exists():
         raise ValueError(f"{args.out / 'last.pth'} exists: pass --resume or another --out")

@@ -33,6 +33,8 @@ from timm.layers import DropPath, Mlp, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from adcam_fast.models.weights import mismatch
+
 __all__ = [
     "Conformer",
     "checkpoint_filter_fn",
@@ -642,18 +644,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Conformer) -> dic
     for key in own:
         if key.endswith("num_batches_tracked") and key not in out:
             out[key] = own[key].clone()
-    unexpected = sorted(set(out) - set(own))
-    missing = sorted(k for k in set(own) - set(out) if not k.startswith(_HEAD_PREFIXES))
-    reshaped = sorted(k for k in set(own) & set(out) if own[k].shape != out[k].shape)
-    if unexpected or missing or reshaped:
-
-        def some(keys: list[str]) -> str:
-            return f"{keys[:5]}{'...' if len(keys) > 5 else ''}"
-
-        raise ValueError(
-            f"state_dict does not match {type(model).__name__}: missing {some(missing)}, "
-            f"unexpected {some(unexpected)}, of other shapes {some(reshaped)}"
-        )
+    problem = mismatch(own, out, optional=_HEAD_PREFIXES)
+    if problem:
+        raise ValueError(f"state_dict does not match {type(model).__name__}: {problem}")
     return out
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adcam_fast.models.weights import mismatch
+
 __all__ = ["ASPP", "Segmenter"]
 
 
@@ -80,16 +82,9 @@ class Segmenter(nn.Module):
         Raises ValueError naming the keys that are missing, unexpected or of another shape."""
         with torch.device("meta"):  # the plain model's layout, without its memory
             plain = timm.create_model(self.backbone_name, pretrained=False).state_dict()
-        missing = sorted(set(plain) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(plain))
-        shapes = sorted(
-            k for k in set(plain) & set(state_dict) if plain[k].shape != state_dict[k].shape
-        )
-        if missing or unexpected or shapes:
-            raise ValueError(
-                f"not {self.backbone_name} weights: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}, of other shapes {shapes[:5]}"
-            )
+        problem = mismatch(plain, state_dict)
+        if problem:
+            raise ValueError(f"not {self.backbone_name} weights: {problem}")
         own = self.backbone.state_dict()
         renamed = sorted(set(own) - set(plain))
         if renamed:

@@ -36,6 +36,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -444,31 +445,19 @@ def checkpoint_info(path: str | Path) -> dict:
 OVERWRITE_MARK = ".overwrite-began"
 """In an output folder while an ``--overwrite`` is in progress: its mtime is when it began."""
 
-_LOCKS: dict[Path, IO[str]] = {}
-"""The output folders this process labels into, each with its held ``.lock``."""
 
-
-def _lock(folder: Path) -> None:
-    """Hold ``folder/.lock`` (an exclusive flock) until `release`. Raises ValueError when
-    another run holds it, or the folder's filesystem takes no locks."""
-    f = open(folder / ".lock", "a")
+def _hold(lock: IO[str], folder: Path) -> None:
+    """Take an exclusive flock on ``lock``, ``folder``'s ``.lock`` (let go when it is
+    closed). Raises ValueError when another run holds it, or the filesystem takes no locks."""
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f"{folder}: another adcam label run is writing there") from None
     except OSError as e:
-        f.close()
-        if isinstance(e, BlockingIOError):
-            raise ValueError(f"{folder}: another adcam label run is writing there") from None
         raise ValueError(f"{folder}: cannot lock {folder / '.lock'} ({e.strerror})") from e
-    _LOCKS[folder.resolve()] = f
 
 
-def release(folder: Path) -> None:
-    """Let go of ``folder``'s lock, taken by `begin_run` (a no-op when not held)."""
-    lock = _LOCKS.pop(Path(folder).resolve(), None)
-    if lock is not None:
-        lock.close()
-
-
+@contextmanager
 def begin_run(
     dataset: ImageDataset,
     class_names: list[str],
@@ -476,9 +465,9 @@ def begin_run(
     cfg: LabelConfig,
     checkpoint: dict | None = None,
     category_ids: list[int] | None = None,
-) -> tuple[Outputs, Summary, list[int]]:
-    """Check the run, create and lock ``out_dir`` (the caller calls `release` once done, or
-    on error); return its outputs, a summary to fill, and the indices of the images to do.
+) -> Iterator[tuple[Outputs, Summary, list[int]]]:
+    """Check the run, create ``out_dir`` and hold it for the block; yield its outputs, a
+    summary to fill, and the indices of the images to do.
 
     ``out_dir/run.json`` records what decides the outputs (`LabelConfig.shaping`, the
     checkpoint's sha256): a run resumes only where they are the same, unless
@@ -508,12 +497,10 @@ def begin_run(
         )
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: --out is a file, not a folder")
-    _lock(writable_folder(out_dir, "--out"))
-    try:
-        return _plan(dataset, class_names, out_dir, cfg, checkpoint, category_ids)
-    except BaseException:
-        release(out_dir)
-        raise
+    folder = writable_folder(out_dir, "--out")
+    with open(folder / ".lock", "a") as lock:
+        _hold(lock, folder)
+        yield _plan(dataset, class_names, folder, cfg, checkpoint, category_ids)
 
 
 def _plan(
@@ -630,15 +617,14 @@ def label_dataset(
     """
     cfg, out = config, Path(out_dir)
     labeller = Labeller(extractor, cfg)
-    outputs, summary, todo = begin_run(
+    with begin_run(
         dataset,
         extractor.class_names,
         out,
         cfg,
         checkpoint_info(checkpoint) if checkpoint is not None else None,
         category_ids,
-    )
-    try:
+    ) as (outputs, summary, todo):
         summary.versions["device"] = str(extractor.device)
         failures = FailureLog(out / summary.failures_file)
         loader = DataLoader(
@@ -682,8 +668,6 @@ def label_dataset(
         summary.failed = failures.count
         summary.stage_seconds = dict(labeller.timer)
         return end_run(summary, outputs, dataset.ids, time.perf_counter() - start, numeric_ids)
-    finally:
-        release(out)
 
 
 def _iterate(loader: DataLoader, stop: threading.Event) -> Iterator[dict]:

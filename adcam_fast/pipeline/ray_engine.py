@@ -71,7 +71,6 @@ from adcam_fast.pipeline.label import (
     failed,
     label_batch,
     progress_bar,
-    release,
 )
 from adcam_fast.pipeline.writers import Outputs
 
@@ -198,10 +197,9 @@ def label_dataset_ray(
                 raise ValueError(str(e.cause)) from None
             raise
         out = Path(out_dir)
-        outputs, summary, todo = begin_run(
+        with begin_run(
             dataset, probe["class_names"], out, config, probe["checkpoint"], category_ids
-        )
-        try:
+        ) as (outputs, summary, todo):
             summary.engine = "ray"
             summary.versions |= dict(
                 ray=ray.__version__, device=device, actor_resources=resources, actor_pool=list(pool)
@@ -221,8 +219,6 @@ def label_dataset_ray(
             summary.stage_seconds = dict(results.stages)
             summary.workers = results.per_worker()
             return end_run(summary, outputs, dataset.ids, time.perf_counter() - start, numeric_ids)
-        finally:
-            release(out)
 
 
 def _stream(
