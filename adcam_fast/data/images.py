@@ -1,7 +1,8 @@
 """Robust image and mask decoding, and the VOC palette.
 
 Every image of a collection goes through :func:`load_image`: whatever the file holds
-(JPEG with an EXIF orientation, grayscale, palette, CMYK, 16-bit, with alpha, 1×1 or huge),
+(JPEG with an EXIF orientation, grayscale, palette, CMYK, 16-bit, float, with alpha,
+1×1 or huge),
 the result is an (H, W, 3) uint8 RGB array as the image is meant to be seen, or an
 :class:`ImageDecodeError` naming the file and the reason. Masks (class-index PNGs) go
 through :func:`load_mask` and are written with :func:`mask_to_image`.
@@ -69,21 +70,36 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB.
 
     16-bit / 32-bit integer grayscale ("I;16*", "I") is read as 0..65535 (clipped) and scaled
-    to 0..255 with rounding. Alpha (RGBA, LA, PA, palette transparency) is composited on
+    to 0..255 with rounding. Float grayscale ("F") is read as 0..1 when every value lies
+    there, else as 0..255, rounded; other values (beyond 0..255, negative, NaN) raise
+    ValueError. Alpha (RGBA, LA, PA, palette transparency) is composited on
     black: ``rgb * alpha / 255``, so fully transparent pixels are black whatever colour they
-    store. Every other mode (L, P, 1, CMYK, YCbCr, LAB, HSV, F) uses PIL's own conversion.
+    store. Every other mode (L, P, 1, CMYK, YCbCr, LAB, HSV) uses PIL's own conversion.
     """
     if im.mode == "RGB":
         return im
     if im.mode in _SIXTEEN_BIT_MODES:
         wide = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
-        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
-        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
+        return _gray((wide * 255 + 32767) // 65535)
+    if im.mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        if not (np.isfinite(values).all() and 0 <= values.min() and values.max() <= 255):
+            raise ValueError(
+                f"float image values must lie in 0..1 or 0..255, got {values.min()} to "
+                f"{values.max()}"
+            )
+        return _gray(np.rint(values * 255 if values.max() <= 1 else values))
     if im.mode in _ALPHA_MODES or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
         rgba = np.asarray(im.convert("RGBA"), dtype=np.uint16)
         rgb = (rgba[:, :, :3] * rgba[:, :, 3:] + 127) // 255
         return Image.fromarray(rgb.astype(np.uint8))
     return im.convert("RGB")
+
+
+def _gray(values: np.ndarray) -> Image.Image:
+    """(H, W) gray values in 0..255 as an RGB image."""
+    gray = values.astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
 
 
 def load_image(path: str | os.PathLike[str], max_side: int | None = None) -> np.ndarray:
