@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from adcam_fast.export.tensorrt import Profile
     from adcam_fast.pipeline.label import LabelConfig, Summary
 
 
@@ -70,7 +71,7 @@ def _add_label(sub) -> None:
         "--checkpoint",
         required=True,
         help="classifier checkpoint (.pth); with --backend onnx an exported .onnx, with "
-        "tensorrt an engine or .onnx",
+        "tensorrt an engine or an .onnx (built into an engine for this run's batches and sides)",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
     p.add_argument("--backend", default="torch", help="extractor: torch | onnx | tensorrt")
@@ -143,15 +144,18 @@ def _add_label(sub) -> None:
 
 def _label(args: argparse.Namespace) -> int:
     from adcam_fast.data import open_dataset
-    from adcam_fast.pipeline.label import LabelConfig
+    from adcam_fast.pipeline.label import LabelConfig, tensorrt_profile
 
     cfg = LabelConfig(**{k: getattr(args, k) for k in LabelConfig.__dataclass_fields__})
     ray_only = ("address", "gpus_per_worker", "cpus_per_worker", "ray_workers")
     given = [f"--{name.replace('_', '-')}" for name in ray_only if getattr(args, name) is not None]
     if given and args.engine != "ray":
         raise ValueError(f"{', '.join(given)}: for --engine ray (this run is --engine local)")
+    profile = None  # an engine built here takes exactly this run's batches and sides
+    if args.backend == "tensorrt" and Path(args.checkpoint).suffix.lower() == ".onnx":
+        profile = tensorrt_profile(cfg, args.checkpoint)
     if args.engine == "ray":
-        summary = _label_ray(args, cfg)
+        summary = _label_ray(args, cfg, profile)
     else:
         import torch
 
@@ -159,7 +163,7 @@ def _label(args: argparse.Namespace) -> int:
         from adcam_fast.pipeline.label import label_dataset
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        extractor = create_extractor(args.backend, args.checkpoint, device=device, amp=args.amp)
+        extractor = create_extractor(args.backend, args.checkpoint, device, args.amp, profile)
         dataset = open_dataset(args.data, strict=False, max_side=cfg.max_side)
         summary = label_dataset(
             dataset,
@@ -184,7 +188,7 @@ def _label(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
-def _label_ray(args: argparse.Namespace, cfg: LabelConfig) -> Summary:
+def _label_ray(args: argparse.Namespace, cfg: LabelConfig, profile: Profile | None) -> Summary:
     """``adcam label --engine ray``: the actors' device follows ``--gpus-per-worker``."""
     from adcam_fast.data import open_dataset
     from adcam_fast.pipeline.ray_engine import ExtractorSpec, RayOptions, label_dataset_ray
@@ -201,7 +205,7 @@ def _label_ray(args: argparse.Namespace, cfg: LabelConfig) -> Summary:
     dataset = open_dataset(args.data, strict=False, max_side=cfg.max_side)
     return label_dataset_ray(
         dataset,
-        ExtractorSpec(args.backend, str(args.checkpoint), args.amp),
+        ExtractorSpec(args.backend, str(args.checkpoint), args.amp, profile),
         args.out,
         cfg,
         options,

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from adcam_fast.export.onnx import ExportInfo
+    from adcam_fast.export.tensorrt import Profile
 
 #: Input and output names of an exported extractor (ONNX graph and TensorRT engine).
 INPUT = "images"
@@ -60,6 +61,10 @@ class InputRange:
 
 
 class Extractor(Protocol):
+    """``precision``: the arithmetic of the body, which shifts the maps numerically:
+    ``"fp32"``, ``"bf16-autocast"`` (torch on CUDA) or ``"fp16"`` (a half-precision export or
+    TensorRT engine); the outputs are float32 whatever it is."""
+
     class_names: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -112,6 +117,7 @@ class TorchExtractor:
         self.patch_size = model.patch_size
         self.inputs = InputRange()
         self.amp = amp and self.device.type == "cuda"
+        self.precision = "bf16-autocast" if self.amp else "fp32"
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Extraction:
@@ -157,6 +163,13 @@ def check_images(images: Tensor, device: torch.device, info: ExportInfo) -> Tens
     return images.detach().float().contiguous()
 
 
+def export_inputs(info: ExportInfo, path: str | Path) -> InputRange:
+    """What the export ``path`` takes: any batch, and any side or its fixed size only."""
+    size = info.input_size
+    fixed = InputRange(side=(size, size), source=f"{path}'s fixed size")
+    return InputRange() if info.dynamic_size else fixed
+
+
 def output_shapes(images: Tensor, info: ExportInfo) -> dict[str, tuple[int, ...]]:
     """The shapes of an extractor's outputs for ``images`` (B, 3, H, W)."""
     b, _, h, w = images.shape
@@ -198,9 +211,8 @@ class OnnxExtractor:
         self.class_names = self.info.class_names
         self.mean, self.std = self.info.mean, self.info.std
         self.patch_size = self.info.stride
-        size = self.info.input_size
-        fixed = InputRange(side=(size, size), source=f"{self.path}'s fixed size")
-        self.inputs = InputRange() if self.info.dynamic_size else fixed
+        self.inputs = export_inputs(self.info, self.path)
+        self.precision = self.info.precision
 
     def __call__(self, images: Tensor) -> Extraction:
         images = check_images(images, self.device, self.info)
@@ -223,13 +235,20 @@ class OnnxExtractor:
 
 
 def create_extractor(
-    backend: str, checkpoint: str, device: str | torch.device = "cpu", amp: bool = True
+    backend: str,
+    checkpoint: str,
+    device: str | torch.device = "cpu",
+    amp: bool = True,
+    profile: Profile | None = None,
 ) -> Extractor:
     """The extractor ``backend`` builds from ``checkpoint``: a classifier checkpoint for
     ``torch``, an exported ``.onnx`` for ``onnx``, an engine (or an ``.onnx`` to build one
-    from, fp16 when ``amp``) for ``tensorrt``. ``amp`` only picks the torch autocast and the
-    TensorRT build precision; an ONNX file runs in the precision it was exported in. Raises
-    ValueError naming the backend or the file when either is unusable."""
+    from, fp16 when ``amp``, for ``profile``) for ``tensorrt``. ``amp`` only picks the torch
+    autocast and the TensorRT build precision; an ONNX file runs in the precision it was
+    exported in. Raises ValueError naming the backend or the file when either is unusable,
+    or a ``profile`` is given for another backend."""
+    if profile is not None and backend != "tensorrt":
+        raise ValueError(f"a TensorRT profile is for the tensorrt backend, not {backend!r}")
     if backend == "torch":
         from adcam_fast.training.checkpoint import load_classifier
 
@@ -243,5 +262,5 @@ def create_extractor(
     if backend == "tensorrt":
         from adcam_fast.export.tensorrt import TensorRTExtractor
 
-        return TensorRTExtractor(checkpoint, device, fp16=amp)
+        return TensorRTExtractor(checkpoint, device, fp16=amp, profile=profile)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

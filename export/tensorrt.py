@@ -289,7 +289,7 @@ class TensorRTExtractor:
             path = build_engine(
                 path, None, profile, fp16=fp16, cache_dir=cache_dir, device=self.device
             )
-        self.info = _read_sidecar(path)
+        self.info, built_fp16 = _read_sidecar(path)
         if self.info.kind != "extractor":
             raise ValueError(f"{path}: a {self.info.kind} engine, not an extractor")
         with torch.cuda.device(self.device):
@@ -310,6 +310,7 @@ class TensorRTExtractor:
         self.class_names = self.info.class_names
         self.mean, self.std = self.info.mean, self.info.std
         self.patch_size = self.info.stride
+        self.precision = "fp16" if built_fp16 else self.info.precision
 
     def __call__(self, images: Tensor) -> Extraction:
         images = check_images(images, self.device, self.info)
@@ -335,12 +336,14 @@ class TensorRTExtractor:
         return Extraction(**outs)
 
 
-def _read_sidecar(engine: Path) -> ExportInfo:
+def _read_sidecar(engine: Path) -> tuple[ExportInfo, bool]:
+    """The engine's export metadata, and whether it was built with float16 allowed."""
     side = _sidecar(engine)
     if not engine.is_file() or not side.is_file():
         raise ValueError(f"{engine}: no such engine, or its {side.name} sidecar is missing")
     try:
-        props = json.loads(side.read_text())["props"]
+        record = json.loads(side.read_text())
+        props, fp16 = record["props"], record["fp16"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{side}: corrupt engine sidecar ({type(e).__name__}: {e})") from e
-    return ExportInfo.from_props(props, side)
+    return ExportInfo.from_props(props, side), bool(fp16)

@@ -21,7 +21,12 @@ import torch
 
 from adcam_fast.data import SyntheticDataset, load_mask
 from adcam_fast.export import command
-from adcam_fast.export.backends import OnnxExtractor, TorchExtractor, create_extractor
+from adcam_fast.export.backends import (
+    InputRange,
+    OnnxExtractor,
+    TorchExtractor,
+    create_extractor,
+)
 from adcam_fast.export.onnx import (
     TOLERANCES,
     ExportInfo,
@@ -32,7 +37,7 @@ from adcam_fast.export.onnx import (
 from adcam_fast.export.tensorrt import TENSORRT_HINT, Profile, TensorRTExtractor, _pin_fp32
 from adcam_fast.io import file_sha256
 from adcam_fast.models.segmenter import Segmenter
-from adcam_fast.pipeline.label import LabelConfig, Labeller, label_dataset
+from adcam_fast.pipeline.label import LabelConfig, Labeller, label_dataset, tensorrt_profile
 from adcam_fast.training.augment import IMAGENET_MEAN, IMAGENET_STD
 from adcam_fast.training.checkpoint import (
     SEGMENTER,
@@ -155,7 +160,9 @@ def test_fp16_export_stays_within_its_tolerances(classifier, tmp_path):
     model, meta = load_classifier(classifier)
     want = TorchExtractor(model, meta["class_names"], MEAN, STD, amp=False)
     x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(2))
-    got, want = OnnxExtractor(tmp_path / "half.onnx", threads=1)(x), want(x)
+    half = OnnxExtractor(tmp_path / "half.onnx", threads=1)
+    assert (half.precision, want.precision) == ("fp16", "fp32")  # amp is for CUDA only
+    got, want = half(x), want(x)
     assert got.cams.dtype == got.attention.dtype == torch.float32
     tol = TOLERANCES["fp16"]
     for name in ("attention", "cams"):
@@ -177,6 +184,31 @@ def test_fixed_size_export_without_dropped_block(tmp_path):
     with pytest.raises(ValueError, match=r"--input-size 64 at --scales 1,0.5 feeds .*full.onnx"):
         Labeller(ex, LabelConfig(input_size=64, scales=(1.0, 0.5)))
     Labeller(ex, LabelConfig(input_size=64, scales=(1.0,)))
+    # and before a TensorRT engine would be built for it
+    with pytest.raises(ValueError, match=r"feeds image sides \[32, 64\], but .*full.onnx"):
+        tensorrt_profile(LabelConfig(input_size=64, scales=(1.0, 0.5)), tmp_path / "full.onnx")
+    fixed = tensorrt_profile(LabelConfig(input_size=64, scales=(1.0,)), tmp_path / "full.onnx")
+    assert fixed.size == (64, 64, 64)
+
+
+def test_label_builds_tensorrt_profiles_for_its_own_batches_and_sides(exported):
+    """An engine built by ``adcam label`` from an .onnx takes what the run feeds: the
+    batches (flipped copies included) and sides of every scale, fastest at full batches of
+    the scale nearest 1. The engine's input range is read back from such a profile as
+    `TensorRTExtractor` does (the engine itself is not built here)."""
+    cfg = LabelConfig(input_size=64, scales=(2.0, 0.5, 1.25), batch_size=3)
+    profile = tensorrt_profile(cfg, exported[0])
+    assert profile == Profile(batch=(2, 6, 6), size=(32, 80, 128))
+    single = tensorrt_profile(dataclasses.replace(cfg, flip=False, scales=(0.5,)), exported[0])
+    assert single == Profile(batch=(1, 3, 3), size=(32, 32, 32))
+    engine = InputRange((profile.batch[0], profile.batch[2]), profile.size[::2], "engine")
+    extractor = SimpleNamespace(
+        inputs=engine, patch_size=16, device=torch.device("cpu"), mean=MEAN, std=STD
+    )
+    Labeller(extractor, cfg)  # its checks pass
+    for wider in (dict(batch_size=4), dict(scales=(2.0, 0.25)), dict(flip=False)):
+        with pytest.raises(ValueError, match="but engine takes"):
+            Labeller(extractor, dataclasses.replace(cfg, **wider))
 
 
 def test_segmenter_export_matches_torch(segmenter_onnx):
@@ -352,6 +384,7 @@ def test_tensorrt_engine_matches_onnx_runtime(exported, tmp_path):
     path = exported[0]
     trt = TensorRTExtractor(path, "cuda", fp16=False, cache_dir=tmp_path)
     ref = OnnxExtractor(path)
+    assert trt.precision == ref.precision == "fp32"
     x = torch.randn(2, 3, 64, 64)
     got, want = trt(x.cuda()), ref(x)
     assert (got.attention.cpu() - want.attention).abs().max() <= 1e-4

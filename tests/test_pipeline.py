@@ -45,6 +45,7 @@ def test_label_writes_every_output_consistently(checkpoint, collection, tmp_path
     summary = json.loads((out / "summary.json").read_text())
     assert summary["written"] == len(ds) and summary["failed"] == 0
     assert summary["checkpoint"]["sha256"] and summary["config"]["method"] == "adcam"
+    assert summary["precision"] == "fp32"  # the torch extractor on the CPU
     coco_gt = dict(
         images=[dict(id=i, width=64, height=64) for i in range(len(ds))],
         categories=[dict(id=c + 1, name=n) for c, n in enumerate(ds.class_names)],
@@ -158,6 +159,27 @@ def test_resume_with_other_settings_is_refused(checkpoint, collection, tmp_path,
     assert run["config"]["method"] == "adcam" and run["overwriting"] is False
     assert not (out / OVERWRITE_MARK).exists()
     assert label(f"synthetic:{collection}", checkpoint, out, "--workers", "1") == 0  # speed only
+
+
+def test_resume_with_another_precision_is_refused(tmp_path):
+    """The extractor's arithmetic shifts the maps, so a resume must keep it; a run.json
+    written before it was recorded resumes with any."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "a.png")
+    dataset = open_dataset(f"folder:{d}")
+    cfg, out = LabelConfig(classes_from="predictions"), tmp_path / "out"
+    with begin_run(dataset, ["cat"], out, cfg, precision="bf16-autocast") as (_, summary, _):
+        assert summary.precision == "bf16-autocast"
+    with pytest.raises(ValueError, match="precision: 'bf16-autocast' -> 'fp32'"):
+        with begin_run(dataset, ["cat"], out, cfg, precision="fp32"):
+            pass
+    run = json.loads((out / "run.json").read_text())
+    assert run.pop("precision") == "bf16-autocast"
+    (out / "run.json").write_text(json.dumps(run))
+    with begin_run(dataset, ["cat"], out, cfg, precision="fp32"):
+        pass
+    assert json.loads((out / "run.json").read_text())["precision"] == "fp32"
 
 
 def test_a_stopped_overwrite_resumes_with_only_what_it_had_not_redone(checkpoint, tmp_path):

@@ -50,7 +50,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from adcam_fast.cam import merge_scales, normalize_cam, seed_labels
 from adcam_fast.data.base import ImageDataset
-from adcam_fast.export.backends import Extractor, InputRange
+from adcam_fast.export.backends import Extractor, InputRange, export_inputs
+from adcam_fast.export.onnx import read_info
+from adcam_fast.export.tensorrt import Profile
 from adcam_fast.io import atomic_write, file_sha256, writable_folder
 from adcam_fast.pipeline.methods import METHODS, Method, localise
 from adcam_fast.pipeline.writers import LabelResult, Outputs
@@ -113,7 +115,7 @@ class Summary:
     ``startup_seconds``: from the start (extractor loaded; on Ray, after the checkpoint probe)
     to the first finished batch: loader or actor start, model load on Ray, first batch.
     ``workers``: per Ray actor id, its node, the images it reported, its busy seconds and
-    images/s; empty for the local engine.
+    images/s; empty for the local engine. ``precision``: the extractor's (``Extractor``).
     """
 
     engine: str = "local"
@@ -130,6 +132,7 @@ class Summary:
     config: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     checkpoint: dict = field(default_factory=dict)
+    precision: str | None = None
     workers: dict[str, dict] = field(default_factory=dict)
 
 
@@ -218,18 +221,37 @@ def _class_index(classes: list[np.ndarray], device: torch.device) -> tuple[Tenso
     return idx.to(device), valid.to(device)
 
 
-def _check_inputs(extractor: Extractor, cfg: LabelConfig) -> None:
-    """Raises ValueError, naming the options, when the labeller would feed ``extractor``
-    batches or image sides it does not take (a fixed-size export, a TensorRT profile)."""
-    accepts = getattr(extractor, "inputs", InputRange())  # an extractor written before it
-    least, most = (1, cfg.batch_size) if not cfg.flip else (2, 2 * cfg.batch_size)
+def fed(cfg: LabelConfig, patch_size: int) -> tuple[tuple[int, int], list[int]]:
+    """The batches (least, most; flipped copies included) and the sorted square image sides
+    that a run with ``cfg`` feeds an extractor of ``patch_size``."""
+    batches = (1, cfg.batch_size) if not cfg.flip else (2, 2 * cfg.batch_size)
+    return batches, sorted({_side(cfg.input_size, s, patch_size) for s in cfg.scales})
+
+
+def tensorrt_profile(cfg: LabelConfig, onnx_path: str | Path) -> Profile:
+    """The TensorRT profile that takes exactly what a run with ``cfg`` feeds the extractor
+    exported to ``onnx_path``: optimal at full batches of scale 1's side (the scale nearest
+    1). Raises ValueError naming the file when it cannot be read, and as `Labeller` does
+    when the export has a fixed size the run does not feed, before an engine is built."""
+    info = read_info(onnx_path)
+    _check_inputs(export_inputs(info, onnx_path), info.stride, cfg)
+    (least, most), sides = fed(cfg, info.stride)
+    nearest = min(cfg.scales, key=lambda s: abs(s - 1.0))
+    size = (sides[0], _side(cfg.input_size, nearest, info.stride), sides[-1])
+    return Profile.for_info(info, (least, most, most), size)
+
+
+def _check_inputs(accepts: InputRange, patch_size: int, cfg: LabelConfig) -> None:
+    """Raises ValueError, naming the options, when a run would feed an extractor of
+    ``patch_size`` batches or image sides it does not take (a fixed-size export, a TensorRT
+    profile)."""
+    (least, most), sides = fed(cfg, patch_size)
     if not accepts.batch[0] <= least <= most <= accepts.batch[1]:
         raise ValueError(
             f"--batch-size {cfg.batch_size} feeds batches of {least} to {most} images (flipped "
             f"copies included), but {accepts.source} takes {accepts.batch[0]} to "
             f"{accepts.batch[1]}"
         )
-    sides = sorted({_side(cfg.input_size, s, extractor.patch_size) for s in cfg.scales})
     lo, hi = accepts.side
     if not lo <= sides[0] <= sides[-1] <= hi:
         scales = ",".join(f"{s:g}" for s in cfg.scales)
@@ -253,7 +275,8 @@ class Labeller:
             from adcam_fast.kernels.launch import check_runnable
 
             check_runnable(torch.empty(0, device=dev))
-        _check_inputs(extractor, config)
+        accepts = getattr(extractor, "inputs", InputRange())  # an extractor written before it
+        _check_inputs(accepts, extractor.patch_size, config)
         self.mean = torch.tensor(extractor.mean, device=dev).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(extractor.std, device=dev).view(1, 3, 1, 1) * 255
         self.grid = config.input_size // 4
@@ -465,12 +488,14 @@ def begin_run(
     cfg: LabelConfig,
     checkpoint: dict | None = None,
     category_ids: list[int] | None = None,
+    precision: str | None = None,
 ) -> Iterator[tuple[Outputs, Summary, list[int]]]:
     """Check the run, create ``out_dir`` and hold it for the block; yield its outputs, a
     summary to fill, and the indices of the images to do.
 
     ``out_dir/run.json`` records what decides the outputs (`LabelConfig.shaping`, the
-    checkpoint's sha256): a run resumes only where they are the same, unless
+    checkpoint's sha256, the extractor's ``precision``): a run resumes only where they are
+    the same (a ``run.json`` written before the precision was recorded takes any), unless
     ``cfg.overwrite``, which redoes every image. An overwrite that stops (interrupted, or
     with failures) is resumed by the next run with the same settings and without
     ``cfg.overwrite``: it redoes the images whose outputs are not newer than the overwrite's
@@ -500,7 +525,7 @@ def begin_run(
     folder = writable_folder(out_dir, "--out")
     with open(folder / ".lock", "a") as lock:
         _hold(lock, folder)
-        yield _plan(dataset, class_names, folder, cfg, checkpoint, category_ids)
+        yield _plan(dataset, class_names, folder, cfg, checkpoint, category_ids, precision)
 
 
 def _plan(
@@ -510,9 +535,11 @@ def _plan(
     cfg: LabelConfig,
     checkpoint: dict | None,
     category_ids: list[int] | None,
+    precision: str | None,
 ) -> tuple[Outputs, Summary, list[int]]:
     """`begin_run`'s work once the folder is held: compare, record and plan."""
-    run = dict(config=cfg.shaping(), checkpoint_sha256=(checkpoint or {}).get("sha256"))
+    sha = (checkpoint or {}).get("sha256")
+    run = dict(config=cfg.shaping(), checkpoint_sha256=sha, precision=precision)
     run = json.loads(json.dumps(run))  # tuples as lists, as read back
     run_file = out_dir / "run.json"
     resumed = False  # an overwrite in progress, with these settings, is carried on
@@ -534,7 +561,9 @@ def _plan(
     if dataset.class_names != class_names:
         category_ids = None
     outputs = Outputs(out_dir, class_names, cfg.cams, cfg.coco, cfg.overlays, category_ids, began)
-    summary = Summary(total=len(dataset), config=asdict(cfg), checkpoint=checkpoint or {})
+    summary = Summary(
+        total=len(dataset), config=asdict(cfg), checkpoint=checkpoint or {}, precision=precision
+    )
     summary.versions = dict(python=platform.python_version(), torch=torch.__version__)
     todo = [i for i, image_id in enumerate(dataset.ids) if not outputs.done(image_id)]
     summary.skipped_complete = len(dataset) - len(todo)
@@ -547,12 +576,15 @@ def _earlier_run(run_file: Path, run: dict, overwrite: bool) -> tuple[list[str],
     ``overwrite`` (then it differs in everything)."""
     try:
         before = json.loads(run_file.read_text())
-        was = before["config"] | dict(checkpoint_sha256=before["checkpoint_sha256"])
+        was = before["config"] | dict(
+            checkpoint_sha256=before["checkpoint_sha256"],
+            precision=before.get("precision", run["precision"]),  # before it was recorded
+        )
     except (ValueError, KeyError, TypeError) as e:
         if overwrite:
             return ["run.json: unreadable"], False
         raise ValueError(f"{run_file}: unreadable ({e}): use --overwrite to start over") from e
-    now = run["config"] | dict(checkpoint_sha256=run["checkpoint_sha256"])
+    now = run["config"] | {k: run[k] for k in ("checkpoint_sha256", "precision")}
     changed = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v]
     return changed, bool(before.get("overwriting"))
 
@@ -624,6 +656,7 @@ def label_dataset(
         cfg,
         checkpoint_info(checkpoint) if checkpoint is not None else None,
         category_ids,
+        getattr(extractor, "precision", None),  # an extractor written before it: unknown
     ) as (outputs, summary, todo):
         summary.versions["device"] = str(extractor.device)
         failures = FailureLog(out / summary.failures_file)

@@ -54,8 +54,9 @@ from typing import Any
 import numpy as np
 
 from adcam_fast.data.base import ImageDataset
-from adcam_fast.export.backends import create_extractor
+from adcam_fast.export.backends import Extractor, create_extractor
 from adcam_fast.export.onnx import require
+from adcam_fast.export.tensorrt import Profile
 from adcam_fast.pipeline.label import (
     FailureLog,
     LabelConfig,
@@ -79,12 +80,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExtractorSpec:
-    """What each actor builds its extractor from (``create_extractor(backend, checkpoint,
-    device, amp)``): a path every node can read, never the weights themselves."""
+    """What each actor builds its extractor from: a path every node can read, never the
+    weights themselves."""
 
     backend: str
     checkpoint: str
     amp: bool = True
+    profile: Profile | None = None
+
+    def build(self, device: str) -> Extractor:
+        """``create_extractor`` of these on ``device``."""
+        return create_extractor(self.backend, self.checkpoint, device, self.amp, self.profile)
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,7 @@ class _LabelActor:
     def __init__(self, spec: ExtractorSpec, device: str, cfg: LabelConfig, outputs: Outputs):
         import ray
 
-        extractor = create_extractor(spec.backend, spec.checkpoint, device, spec.amp)
+        extractor = spec.build(device)
         self.labeller = Labeller(extractor, cfg)
         self.cfg, self.outputs = cfg, outputs
         self.pool = ThreadPoolExecutor(cfg.writers)
@@ -160,12 +166,16 @@ class _LabelActor:
 
 
 def _probe(spec: ExtractorSpec, device: str, config: LabelConfig) -> dict:
-    """Ray task body, run with an actor's resources: the extractor's class names and the
-    checkpoint's hash, as the actors will see them, after the checks of a `Labeller` there
-    (the AD-CAM backend on that device)."""
-    extractor = create_extractor(spec.backend, spec.checkpoint, device, spec.amp)
+    """Ray task body, run with an actor's resources: the extractor's class names and
+    precision and the checkpoint's hash, as the actors will see them, after the checks of a
+    `Labeller` there (the AD-CAM backend on that device)."""
+    extractor = spec.build(device)
     Labeller(extractor, config)
-    return dict(class_names=extractor.class_names, checkpoint=checkpoint_info(spec.checkpoint))
+    return dict(
+        class_names=extractor.class_names,
+        checkpoint=checkpoint_info(spec.checkpoint),
+        precision=extractor.precision,
+    )
 
 
 def label_dataset_ray(
@@ -198,7 +208,13 @@ def label_dataset_ray(
             raise
         out = Path(out_dir)
         with begin_run(
-            dataset, probe["class_names"], out, config, probe["checkpoint"], category_ids
+            dataset,
+            probe["class_names"],
+            out,
+            config,
+            probe["checkpoint"],
+            category_ids,
+            probe["precision"],
         ) as (outputs, summary, todo):
             summary.engine = "ray"
             summary.versions |= dict(
