@@ -71,6 +71,7 @@ def test_ray_masks_equal_local(checkpoint, collection, local_out, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engine"] == "ray" and summary["written"] == len(ids) and summary["failed"] == 0
     assert summary["checkpoint"]["sha256"] and summary["versions"]["ray"] == ray.__version__
+    assert summary["precision"] == json.loads((out / "run.json").read_text())["precision"] == "fp32"
     (worker,) = summary["workers"].values()
     assert worker["images"] == len(ids) and worker["seconds"] > 0 and worker["node"]
     assert summary["stage_seconds"]["forward"] > 0
