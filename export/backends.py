@@ -71,6 +71,7 @@ class Extractor(Protocol):
     patch_size: int
     device: torch.device
     inputs: InputRange
+    precision: str
 
     def __call__(self, images: Tensor) -> Extraction: ...
 

@@ -44,7 +44,13 @@ from adcam_fast.export.backends import (
     check_images,
     resolve_device,
 )
-from adcam_fast.export.onnx import ExportInfo, MissingDependencyError, read_info, require
+from adcam_fast.export.onnx import (
+    ExportInfo,
+    MissingDependencyError,
+    expect_kind,
+    read_info,
+    require,
+)
 from adcam_fast.io import atomic_write, file_sha256
 
 __all__ = [
@@ -266,7 +272,8 @@ class TensorRTExtractor:
     (see the module docstring).
 
     Raises :class:`MissingDependencyError` without TensorRT 10 or a CUDA ``device``, and
-    ValueError naming the file when it is not an extractor engine.
+    ValueError naming the file when it is not an extractor (engine or ``.onnx``), or a
+    ``profile`` comes with an engine.
     """
 
     def __init__(
@@ -283,12 +290,15 @@ class TensorRTExtractor:
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise MissingDependencyError(f"the tensorrt backend needs a CUDA device, got {device}")
         path = Path(path)
-        if path.suffix == ".onnx":
+        if path.suffix.lower() == ".onnx":
             info = read_info(path)
+            expect_kind(info, "extractor", path)  # before a build of minutes
             profile = profile or Profile.for_info(info, (1, 16, 32), None)
             path = build_engine(
                 path, None, profile, fp16=fp16, cache_dir=cache_dir, device=self.device
             )
+        elif profile is not None:
+            raise ValueError(f"{path}: an engine, built for its own profile: pass its .onnx")
         self.info, built_fp16 = _read_sidecar(path)
         if self.info.kind != "extractor":
             raise ValueError(f"{path}: a {self.info.kind} engine, not an extractor")

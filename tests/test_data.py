@@ -108,7 +108,7 @@ def test_decode_converts_modes(tmp_path):
         np.testing.assert_array_equal(load_image(tmp_path / f"{name}.tif")[0, :, 1], gray)
     for name, values in (("high", [0.0, 256.0]), ("negative", [-0.5, 0.5]), ("nan", [np.nan])):
         Image.fromarray(np.array([values], np.float32), mode="F").save(tmp_path / f"{name}.tif")
-        with pytest.raises(ImageDecodeError, match=rf"{name}.tif: .*float image values must"):
+        with pytest.raises(ImageDecodeError, match=rf"{name}.tif: float image values must"):
             load_image(tmp_path / f"{name}.tif")
 
     rgba = np.array([[[200, 100, 50, 255], [200, 100, 50, 0], [200, 100, 50, 128]]], np.uint8)

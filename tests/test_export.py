@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import timm
 import torch
 
+from adcam_fast.cli import main
 from adcam_fast.data import SyntheticDataset, load_mask
 from adcam_fast.export import command
 from adcam_fast.export.backends import (
@@ -34,10 +36,17 @@ from adcam_fast.export.onnx import (
     export_checkpoint,
     read_info,
 )
-from adcam_fast.export.tensorrt import TENSORRT_HINT, Profile, TensorRTExtractor, _pin_fp32
+from adcam_fast.export.tensorrt import (
+    TENSORRT_HINT,
+    Profile,
+    TensorRTExtractor,
+    _pin_fp32,
+    _read_sidecar,
+)
 from adcam_fast.io import file_sha256
 from adcam_fast.models.segmenter import Segmenter
 from adcam_fast.pipeline.label import LabelConfig, Labeller, label_dataset, tensorrt_profile
+from adcam_fast.pipeline.ray_engine import ExtractorSpec
 from adcam_fast.training.augment import IMAGENET_MEAN, IMAGENET_STD
 from adcam_fast.training.checkpoint import (
     SEGMENTER,
@@ -172,7 +181,7 @@ def test_fp16_export_stays_within_its_tolerances(classifier, tmp_path):
         assert 0 < errors[f"{name}_rel"] <= tol[f"{name}_rel"]
 
 
-def test_fixed_size_export_without_dropped_block(tmp_path):
+def test_fixed_size_export_without_dropped_block(collection, tmp_path, capsys):
     ckpt = _classifier(tmp_path / "full.pth", drop_last_block=False)
     info, _ = export_checkpoint(ckpt, "extractor", tmp_path / "full.onnx")
     assert not info.dynamic_size
@@ -189,9 +198,13 @@ def test_fixed_size_export_without_dropped_block(tmp_path):
         tensorrt_profile(LabelConfig(input_size=64, scales=(1.0, 0.5)), tmp_path / "full.onnx")
     fixed = tensorrt_profile(LabelConfig(input_size=64, scales=(1.0,)), tmp_path / "full.onnx")
     assert fixed.size == (64, 64, 64)
+    argv = ["label", "--data", f"synthetic:{collection}", "--out", str(tmp_path / "out")]
+    argv += ["--checkpoint", str(tmp_path / "full.onnx"), "--backend", "tensorrt"]
+    assert main([*argv, "--input-size", "64", "--scales", "1,0.5"]) == 2
+    assert "feeds image sides [32, 64], but" in capsys.readouterr().err
 
 
-def test_label_builds_tensorrt_profiles_for_its_own_batches_and_sides(exported):
+def test_label_builds_tensorrt_profiles_for_its_own_batches_and_sides(exported, segmenter_onnx):
     """An engine built by ``adcam label`` from an .onnx takes what the run feeds: the
     batches (flipped copies included) and sides of every scale, fastest at full batches of
     the scale nearest 1. The engine's input range is read back from such a profile as
@@ -209,6 +222,24 @@ def test_label_builds_tensorrt_profiles_for_its_own_batches_and_sides(exported):
     for wider in (dict(batch_size=4), dict(scales=(2.0, 0.25)), dict(flip=False)):
         with pytest.raises(ValueError, match="but engine takes"):
             Labeller(extractor, dataclasses.replace(cfg, **wider))
+    with pytest.raises(ValueError, match=r"segmenter\.onnx: an exported segmenter"):
+        tensorrt_profile(cfg, segmenter_onnx[1])  # refused before an engine is built
+    with pytest.raises(ValueError, match="a TensorRT profile is for the tensorrt backend"):
+        ExtractorSpec("onnx", str(exported[0]), profile=profile).build("cpu")
+
+
+def test_engine_sidecars_say_how_the_engine_was_built(exported, tmp_path):
+    """An engine's sidecar gives its export metadata and whether float16 was allowed (its
+    precision); one without either is named as corrupt."""
+    engine = tmp_path / "x.engine"
+    engine.write_bytes(b"plan")
+    sidecar = tmp_path / "x.engine.json"
+    sidecar.write_text(json.dumps(dict(props=exported[1].to_props(), fp16=True)))
+    assert _read_sidecar(engine) == (exported[1], True)
+    for record in (dict(props=exported[1].to_props()), dict(fp16=False)):
+        sidecar.write_text(json.dumps(record))
+        with pytest.raises(ValueError, match=r"x\.engine\.json: corrupt engine sidecar"):
+            _read_sidecar(engine)
 
 
 def test_segmenter_export_matches_torch(segmenter_onnx):
@@ -364,7 +395,7 @@ def test_fp16_engines_pin_only_their_outputs_tails():
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed")
-def test_missing_tensorrt_says_what_to_install(exported, classifier, tmp_path):
+def test_missing_tensorrt_says_what_to_install(exported, classifier, collection, tmp_path, capsys):
     for make in (
         lambda: TensorRTExtractor(exported[0], "cuda"),
         lambda: create_extractor("tensorrt", str(exported[0]), "cuda"),
@@ -376,6 +407,9 @@ def test_missing_tensorrt_says_what_to_install(exported, classifier, tmp_path):
             make()
         assert TENSORRT_HINT in str(err.value)
         assert isinstance(err.value, ValueError)  # the adcam command reports it plainly
+    argv = ["label", "--data", f"synthetic:{collection}", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--checkpoint", str(exported[0]), "--backend", "tensorrt"]) == 2
+    assert TENSORRT_HINT in capsys.readouterr().err  # after its profile was fitted
 
 
 @pytest.mark.gpu

@@ -162,8 +162,9 @@ def test_resume_with_other_settings_is_refused(checkpoint, collection, tmp_path,
 
 
 def test_resume_with_another_precision_is_refused(tmp_path):
-    """The extractor's arithmetic shifts the maps, so a resume must keep it; a run.json
-    written before it was recorded resumes with any."""
+    """The extractor's arithmetic shifts the maps, so a resume must keep it; where it is
+    not known (an extractor without it, a run.json written before it was recorded) any
+    resumes."""
     d = tmp_path / "imgs"
     d.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "a.png")
@@ -180,6 +181,9 @@ def test_resume_with_another_precision_is_refused(tmp_path):
     with begin_run(dataset, ["cat"], out, cfg, precision="fp32"):
         pass
     assert json.loads((out / "run.json").read_text())["precision"] == "fp32"
+    for precision in (None, "bf16-autocast"):  # unknown, then known again: it takes any
+        with begin_run(dataset, ["cat"], out, cfg, precision=precision):
+            pass
 
 
 def test_a_stopped_overwrite_resumes_with_only_what_it_had_not_redone(checkpoint, tmp_path):

@@ -66,13 +66,13 @@ def scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, int
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB.
+def _to_rgb(im: Image.Image, path: Path) -> Image.Image:
+    """Any PIL mode of the image at ``path`` -> RGB.
 
     16-bit / 32-bit integer grayscale ("I;16*", "I") is read as 0..65535 (clipped) and scaled
     to 0..255 with rounding. Float grayscale ("F") is read as 0..1 when every value lies
     there, else as 0..255, rounded; other values (beyond 0..255, negative, NaN) raise
-    ValueError. Alpha (RGBA, LA, PA, palette transparency) is composited on
+    ImageDecodeError. Alpha (RGBA, LA, PA, palette transparency) is composited on
     black: ``rgb * alpha / 255``, so fully transparent pixels are black whatever colour they
     store. Every other mode (L, P, 1, CMYK, YCbCr, LAB, HSV) uses PIL's own conversion.
     """
@@ -82,11 +82,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         wide = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
         return _gray((wide * 255 + 32767) // 65535)
     if im.mode == "F":
-        values = np.asarray(im, dtype=np.float64)
+        values = np.asarray(im, dtype=np.float32)
         if not (np.isfinite(values).all() and 0 <= values.min() and values.max() <= 255):
-            raise ValueError(
+            raise ImageDecodeError(
+                path,
                 f"float image values must lie in 0..1 or 0..255, got {values.min()} to "
-                f"{values.max()}"
+                f"{values.max()}",
             )
         return _gray(np.rint(values * 255 if values.max() <= 1 else values))
     if im.mode in _ALPHA_MODES or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
@@ -117,7 +118,7 @@ def load_image(path: str | os.PathLike[str], max_side: int | None = None) -> np.
 
     Raises ImageDecodeError (a ValueError) naming the file and the reason for: a missing or
     unreadable file, an empty (0-byte) file, a file that is not an image, a truncated or
-    corrupt image, a decompression bomb.
+    corrupt image, a decompression bomb, float values that are no gray levels.
     """
     path = Path(path)
     try:
@@ -130,7 +131,7 @@ def load_image(path: str | os.PathLike[str], max_side: int | None = None) -> np.
             if max_side is not None:
                 im.draft("RGB", (max_side, max_side))
             im.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(im))
+            rgb = _to_rgb(ImageOps.exif_transpose(im), path)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:

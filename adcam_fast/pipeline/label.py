@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 from adcam_fast.cam import merge_scales, normalize_cam, seed_labels
 from adcam_fast.data.base import ImageDataset
 from adcam_fast.export.backends import Extractor, InputRange, export_inputs
-from adcam_fast.export.onnx import read_info
+from adcam_fast.export.onnx import expect_kind, read_info
 from adcam_fast.export.tensorrt import Profile
 from adcam_fast.io import atomic_write, file_sha256, writable_folder
 from adcam_fast.pipeline.methods import METHODS, Method, localise
@@ -221,7 +221,7 @@ def _class_index(classes: list[np.ndarray], device: torch.device) -> tuple[Tenso
     return idx.to(device), valid.to(device)
 
 
-def fed(cfg: LabelConfig, patch_size: int) -> tuple[tuple[int, int], list[int]]:
+def _fed(cfg: LabelConfig, patch_size: int) -> tuple[tuple[int, int], list[int]]:
     """The batches (least, most; flipped copies included) and the sorted square image sides
     that a run with ``cfg`` feeds an extractor of ``patch_size``."""
     batches = (1, cfg.batch_size) if not cfg.flip else (2, 2 * cfg.batch_size)
@@ -231,11 +231,13 @@ def fed(cfg: LabelConfig, patch_size: int) -> tuple[tuple[int, int], list[int]]:
 def tensorrt_profile(cfg: LabelConfig, onnx_path: str | Path) -> Profile:
     """The TensorRT profile that takes exactly what a run with ``cfg`` feeds the extractor
     exported to ``onnx_path``: optimal at full batches of scale 1's side (the scale nearest
-    1). Raises ValueError naming the file when it cannot be read, and as `Labeller` does
-    when the export has a fixed size the run does not feed, before an engine is built."""
+    1). Raises ValueError naming the file when it cannot be read or is not an extractor,
+    and as `Labeller` does when the export has a fixed size the run does not feed: before
+    an engine is built."""
     info = read_info(onnx_path)
     _check_inputs(export_inputs(info, onnx_path), info.stride, cfg)
-    (least, most), sides = fed(cfg, info.stride)
+    expect_kind(info, "extractor", onnx_path)
+    (least, most), sides = _fed(cfg, info.stride)
     nearest = min(cfg.scales, key=lambda s: abs(s - 1.0))
     size = (sides[0], _side(cfg.input_size, nearest, info.stride), sides[-1])
     return Profile.for_info(info, (least, most, most), size)
@@ -245,7 +247,7 @@ def _check_inputs(accepts: InputRange, patch_size: int, cfg: LabelConfig) -> Non
     """Raises ValueError, naming the options, when a run would feed an extractor of
     ``patch_size`` batches or image sides it does not take (a fixed-size export, a TensorRT
     profile)."""
-    (least, most), sides = fed(cfg, patch_size)
+    (least, most), sides = _fed(cfg, patch_size)
     if not accepts.batch[0] <= least <= most <= accepts.batch[1]:
         raise ValueError(
             f"--batch-size {cfg.batch_size} feeds batches of {least} to {most} images (flipped "
@@ -495,7 +497,7 @@ def begin_run(
 
     ``out_dir/run.json`` records what decides the outputs (`LabelConfig.shaping`, the
     checkpoint's sha256, the extractor's ``precision``): a run resumes only where they are
-    the same (a ``run.json`` written before the precision was recorded takes any), unless
+    the same (an unknown precision, None or not recorded, is the same as any), unless
     ``cfg.overwrite``, which redoes every image. An overwrite that stops (interrupted, or
     with failures) is resumed by the next run with the same settings and without
     ``cfg.overwrite``: it redoes the images whose outputs are not newer than the overwrite's
@@ -576,16 +578,16 @@ def _earlier_run(run_file: Path, run: dict, overwrite: bool) -> tuple[list[str],
     ``overwrite`` (then it differs in everything)."""
     try:
         before = json.loads(run_file.read_text())
-        was = before["config"] | dict(
-            checkpoint_sha256=before["checkpoint_sha256"],
-            precision=before.get("precision", run["precision"]),  # before it was recorded
-        )
+        was = before["config"] | dict(checkpoint_sha256=before["checkpoint_sha256"])
     except (ValueError, KeyError, TypeError) as e:
         if overwrite:
             return ["run.json: unreadable"], False
         raise ValueError(f"{run_file}: unreadable ({e}): use --overwrite to start over") from e
-    now = run["config"] | {k: run[k] for k in ("checkpoint_sha256", "precision")}
+    now = run["config"] | dict(checkpoint_sha256=run["checkpoint_sha256"])
     changed = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v]
+    precisions = before.get("precision"), run["precision"]  # None: not known, takes any
+    if None not in precisions and precisions[0] != precisions[1]:
+        changed.append(f"precision: {precisions[0]!r} -> {precisions[1]!r}")
     return changed, bool(before.get("overwriting"))
 
 

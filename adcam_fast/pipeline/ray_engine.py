@@ -49,14 +49,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from adcam_fast.data.base import ImageDataset
 from adcam_fast.export.backends import Extractor, create_extractor
 from adcam_fast.export.onnx import require
-from adcam_fast.export.tensorrt import Profile
 from adcam_fast.pipeline.label import (
     FailureLog,
     LabelConfig,
@@ -74,6 +73,9 @@ from adcam_fast.pipeline.label import (
     progress_bar,
 )
 from adcam_fast.pipeline.writers import Outputs
+
+if TYPE_CHECKING:
+    from adcam_fast.export.tensorrt import Profile
 
 log = logging.getLogger(__name__)
 
