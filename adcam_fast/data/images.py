@@ -1,10 +1,9 @@
 """Robust image and mask decoding, and the VOC palette.
 
 Every image of a collection goes through :func:`load_image`: whatever the file holds
-(JPEG with an EXIF orientation, grayscale, palette, CMYK, 16-bit, float, with alpha,
-1×1 or huge),
-the result is an (H, W, 3) uint8 RGB array as the image is meant to be seen, or an
-:class:`ImageDecodeError` naming the file and the reason. Masks (class-index PNGs) go
+(JPEG with an EXIF orientation, grayscale, palette, CMYK, 16-bit, float, with alpha, 1×1
+or huge), the result is an (H, W, 3) uint8 RGB array as the image is meant to be seen, or
+an :class:`ImageDecodeError` naming the file and the reason. Masks (class-index PNGs) go
 through :func:`load_mask` and are written with :func:`mask_to_image`.
 """
 

@@ -235,8 +235,8 @@ def tensorrt_profile(cfg: LabelConfig, onnx_path: str | Path) -> Profile:
     and as `Labeller` does when the export has a fixed size the run does not feed: before
     an engine is built."""
     info = read_info(onnx_path)
-    _check_inputs(export_inputs(info, onnx_path), info.stride, cfg)
     expect_kind(info, "extractor", onnx_path)
+    _check_inputs(export_inputs(info, onnx_path), info.stride, cfg)
     (least, most), sides = _fed(cfg, info.stride)
     nearest = min(cfg.scales, key=lambda s: abs(s - 1.0))
     size = (sides[0], _side(cfg.input_size, nearest, info.stride), sides[-1])
