@@ -16,7 +16,14 @@ from adcam_fast import reference
 from adcam_fast.cam import normalize_cam
 from adcam_fast.data import load_mask
 from adcam_fast.export.backends import Extraction, InputRange
-from adcam_fast.pipeline.label import ImageMaps, LabelConfig, Labeller, write_image
+from adcam_fast.pipeline.label import (
+    ImageMaps,
+    LabelConfig,
+    Labeller,
+    collate,
+    forward_batch,
+    write_image,
+)
 from adcam_fast.pipeline.writers import Outputs
 
 PATCH, SIDE = 8, 32
@@ -137,3 +144,34 @@ def test_an_extractor_without_an_input_range_takes_any():
     fields = ("class_names", "mean", "std", "patch_size", "device")
     older = SimpleNamespace(**{name: getattr(ex, name) for name in fields})
     Labeller(older, LabelConfig(batch_size=64, input_size=SIDE, scales=(0.5, 4.0)))
+
+
+class OneBadImage(PixelExtractor):
+    """NaN attention for a flat image (every patch alike), as a broken model could give."""
+
+    def __call__(self, images: Tensor) -> Extraction:
+        out = super().__call__(images)
+        flat = images.flatten(2).std(-1).amax(1) < 1e-4
+        out.attention[flat] = float("nan")
+        return out
+
+
+def test_one_bad_image_fails_only_itself():
+    """A batch whose forward raises is run again an image at a time: the bad image alone is
+    reported, and the others get the maps they get in a batch without it."""
+    cfg = LabelConfig(scales=(1.0, 0.5), input_size=SIDE, k=3, steps=2, adcam_backend="torch")
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (3, 3, SIDE, SIDE), dtype=torch.uint8, generator=gen)
+    x[1] = 7
+    items = [
+        dict(id=str(b), x=x[b], labels=np.ones(3, np.float32), shape=(SIDE, SIDE), image=None)
+        for b in range(3)
+    ]
+    labeller = Labeller(OneBadImage(), cfg)
+    records, images = forward_batch(labeller, cfg, collate(items))
+    assert [(r["id"], r["stage"]) for r in records] == [("1", "forward")]
+    assert "A must be finite" in records[0]["error"]
+    assert [m.id for m in images] == ["0", "2"]
+    _, want = forward_batch(labeller, cfg, collate([items[0], items[2]]))
+    for got, expected in zip(images, want, strict=True):
+        torch.testing.assert_close(got.maps, expected.maps, rtol=1e-6, atol=1e-6)

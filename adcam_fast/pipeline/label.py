@@ -358,14 +358,23 @@ def forward_batch(
     labeller: Labeller, cfg: LabelConfig, batch: dict
 ) -> tuple[list[dict], list[ImageMaps]]:
     """Run ``labeller`` on a :func:`collate` batch: the failure records (decode failures, and
-    every image of the batch when the forward raises) and the maps of the other images."""
+    the images whose forward raises) and the maps of the other images. Where the batch's
+    forward raises, each image is run alone, so that one bad image (non-finite attention,
+    say) fails only itself."""
     records = [failed(it["id"], "decode", it["error"]) for it in batch["failed"]]
     if batch["x"] is None:
         return records, []
     try:
         maps, classes = labeller(batch["x"], batch["labels"])
-    except Exception as e:  # a failed batch is reported, not fatal
-        return records + [failed(i, "forward", describe_error(e)) for i in batch["ids"]], []
+    except Exception as e:  # reported, not fatal
+        if len(batch["ids"]) == 1:
+            return [*records, failed(batch["ids"][0], "forward", describe_error(e))], []
+        done: list[ImageMaps] = []
+        for b in range(len(batch["ids"])):
+            alone = {k: v[b : b + 1] for k, v in batch.items()} | dict(failed=[])
+            more, maps_alone = forward_batch(labeller, cfg, alone)
+            records, done = records + more, done + maps_alone
+        return records, done
     maps = maps[cfg.method]
     images = [
         ImageMaps(image_id, maps[b], classes[b], batch["shapes"][b], batch["images"][b])
