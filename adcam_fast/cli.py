@@ -74,7 +74,11 @@ def _add_label(sub) -> None:
         "tensorrt an engine or an .onnx (built into an engine for this run's batches and sides)",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
-    p.add_argument("--backend", default="torch", help="extractor: torch | onnx | tensorrt")
+    p.add_argument(
+        "--backend",
+        default="torch",
+        help="extractor: torch | onnx (or onnxruntime) | tensorrt",
+    )
     p.add_argument(
         "--device", default=None, help="local engine; default: cuda if available, else cpu"
     )

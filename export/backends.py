@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 #: Input and output names of an exported extractor (ONNX graph and TensorRT engine).
 INPUT = "images"
 OUTPUTS = ("logits", "cams", "attention")
-BACKENDS = ("torch", "onnx", "tensorrt")
+BACKENDS = ("torch", "onnx", "onnxruntime", "tensorrt")  # onnxruntime: onnx's other name
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ def create_extractor(
         model, meta = load_classifier(checkpoint, device="cpu")
         cfg = meta["config"]
         return TorchExtractor(model, meta["class_names"], cfg["mean"], cfg["std"], device, amp)
-    if backend == "onnx":
+    if backend in ("onnx", "onnxruntime"):
         return OnnxExtractor(checkpoint, device)
     if backend == "tensorrt":
         from adcam_fast.export.tensorrt import TensorRTExtractor

@@ -273,6 +273,9 @@ def test_wrong_or_corrupt_files_give_clear_errors(segmenter_onnx, exported, tmp_
         OnnxExtractor(bad)
     with pytest.raises(ValueError, match=r"missing\.onnx: no such file"):
         create_extractor("onnx", str(tmp_path / "missing.onnx"))
+    assert isinstance(create_extractor("onnxruntime", str(exported[0])), OnnxExtractor)
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'ort'"):
+        create_extractor("ort", str(exported[0]))
 
     model = onnx.load(str(exported[0]))
     del model.metadata_props[:]
