@@ -70,8 +70,9 @@ def _add_label(sub) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="classifier checkpoint (.pth); with --backend onnx an exported .onnx, with "
-        "tensorrt an engine or an .onnx (built into an engine for this run's batches and sides)",
+        help="classifier checkpoint (.pth); with --backend onnx (onnxruntime) an exported "
+        ".onnx, with tensorrt an engine or an .onnx (built into an engine for this run's "
+        "batches and sides)",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
     p.add_argument(

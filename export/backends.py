@@ -9,7 +9,8 @@ backend        ``checkpoint``              runs
 ``torch``      classifier ``.pth``         :class:`TorchExtractor` (eager, bf16 autocast on
                                            CUDA when ``amp``)
 ``onnx``       ``.onnx`` of                :class:`OnnxExtractor` (ONNX Runtime: CPU, or
-               ``adcam export``            CUDA with outputs kept on the GPU)
+               ``adcam export``            CUDA with outputs kept on the GPU); its other
+                                           name is ``onnxruntime``
 ``tensorrt``   ``.engine`` (+ ``.json``)   :class:`~adcam_fast.export.tensorrt.TensorRTExtractor`
                or ``.onnx``                (not run on the dev machines: see that module)
 =============  ==========================  =================================================

@@ -156,9 +156,10 @@ class OneBadImage(PixelExtractor):
         return out
 
 
-def test_one_bad_image_fails_only_itself():
+def test_one_bad_image_fails_only_itself(caplog):
     """A batch whose forward raises is run again an image at a time: the bad image alone is
-    reported, and the others get the maps they get in a batch without it."""
+    reported (and an image that failed to decode once), the others get the maps they get in
+    a batch without it, and a warning names the batch's error."""
     cfg = LabelConfig(scales=(1.0, 0.5), input_size=SIDE, k=3, steps=2, adcam_backend="torch")
     gen = torch.Generator().manual_seed(2)
     x = torch.randint(0, 256, (3, 3, SIDE, SIDE), dtype=torch.uint8, generator=gen)
@@ -168,9 +169,10 @@ def test_one_bad_image_fails_only_itself():
         for b in range(3)
     ]
     labeller = Labeller(OneBadImage(), cfg)
-    records, images = forward_batch(labeller, cfg, collate(items))
-    assert [(r["id"], r["stage"]) for r in records] == [("1", "forward")]
-    assert "A must be finite" in records[0]["error"]
+    records, images = forward_batch(labeller, cfg, collate([*items, dict(id="d", error="E")]))
+    assert [(r["id"], r["stage"]) for r in records] == [("d", "decode"), ("1", "forward")]
+    assert "A must be finite" in records[1]["error"]
+    assert "a batch of 3 images failed (ValueError: A must be finite" in caplog.text
     assert [m.id for m in images] == ["0", "2"]
     _, want = forward_batch(labeller, cfg, collate([items[0], items[2]]))
     for got, expected in zip(images, want, strict=True):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import platform
 import signal
@@ -56,6 +57,8 @@ from adcam_fast.export.tensorrt import Profile
 from adcam_fast.io import atomic_write, file_sha256, writable_folder
 from adcam_fast.pipeline.methods import METHODS, Method, localise
 from adcam_fast.pipeline.writers import LabelResult, Outputs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -359,27 +362,32 @@ def forward_batch(
 ) -> tuple[list[dict], list[ImageMaps]]:
     """Run ``labeller`` on a :func:`collate` batch: the failure records (decode failures, and
     the images whose forward raises) and the maps of the other images. Where the batch's
-    forward raises, each image is run alone, so that one bad image (non-finite attention,
-    say) fails only itself."""
+    forward raises, each image is run alone (the batch's memory freed first), so that one
+    bad image (non-finite attention, say) fails only itself; a warning names the error."""
     records = [failed(it["id"], "decode", it["error"]) for it in batch["failed"]]
     if batch["x"] is None:
         return records, []
     try:
         maps, classes = labeller(batch["x"], batch["labels"])
     except Exception as e:  # reported, not fatal
-        if len(batch["ids"]) == 1:
-            return [*records, failed(batch["ids"][0], "forward", describe_error(e))], []
-        done: list[ImageMaps] = []
-        for b in range(len(batch["ids"])):
-            alone = {k: v[b : b + 1] for k, v in batch.items()} | dict(failed=[])
-            more, maps_alone = forward_batch(labeller, cfg, alone)
-            records, done = records + more, done + maps_alone
-        return records, done
-    maps = maps[cfg.method]
-    images = [
-        ImageMaps(image_id, maps[b], classes[b], batch["shapes"][b], batch["images"][b])
-        for b, image_id in enumerate(batch["ids"])
-    ]
+        error = describe_error(e)  # (e, whose traceback holds the batch's tensors, goes here)
+    else:
+        maps = maps[cfg.method]
+        images = [
+            ImageMaps(image_id, maps[b], classes[b], batch["shapes"][b], batch["images"][b])
+            for b, image_id in enumerate(batch["ids"])
+        ]
+        return records, images
+    if len(batch["ids"]) == 1:
+        return [*records, failed(batch["ids"][0], "forward", error)], []
+    log.warning("a batch of %d images failed (%s): running each alone", len(batch["ids"]), error)
+    if labeller.ex.device.type == "cuda":
+        torch.cuda.empty_cache()  # after an out-of-memory error, the singles need it
+    images = []
+    for b in range(len(batch["ids"])):
+        alone = {k: v[b : b + 1] for k, v in batch.items()} | dict(failed=[])
+        more, done = forward_batch(labeller, cfg, alone)
+        records, images = records + more, images + done
     return records, images
 
 
