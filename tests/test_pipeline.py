@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,6 +212,13 @@ def test_a_stopped_overwrite_resumes_with_only_what_it_had_not_redone(checkpoint
     assert (out / OVERWRITE_MARK).stat().st_mtime_ns > began  # started over
     began = (out / OVERWRITE_MARK).stat().st_mtime_ns
     broken.write_bytes(image)
+    # a copy that kept its files' times (cp -a) carries on; one that did not (cp -r) has
+    # outputs whose times say nothing, and starts over
+    for name, copy, counts in (("kept", shutil.copy2, [1, 5]), ("lost", shutil.copyfile, [6, 0])):
+        shutil.copytree(out, tmp_path / name, copy_function=copy)
+        assert label(data, checkpoint, tmp_path / name) == 0
+        s = json.loads((tmp_path / name / "summary.json").read_text())
+        assert [s["written"], s["skipped_complete"]] == counts, name
     assert label(data, checkpoint, out) == 0 and summary() == (1, 5, 0)
     assert (out / "masks" / "syn_000003.png").stat().st_mtime_ns > began
     assert json.loads((out / "run.json").read_text())["overwriting"] is False

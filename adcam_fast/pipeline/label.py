@@ -518,7 +518,9 @@ def begin_run(
     ``cfg.overwrite``, which redoes every image. An overwrite that stops (interrupted, or
     with failures) is resumed by the next run with the same settings and without
     ``cfg.overwrite``: it redoes the images whose outputs are not newer than the overwrite's
-    start (the mtime of `OVERWRITE_MARK`, by the output folder's clock). COCO
+    start (the mtime of `OVERWRITE_MARK`, by the output folder's clock), where that mark
+    still has the mtime ``run.json`` recorded (else the folder was copied without its
+    times, and the overwrite starts over). COCO
     ``category_ids`` apply where the extractor's classes are the dataset's (else the
     categories are 1..K of the extractor's classes).
 
@@ -561,22 +563,26 @@ def _plan(
     run = dict(config=cfg.shaping(), checkpoint_sha256=sha, precision=precision)
     run = json.loads(json.dumps(run))  # tuples as lists, as read back
     run_file = out_dir / "run.json"
-    resumed = False  # an overwrite in progress, with these settings, is carried on
+    resumed, before = False, {}  # resumed: an overwrite in progress is carried on
     if run_file.is_file():
-        changed, unfinished = _earlier_run(run_file, run, cfg.overwrite)
+        changed, before = _earlier_run(run_file, run, cfg.overwrite)
         if changed and not cfg.overwrite:
             raise ValueError(
                 f"{out_dir} holds a run with other settings ({'; '.join(changed)}): resuming "
                 "would mix them; use --overwrite to redo every image, or another --out"
             )
-        resumed = unfinished and not changed and not cfg.overwrite
-    overwriting = cfg.overwrite or resumed
-    payload = json.dumps(run | dict(overwriting=overwriting), indent=2).encode()
-    atomic_write(run_file, lambda f: f.write(payload))  # before the mark: it is then in force
-    mark = out_dir / OVERWRITE_MARK
-    if overwriting and not (resumed and mark.is_file()):
-        atomic_write(mark, lambda f: None)
-    began = mark.stat().st_mtime_ns if overwriting else None
+        resumed = bool(before.get("overwriting")) and not changed and not cfg.overwrite
+    overwriting, mark, began = cfg.overwrite or resumed, out_dir / OVERWRITE_MARK, None
+    if overwriting:
+        # Carried on from a mark with the time recorded only: a folder copied without its
+        # files' times (cp -r) holds outputs whose times say nothing, so it starts over.
+        recorded = before.get("overwrite_began_ns")
+        if not (resumed and mark.is_file() and mark.stat().st_mtime_ns == recorded):
+            atomic_write(mark, lambda f: None)
+        began = mark.stat().st_mtime_ns
+    record = run | dict(overwriting=overwriting, overwrite_began_ns=began)
+    payload = json.dumps(record, indent=2).encode()
+    atomic_write(run_file, lambda f: f.write(payload))  # before any output is touched
     if dataset.class_names != class_names:
         category_ids = None
     outputs = Outputs(out_dir, class_names, cfg.cams, cfg.coco, cfg.overlays, category_ids, began)
@@ -589,23 +595,23 @@ def _plan(
     return outputs, summary, todo
 
 
-def _earlier_run(run_file: Path, run: dict, overwrite: bool) -> tuple[list[str], bool]:
+def _earlier_run(run_file: Path, run: dict, overwrite: bool) -> tuple[list[str], dict]:
     """What ``run_file`` records differently from ``run`` (as ``"name: was -> now"``), and
-    whether it records an overwrite in progress. An unreadable file raises ValueError, unless
-    ``overwrite`` (then it differs in everything)."""
+    what it records. An unreadable file raises ValueError, unless ``overwrite`` (then it
+    differs in everything and records nothing)."""
     try:
         before = json.loads(run_file.read_text())
         was = before["config"] | dict(checkpoint_sha256=before["checkpoint_sha256"])
     except (ValueError, KeyError, TypeError) as e:
         if overwrite:
-            return ["run.json: unreadable"], False
+            return ["run.json: unreadable"], {}
         raise ValueError(f"{run_file}: unreadable ({e}): use --overwrite to start over") from e
     now = run["config"] | dict(checkpoint_sha256=run["checkpoint_sha256"])
     changed = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v]
     precisions = before.get("precision"), run["precision"]  # None: not known, takes any
     if None not in precisions and precisions[0] != precisions[1]:
         changed.append(f"precision: {precisions[0]!r} -> {precisions[1]!r}")
-    return changed, bool(before.get("overwriting"))
+    return changed, before
 
 
 def end_run(
@@ -621,7 +627,7 @@ def end_run(
     redone = summary.skipped_complete + summary.written == summary.total
     if outputs.redo_before is not None and redone:
         run_file = outputs.root / "run.json"
-        run = json.loads(run_file.read_text()) | dict(overwriting=False)
+        run = json.loads(run_file.read_text()) | dict(overwriting=False, overwrite_began_ns=None)
         payload = json.dumps(run, indent=2).encode()
         atomic_write(run_file, lambda f: f.write(payload))
         (outputs.root / OVERWRITE_MARK).unlink(missing_ok=True)
