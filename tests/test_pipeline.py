@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import adcam_fast.pipeline.label as label_module
 from adcam_fast.cli import main
 from adcam_fast.data import SyntheticDataset, load_mask, make_synthetic, open_dataset
 from adcam_fast.pipeline.label import (
@@ -216,6 +218,10 @@ def test_a_stopped_overwrite_resumes_with_only_what_it_had_not_redone(checkpoint
     # outputs whose times say nothing, and starts over
     for name, copy, counts in (("kept", shutil.copy2, [1, 5]), ("lost", shutil.copyfile, [6, 0])):
         shutil.copytree(out, tmp_path / name, copy_function=copy)
+        if name == "lost":  # copied just after the mark, as a listing order may have them
+            later = (tmp_path / name / OVERWRITE_MARK).stat().st_mtime_ns + 1
+            for path in (tmp_path / name / "masks").iterdir():
+                os.utime(path, ns=(later, later))
         assert label(data, checkpoint, tmp_path / name) == 0
         s = json.loads((tmp_path / name / "summary.json").read_text())
         assert [s["written"], s["skipped_complete"]] == counts, name
@@ -226,6 +232,34 @@ def test_a_stopped_overwrite_resumes_with_only_what_it_had_not_redone(checkpoint
     assert label(data, checkpoint, out) == 0 and summary() == (0, 6, 0)
     assert not any((out / "cams").iterdir())
     assert label(data, checkpoint, out, "--save-cams") == 0 and summary() == (6, 0, 0)
+
+
+def test_an_overwrite_stopped_as_it_begins_is_in_force(tmp_path, monkeypatch):
+    """A stop between an overwrite's mark and run.json's record of its time (a Ctrl-C, a
+    crash) leaves the overwrite in force: the next run without --overwrite redoes all."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "a.png")
+    dataset, out = open_dataset(f"folder:{d}"), tmp_path / "out"
+    cfg = LabelConfig(classes_from="predictions")
+    with begin_run(dataset, ["cat"], out, cfg) as (outputs, _, todo):
+        assert todo == [0]
+        outputs.file("masks", "a").parent.mkdir()
+        outputs.file("masks", "a").write_bytes(b"an earlier run's")
+    write = label_module.atomic_write
+
+    def stop_after_the_mark(path, *args):
+        if Path(path).name == "run.json" and (out / OVERWRITE_MARK).exists():
+            raise KeyboardInterrupt
+        return write(path, *args)
+
+    monkeypatch.setattr(label_module, "atomic_write", stop_after_the_mark)
+    overwrite = dataclasses.replace(cfg, overwrite=True)
+    with pytest.raises(KeyboardInterrupt), begin_run(dataset, ["cat"], out, overwrite):
+        pass
+    monkeypatch.undo()
+    with begin_run(dataset, ["cat"], out, cfg) as (outputs, _, todo):
+        assert todo == [0] and outputs.redo_before is not None
 
 
 def test_a_folder_being_labelled_is_refused(checkpoint, collection, tmp_path, capsys):

@@ -485,7 +485,8 @@ def checkpoint_info(path: str | Path) -> dict:
 
 
 OVERWRITE_MARK = ".overwrite-began"
-"""In an output folder while an ``--overwrite`` is in progress: its mtime is when it began."""
+"""In an output folder while an ``--overwrite`` is in progress: its mtime, recorded in
+``run.json``, is when it began."""
 
 
 def _hold(lock: IO[str], folder: Path) -> None:
@@ -576,13 +577,12 @@ def _plan(
     if overwriting:
         # Carried on from a mark with the time recorded only: a folder copied without its
         # files' times (cp -r) holds outputs whose times say nothing, so it starts over.
-        recorded = before.get("overwrite_began_ns")
-        if not (resumed and mark.is_file() and mark.stat().st_mtime_ns == recorded):
+        began = before.get("overwrite_began_ns")
+        if not (resumed and mark.is_file() and mark.stat().st_mtime_ns == began):
+            _write_run(run_file, run | dict(overwriting=True))  # a stop from here starts over
             atomic_write(mark, lambda f: None)
-        began = mark.stat().st_mtime_ns
-    record = run | dict(overwriting=overwriting, overwrite_began_ns=began)
-    payload = json.dumps(record, indent=2).encode()
-    atomic_write(run_file, lambda f: f.write(payload))  # before any output is touched
+            began = mark.stat().st_mtime_ns
+    _write_run(run_file, run | dict(overwriting=overwriting, overwrite_began_ns=began))
     if dataset.class_names != class_names:
         category_ids = None
     outputs = Outputs(out_dir, class_names, cfg.cams, cfg.coco, cfg.overlays, category_ids, began)
@@ -593,6 +593,11 @@ def _plan(
     todo = [i for i, image_id in enumerate(dataset.ids) if not outputs.done(image_id)]
     summary.skipped_complete = len(dataset) - len(todo)
     return outputs, summary, todo
+
+
+def _write_run(run_file: Path, record: dict) -> None:
+    payload = json.dumps(record, indent=2).encode()
+    atomic_write(run_file, lambda f: f.write(payload))
 
 
 def _earlier_run(run_file: Path, run: dict, overwrite: bool) -> tuple[list[str], dict]:
@@ -627,9 +632,8 @@ def end_run(
     redone = summary.skipped_complete + summary.written == summary.total
     if outputs.redo_before is not None and redone:
         run_file = outputs.root / "run.json"
-        run = json.loads(run_file.read_text()) | dict(overwriting=False, overwrite_began_ns=None)
-        payload = json.dumps(run, indent=2).encode()
-        atomic_write(run_file, lambda f: f.write(payload))
+        run = json.loads(run_file.read_text())
+        _write_run(run_file, run | dict(overwriting=False, overwrite_began_ns=None))
         (outputs.root / OVERWRITE_MARK).unlink(missing_ok=True)
     summary.seconds = seconds
     done = summary.written + summary.failed
