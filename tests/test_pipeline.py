@@ -21,7 +21,13 @@ from PIL import Image
 
 import adcam_fast.pipeline.label as label_module
 from adcam_fast.cli import main
-from adcam_fast.data import SyntheticDataset, load_mask, make_synthetic, open_dataset
+from adcam_fast.data import (
+    ImageDataset,
+    SyntheticDataset,
+    load_mask,
+    make_synthetic,
+    open_dataset,
+)
 from adcam_fast.pipeline.label import (
     OVERWRITE_MARK,
     FailureLog,
@@ -164,14 +170,19 @@ def test_resume_with_other_settings_is_refused(checkpoint, collection, tmp_path,
     assert label(f"synthetic:{collection}", checkpoint, out, "--workers", "1") == 0  # speed only
 
 
-def test_resume_with_another_precision_is_refused(tmp_path):
+@pytest.fixture
+def one_image(tmp_path) -> ImageDataset:
+    """A folder collection of one black image, ``a``, without labels."""
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / "a.png")
+    return open_dataset(f"folder:{tmp_path / 'imgs'}")
+
+
+def test_resume_with_another_precision_is_refused(one_image, tmp_path):
     """The extractor's arithmetic shifts the maps, so a resume must keep it; where it is
     not known (an extractor without it, a run.json written before it was recorded) any
     resumes."""
-    d = tmp_path / "imgs"
-    d.mkdir()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "a.png")
-    dataset = open_dataset(f"folder:{d}")
+    dataset = one_image
     cfg, out = LabelConfig(classes_from="predictions"), tmp_path / "out"
     with begin_run(dataset, ["cat"], out, cfg, precision="bf16-autocast") as (_, summary, _):
         assert summary.precision == "bf16-autocast"
@@ -234,13 +245,10 @@ def test_a_stopped_overwrite_resumes_with_only_what_it_had_not_redone(checkpoint
     assert label(data, checkpoint, out, "--save-cams") == 0 and summary() == (6, 0, 0)
 
 
-def test_an_overwrite_stopped_as_it_begins_is_in_force(tmp_path, monkeypatch):
+def test_an_overwrite_stopped_as_it_begins_is_in_force(one_image, tmp_path, monkeypatch):
     """A stop between an overwrite's mark and run.json's record of its time (a Ctrl-C, a
     crash) leaves the overwrite in force: the next run without --overwrite redoes all."""
-    d = tmp_path / "imgs"
-    d.mkdir()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "a.png")
-    dataset, out = open_dataset(f"folder:{d}"), tmp_path / "out"
+    dataset, out = one_image, tmp_path / "out"
     cfg = LabelConfig(classes_from="predictions")
     with begin_run(dataset, ["cat"], out, cfg) as (outputs, _, todo):
         assert todo == [0]
