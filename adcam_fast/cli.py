@@ -4,7 +4,6 @@ train-segmenter, export, info."""
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from collections.abc import Sequence
@@ -114,7 +113,12 @@ def _add_label(sub) -> None:
         action="store_true",
         help="redo every image (a stopped overwrite is resumed by the command without it)",
     )
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
+    p.add_argument(
+        "--no-amp",
+        dest="amp",
+        action="store_false",
+        help="no bf16 autocast (torch on CUDA), no float16 in a TensorRT build",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     ray = p.add_argument_group(
         "Ray engine",
@@ -244,7 +248,7 @@ def _add_eval(sub) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from adcam_fast.data import open_dataset
-    from adcam_fast.io import atomic_write, writable_file
+    from adcam_fast.io import atomic_write_json, writable_file
     from adcam_fast.pipeline.evaluate import evaluate_masks, format_table, saved_maps, sweep_cams
 
     if not (args.pred / "masks").is_dir():
@@ -270,8 +274,7 @@ def _eval(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if missing:
         print(f"{len(missing)} images had no mask (scored as background)", file=sys.stderr)
-    payload = json.dumps(result, indent=2).encode()
-    atomic_write(out, lambda f: f.write(payload))
+    atomic_write_json(out, result)
     print(f"-> {out}")
     return 0
 

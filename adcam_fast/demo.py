@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from PIL import Image
 
 from adcam_fast.cam import seed_labels
 from adcam_fast.data import make_synthetic, open_dataset, voc_palette
+from adcam_fast.io import atomic_write_json
 from adcam_fast.pipeline.evaluate import Scores, best_of_sweep, format_table
 from adcam_fast.pipeline.label import LabelConfig, Labeller, collate, decode_item, label_dataset
 from adcam_fast.pipeline.methods import METHODS
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         label_summary=dict(written=summary.written, failed=summary.failed),
         seconds=time.perf_counter() - t0,
     )
-    (out / "demo.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(out / "demo.json", result)
     print(
         f"[4/4] labelled the val split with AD-CAM -> {out / 'labels'} "
         f"(masks/, cams/, overlays/, summary.json)\n"

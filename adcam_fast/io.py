@@ -4,10 +4,11 @@ the old one), text input with errors that name the file, and content hashes."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
@@ -29,6 +30,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_json(
+    path: str | os.PathLike[str], obj: object, default: Callable[[Any], object] | None = None
+) -> Path:
+    """:func:`atomic_write` of ``obj`` as indented JSON (``default`` as in ``json.dumps``)."""
+    payload = json.dumps(obj, indent=2, default=default).encode()
+    return atomic_write(path, lambda f: f.write(payload))
 
 
 def writable_folder(path: str | os.PathLike[str], what: str) -> Path:

@@ -51,7 +51,7 @@ from adcam_fast.export.onnx import (
     read_info,
     require,
 )
-from adcam_fast.io import atomic_write, file_sha256
+from adcam_fast.io import atomic_write, atomic_write_json, file_sha256
 
 __all__ = [
     "TENSORRT_HINT",
@@ -215,8 +215,7 @@ def build_engine(
     out = cached if out is None else Path(out)
     if out.resolve() != cached.resolve():
         atomic_write(out, lambda f: f.write(cached.read_bytes()))
-    payload = json.dumps(sidecar, indent=2).encode()
-    atomic_write(_sidecar(out), lambda f: f.write(payload))
+    atomic_write_json(_sidecar(out), sidecar)
     return out
 
 

@@ -207,8 +207,8 @@ def test_fixed_size_export_without_dropped_block(collection, tmp_path, capsys):
 def test_label_builds_tensorrt_profiles_for_its_own_batches_and_sides(exported, segmenter_onnx):
     """An engine built by ``adcam label`` from an .onnx takes what the run feeds: the
     batches (flipped copies included) and sides of every scale, fastest at full batches of
-    the scale nearest 1. The engine's input range is read back from such a profile as
-    `TensorRTExtractor` does (the engine itself is not built here)."""
+    the scale nearest 1. The profile is checked against the labeller's own checks, through
+    the input range an engine of that profile would give (no engine is built here)."""
     cfg = LabelConfig(input_size=64, scales=(2.0, 0.5, 1.25), batch_size=3)
     profile = tensorrt_profile(cfg, exported[0])
     assert profile == Profile(batch=(2, 6, 6), size=(32, 80, 128))

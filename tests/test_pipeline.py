@@ -195,8 +195,11 @@ def test_resume_with_another_precision_is_refused(one_image, tmp_path):
     with begin_run(dataset, ["cat"], out, cfg, precision="fp32"):
         pass
     assert json.loads((out / "run.json").read_text())["precision"] == "fp32"
-    for precision in (None, "bf16-autocast"):  # unknown, then known again: it takes any
-        with begin_run(dataset, ["cat"], out, cfg, precision=precision):
+    with begin_run(dataset, ["cat"], out, cfg, precision=None):
+        pass
+    assert json.loads((out / "run.json").read_text())["precision"] == "fp32"  # kept
+    with pytest.raises(ValueError, match="precision: 'fp32' -> 'bf16-autocast'"):
+        with begin_run(dataset, ["cat"], out, cfg, precision="bf16-autocast"):
             pass
 
 
@@ -254,14 +257,14 @@ def test_an_overwrite_stopped_as_it_begins_is_in_force(one_image, tmp_path, monk
         assert todo == [0]
         outputs.file("masks", "a").parent.mkdir()
         outputs.file("masks", "a").write_bytes(b"an earlier run's")
-    write = label_module.atomic_write
+    write = label_module.atomic_write_json
 
-    def stop_after_the_mark(path, *args):
+    def stop_after_the_mark(path, *args, **kwargs):
         if Path(path).name == "run.json" and (out / OVERWRITE_MARK).exists():
             raise KeyboardInterrupt
-        return write(path, *args)
+        return write(path, *args, **kwargs)
 
-    monkeypatch.setattr(label_module, "atomic_write", stop_after_the_mark)
+    monkeypatch.setattr(label_module, "atomic_write_json", stop_after_the_mark)
     overwrite = dataclasses.replace(cfg, overwrite=True)
     with pytest.raises(KeyboardInterrupt), begin_run(dataset, ["cat"], out, overwrite):
         pass

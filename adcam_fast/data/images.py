@@ -107,7 +107,8 @@ def load_image(path: str | os.PathLike[str], max_side: int | None = None) -> np.
 
     - The EXIF orientation is applied (``ImageOps.exif_transpose``): the array is the image
       as displayed.
-    - Modes are converted as :func:`_to_rgb` documents (16-bit scaled, alpha on black).
+    - Modes are converted as :func:`_to_rgb` documents (16-bit and float gray scaled, alpha
+      on black).
     - ``max_side``: when the longer side exceeds it, the image is downscaled (antialiased
       bilinear) to :func:`scaled_size` of its full (oriented) size; JPEGs are decoded at a
       reduced DCT scale first, so a huge JPEG costs little. Smaller images, down to 1×1, are

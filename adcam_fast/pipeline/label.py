@@ -13,7 +13,8 @@ Images are resized to a square ``input_size`` (at scale s: the nearest multiple 
 size to ``s · input_size``), so every batch has one shape per scale and scale 1 of a 384
 input has N = 576 tokens. Outputs are written to temporary names and renamed; a rerun skips
 images whose outputs are complete; SIGINT / SIGTERM stop after the batches in flight are
-written. Bad images are listed in ``failures.jsonl`` and the rest go on.
+written. Bad images are listed in ``failures.jsonl`` and the rest go on (a batch whose
+forward pass raises is run again an image at a time, so that only the bad one fails).
 
 The per-batch work is shared with the Ray engine (:mod:`adcam_fast.pipeline.ray_engine`):
 :func:`decode_item` and :func:`collate` make a batch, :func:`forward_batch` runs the
@@ -54,7 +55,7 @@ from adcam_fast.data.base import ImageDataset
 from adcam_fast.export.backends import Extractor, InputRange, export_inputs
 from adcam_fast.export.onnx import expect_kind, read_info
 from adcam_fast.export.tensorrt import Profile
-from adcam_fast.io import atomic_write, file_sha256, writable_folder
+from adcam_fast.io import atomic_write, atomic_write_json, file_sha256, writable_folder
 from adcam_fast.pipeline.methods import METHODS, Method, localise
 from adcam_fast.pipeline.writers import LabelResult, Outputs
 
@@ -515,13 +516,14 @@ def begin_run(
 
     ``out_dir/run.json`` records what decides the outputs (`LabelConfig.shaping`, the
     checkpoint's sha256, the extractor's ``precision``): a run resumes only where they are
-    the same (an unknown precision, None or not recorded, is the same as any), unless
+    the same (an unknown precision, None or not recorded, is the same as any, and leaves
+    the recorded one in place), unless
     ``cfg.overwrite``, which redoes every image. An overwrite that stops (interrupted, or
     with failures) is resumed by the next run with the same settings and without
     ``cfg.overwrite``: it redoes the images whose outputs are not newer than the overwrite's
     start (the mtime of `OVERWRITE_MARK`, by the output folder's clock), where that mark
-    still has the mtime ``run.json`` recorded (else the folder was copied without its
-    times, and the overwrite starts over). COCO
+    still has the mtime ``run.json`` recorded (else, for a folder copied without its times
+    or an overwrite that a version without that record began, it starts over). COCO
     ``category_ids`` apply where the extractor's classes are the dataset's (else the
     categories are 1..K of the extractor's classes).
 
@@ -573,16 +575,19 @@ def _plan(
                 "would mix them; use --overwrite to redo every image, or another --out"
             )
         resumed = bool(before.get("overwriting")) and not changed and not cfg.overwrite
+        if run["precision"] is None and not changed:  # unknown now: what was known stays
+            run["precision"] = before.get("precision")
     overwriting, mark, began = cfg.overwrite or resumed, out_dir / OVERWRITE_MARK, None
     if overwriting:
         # Carried on from a mark with the time recorded only: a folder copied without its
         # files' times (cp -r) holds outputs whose times say nothing, so it starts over.
         began = before.get("overwrite_began_ns")
         if not (resumed and mark.is_file() and mark.stat().st_mtime_ns == began):
-            _write_run(run_file, run | dict(overwriting=True))  # a stop from here starts over
+            # in force before the mark: a stop from here on starts the overwrite over
+            atomic_write_json(run_file, run | dict(overwriting=True))
             atomic_write(mark, lambda f: None)
             began = mark.stat().st_mtime_ns
-    _write_run(run_file, run | dict(overwriting=overwriting, overwrite_began_ns=began))
+    atomic_write_json(run_file, run | dict(overwriting=overwriting, overwrite_began_ns=began))
     if dataset.class_names != class_names:
         category_ids = None
     outputs = Outputs(out_dir, class_names, cfg.cams, cfg.coco, cfg.overlays, category_ids, began)
@@ -593,11 +598,6 @@ def _plan(
     todo = [i for i, image_id in enumerate(dataset.ids) if not outputs.done(image_id)]
     summary.skipped_complete = len(dataset) - len(todo)
     return outputs, summary, todo
-
-
-def _write_run(run_file: Path, record: dict) -> None:
-    payload = json.dumps(record, indent=2).encode()
-    atomic_write(run_file, lambda f: f.write(payload))
 
 
 def _earlier_run(run_file: Path, run: dict, overwrite: bool) -> tuple[list[str], dict]:
@@ -633,13 +633,12 @@ def end_run(
     if outputs.redo_before is not None and redone:
         run_file = outputs.root / "run.json"
         run = json.loads(run_file.read_text())
-        _write_run(run_file, run | dict(overwriting=False, overwrite_began_ns=None))
+        atomic_write_json(run_file, run | dict(overwriting=False, overwrite_began_ns=None))
         (outputs.root / OVERWRITE_MARK).unlink(missing_ok=True)
     summary.seconds = seconds
     done = summary.written + summary.failed
     summary.images_per_second = done / seconds if seconds else 0.0
-    payload = json.dumps(asdict(summary), indent=2, default=str).encode()
-    atomic_write(outputs.root / "summary.json", lambda f: f.write(payload))
+    atomic_write_json(outputs.root / "summary.json", asdict(summary), default=str)
     return summary
 
 
