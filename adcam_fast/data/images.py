@@ -82,13 +82,12 @@ def _to_rgb(im: Image.Image, path: Path) -> Image.Image:
         return _gray((wide * 255 + 32767) // 65535)
     if im.mode == "F":
         values = np.asarray(im, dtype=np.float32)
-        if not (np.isfinite(values).all() and 0 <= values.min() and values.max() <= 255):
+        lo, hi = values.min(), values.max()  # NaN if any is: then no comparison holds
+        if not (0 <= lo and hi <= 255):
             raise ImageDecodeError(
-                path,
-                f"float image values must lie in 0..1 or 0..255, got {values.min()} to "
-                f"{values.max()}",
+                path, f"float image values must lie in 0..1 or 0..255, got {lo} to {hi}"
             )
-        return _gray(np.rint(values * 255 if values.max() <= 1 else values))
+        return _gray(np.rint(values * 255 if hi <= 1 else values))
     if im.mode in _ALPHA_MODES or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
         rgba = np.asarray(im.convert("RGBA"), dtype=np.uint16)
         rgb = (rgba[:, :, :3] * rgba[:, :, 3:] + 127) // 255
